@@ -1,0 +1,5 @@
+import sys
+
+from ensemblekd.cli import main
+
+sys.exit(main())

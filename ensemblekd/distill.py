@@ -1,0 +1,333 @@
+"""The distill stage: Ray Train workers, each running a DeepSpeed engine, learn from the store.
+
+Each worker streams its own share of the train split (inputs and every teacher's logits, read
+shard by shard and zipped row for row by id), mixes the teachers' targets with the configured
+strategy, and trains with the Hinton loss (losses.kd_loss). Every epoch it validates, saves a
+DeepSpeed checkpoint and reports it to Ray Train; the last report also carries the student's
+full fp32 state dict as `student.pt`, which the driver copies to trainer.output_dir.
+MLflow is written by rank 0 only, into the run the driver opened.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ensemblekd import storage
+from ensemblekd.config import Config
+from ensemblekd.data import InputShard, read_shard
+from ensemblekd.errors import UserError
+from ensemblekd.losses import kd_loss
+from ensemblekd.store import Store
+from ensemblekd.weighting import build_strategy
+
+STUDENT_FILE = "student.pt"
+
+
+# -- data: each worker's share, streamed -----------------------------------------------------
+def worker_segments(shard_rows: list[int], num_workers: int, rank: int, seed: int, epoch: int,
+                    shuffle: bool = True, drop_remainder: bool = True) -> list[tuple[int, int, int]]:
+    """This worker's rows of an epoch as (shard, start, stop) segments.
+
+    Shards are put in a seeded order for the epoch and their rows concatenated; worker r takes
+    the r-th contiguous slice, so workers never overlap and each reads only the shards its
+    slice touches. With drop_remainder every worker gets floor(N / W) rows (equal step counts,
+    which data-parallel training needs); the few rows left over differ from epoch to epoch.
+    """
+    order = list(range(len(shard_rows)))
+    if shuffle:
+        np.random.default_rng([seed, epoch]).shuffle(order)
+    total = sum(shard_rows)
+    if drop_remainder:
+        per = total // num_workers
+        lo, hi = rank * per, (rank + 1) * per
+    else:
+        lo, hi = rank * total // num_workers, (rank + 1) * total // num_workers
+    segments, pos = [], 0
+    for s in order:
+        start, stop = max(lo, pos), min(hi, pos + shard_rows[s])
+        if start < stop:
+            segments.append((s, start - pos, stop - pos))
+        pos += shard_rows[s]
+    return segments
+
+
+def read_rows(cfg: Config, store: Store, split: str, shard: int, teachers: list[str]):
+    """(x [N, F], y [N], teacher logits [N, K, C]) of one input shard, alignment checked by id."""
+    d = cfg.data
+    ids, x, y = read_shard(InputShard(**store.inputs(split)[shard]), d.features, d.label, d.id)
+    stacked = []
+    for name in teachers:
+        t_ids, logits = store.read(split, name, shard)
+        if not np.array_equal(t_ids, ids):
+            raise UserError(f"{store.uri}: {split} shard {shard} of teacher '{name}' is not aligned with its input "
+                            "(ids differ); the input changed since labelling: re-run label")
+        stacked.append(logits)
+    z = np.stack(stacked, axis=1) if stacked else np.zeros((len(y), 0, 0), np.float32)
+    return x, y, z
+
+
+def iter_batches(cfg: Config, store: Store, split: str, teachers: list[str], segments, batch_size: int,
+                 rng: np.random.Generator | None) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches of (x, y, teacher_logits) over the segments; memory is one shard plus one batch."""
+    carry: list[tuple[np.ndarray, ...]] = []
+    carried = 0
+    for shard, start, stop in segments:
+        x, y, z = (a[start:stop] for a in read_rows(cfg, store, split, shard, teachers))
+        if rng is not None:
+            perm = rng.permutation(len(y))
+            x, y, z = x[perm], y[perm], z[perm]
+        carry.append((x, y, z))
+        carried += len(y)
+        while carried >= batch_size:
+            x, y, z = (np.concatenate(parts) for parts in zip(*carry))
+            yield _tensors(x[:batch_size], y[:batch_size], z[:batch_size])
+            carry, carried = [(x[batch_size:], y[batch_size:], z[batch_size:])], len(y) - batch_size
+    if carried:
+        x, y, z = (np.concatenate(parts) for parts in zip(*carry))
+        yield _tensors(x, y, z)
+
+
+def _tensors(x, y, z):
+    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)), torch.from_numpy(z.astype(np.float32))
+
+
+# -- DeepSpeed -----------------------------------------------------------------------------
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(trainer) -> dict[str, Any]:
+    """The generated DeepSpeed config, with trainer.deepspeed merged over it (user keys win)."""
+    generated = {
+        "train_batch_size": trainer.batch_size,
+        "train_micro_batch_size_per_gpu": trainer.batch_size // trainer.num_workers,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": trainer.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return merge(generated, trainer.deepspeed)
+
+
+# -- the per-worker loop ---------------------------------------------------------------------
+def train_loop(config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+    import torch.distributed as dist
+
+    from ensemblekd.teachers import build_model
+
+    cfg: Config = config["cfg"]
+    tr, dc = cfg.trainer, cfg.distill
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(tr.cpus_per_worker)))
+    torch.manual_seed(tr.seed)
+    names = [t.name for t in cfg.teachers]
+    store = Store.open(cfg.store.uri)
+    strategy = build_strategy(dc, names)
+    shard_rows = [s["rows"] for s in store.inputs("train")]
+    micro = tr.batch_size // tr.num_workers
+    steps_per_epoch = math.ceil((sum(shard_rows) // world) / micro)
+    if steps_per_epoch == 0:
+        raise UserError(f"the train split has {sum(shard_rows)} rows, fewer than the {world} workers")
+
+    model = build_model(cfg.student.model, cfg.student.kwargs, "student.model")
+    ds_config = deepspeed_config(tr)
+    client_optimizer = None
+    if "optimizer" not in ds_config:
+        client_optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
+    total_steps = steps_per_epoch * tr.epochs
+    scheduler = None if "scheduler" in ds_config else (lambda opt: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=client_optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    device = engine.device
+
+    start_epoch = 0
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            _, state = engine.load_checkpoint(os.path.join(d, "deepspeed"))
+            start_epoch = int(state["epoch"]) + 1
+
+    tracker = _RankZeroTracker(config.get("mlflow")) if rank == 0 else None
+    bar = _progress(rank, steps_per_epoch * (tr.epochs - start_epoch))
+    val_rows = [s["rows"] for s in store.inputs("val")]
+    for epoch in range(start_epoch, tr.epochs):
+        engine.train()
+        rng = np.random.default_rng([tr.seed, epoch, rank])
+        segments = worker_segments(shard_rows, world, rank, tr.seed, epoch)
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, kd, rows
+        t0 = time.perf_counter()
+        for step, (x, y, z) in enumerate(iter_batches(cfg, store, "train", names, segments, micro, rng)):
+            x, y, z = x.to(device), y.to(device), z.to(device)
+            tic = time.perf_counter()
+            targets, weights = strategy.targets(z, y, dc.temperature)
+            out = kd_loss(engine(x), targets, y, dc.temperature, dc.alpha)
+            engine.backward(out.loss)
+            engine.step()
+            n = len(y)
+            sums += torch.tensor([out.loss.item() * n, out.ce.item() * n, out.kd.item() * n, n], dtype=torch.float64)
+            if tracker:
+                global_step = epoch * steps_per_epoch + step
+                tracker.add(global_step, loss=out.loss.item(), ce_loss=out.ce.item(), kd_loss=out.kd.item(),
+                            lr=engine.get_lr()[0], samples_per_s=n * world / max(time.perf_counter() - tic, 1e-9))
+            if bar:
+                bar.update(1)
+        dist.all_reduce(sums)
+        val_acc = evaluate_split(cfg, store, engine, "val", val_rows, rank, world, micro)
+        metrics = {"epoch": epoch, "train_loss": sums[0].item() / sums[3].item(), "train_ce": sums[1].item() / sums[3].item(),
+                   "train_kd": sums[2].item() / sums[3].item(), "val_accuracy": val_acc,
+                   "epoch_seconds": time.perf_counter() - t0}
+        if tracker:
+            tracker.add(epoch, **{k: v for k, v in metrics.items() if k != "epoch"}, flush=True)
+        last = epoch == tr.epochs - 1
+        state = full_state_dict(engine) if last else None  # collective under ZeRO-3: every rank joins
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag=f"epoch-{epoch}", client_state={"epoch": epoch})
+            if rank == 0 and state is not None:
+                torch.save(state, os.path.join(tmp, STUDENT_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if bar:
+        bar.close()
+
+
+@torch.no_grad()
+def evaluate_split(cfg, store, engine, split, rows, rank, world, micro) -> float:
+    """Accuracy over the whole split, each worker on its own slice, counts all-reduced.
+
+    Every worker runs the same number of forward passes (padding with empty batches), since a
+    ZeRO-3 forward is a collective.
+    """
+    import torch.distributed as dist
+
+    engine.eval()
+    segments = worker_segments(rows, world, rank, 0, 0, shuffle=False, drop_remainder=False)
+    max_rows = max(sum(s[2] - s[1] for s in worker_segments(rows, world, r, 0, 0, False, False)) for r in range(world))
+    batches = list(iter_batches(cfg, store, split, [], segments, micro, None))
+    in_features = batches[0][0].shape[1] if batches else None
+    counts = torch.zeros(2, dtype=torch.float64)
+    for i in range(math.ceil(max_rows / micro)):
+        if i < len(batches):
+            x, y, _ = batches[i]
+        else:
+            x, y = torch.zeros(0, in_features or 1), torch.zeros(0, dtype=torch.long)
+        pred = engine(x.to(engine.device)).argmax(-1).cpu()
+        keep = y >= 0
+        counts += torch.tensor([(pred[keep] == y[keep]).sum().item(), keep.sum().item()], dtype=torch.float64)
+    dist.all_reduce(counts)
+    return counts[0].item() / max(counts[1].item(), 1.0)
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The student's full fp32 weights on CPU (gathered from all ranks under ZeRO-3)."""
+    import deepspeed
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _progress(rank: int, total: int):
+    if rank != 0:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm(total=total, desc="distill", unit="step")
+
+
+class _RankZeroTracker:
+    """Buffers metrics and writes them to the driver's MLflow run in batches (rank 0 only)."""
+
+    def __init__(self, mlflow_info: dict[str, str] | None):
+        self.info, self.buffer = mlflow_info, []
+
+    def add(self, step: int, flush: bool = False, **metrics: float) -> None:
+        if not self.info:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        if flush or len(self.buffer) >= 500:
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(self.info["tracking_uri"])
+            for i in range(0, len(self.buffer), 1000):
+                client.log_batch(self.info["run_id"], metrics=self.buffer[i:i + 1000])
+            self.buffer = []
+
+
+# -- the driver side -------------------------------------------------------------------------
+def distill(cfg: Config, mlflow_info: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the Ray Train job; returns the final metrics and the student's path."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    names = [t.name for t in cfg.teachers]
+    store = Store.open(cfg.store.uri)
+    for split in ("train", "val"):
+        store.check_complete(split, names)
+    check_student(cfg, store)
+    tr = cfg.trainer
+    # Ray Train's controller consumes reports once per health check (default 2 s): with a short
+    # epoch that, not training, would set the pace. RAY_TRAIN_* variables reach the workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "mlflow": mlflow_info},
+        scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu,
+                                               resources_per_worker={"CPU": tr.cpus_per_worker, **({"GPU": 1} if tr.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=f"distill-{int(time.time())}",
+            storage_path=storage.join(tr.output_dir, "ray_train"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not tr.use_gpu else None,
+        ),
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        for failure in exc.worker_failures.values():  # a bad input on a worker stays a one-line error
+            cause = getattr(failure, "cause", failure)
+            if isinstance(cause, UserError):
+                raise UserError(str(cause)) from None
+        raise
+    seconds = time.perf_counter() - start
+    student_uri = storage.join(tr.output_dir, STUDENT_FILE)
+    with result.checkpoint.as_directory() as d:
+        storage.write_bytes_atomic(student_uri, open(os.path.join(d, STUDENT_FILE), "rb").read())
+    return {"metrics": dict(result.metrics), "student": student_uri, "seconds": seconds}
+
+
+def check_student(cfg: Config, store: Store) -> None:
+    """Build the student once in the driver: bad kwargs or a wrong class count fail here, early."""
+    from ensemblekd.teachers import build_model
+
+    model = build_model(cfg.student.model, cfg.student.kwargs, "student.model")
+    shard = InputShard(**store.inputs("val")[0])
+    _, x, _ = read_shard(shard, cfg.data.features, None, cfg.data.id)
+    try:
+        with torch.no_grad():
+            out = model(torch.from_numpy(x[:2]))
+    except RuntimeError as exc:
+        raise UserError(f"student.model: fails on the data ({str(exc).splitlines()[0]}); check its kwargs") from None
+    if out.shape[-1] != store.num_classes:
+        raise UserError(f"student.model: outputs {out.shape[-1]} classes but the teachers have {store.num_classes}; fix student.kwargs")

@@ -1,0 +1,145 @@
+"""The label stage: one Ray actor pool per teacher writes raw logits into the store.
+
+The unit of work is (split, teacher, input shard). An actor reads the input shard, runs its
+teacher, and writes the label shard straight into the store (the data never passes through
+the driver); the driver only commits the returned entry (rows, bytes, sha256) to the manifest,
+which it saves at most about once a second and at the end. Shards already committed with the
+same teacher fingerprint and the same input shard are skipped, so a re-run after a crash redoes
+only what is missing. Actors restart on death and their in-flight shard is retried.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from ensemblekd import storage
+from ensemblekd.config import Config
+from ensemblekd.data import input_shards, read_shard
+from ensemblekd.errors import UserError
+from ensemblekd.store import Store, encode_shard
+from ensemblekd.teachers import fingerprint, load_teacher, predict, spec_of, unwrap
+
+SPLITS = ("train", "val", "test")
+IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: the actor never waits on the driver
+
+
+class TeacherWorker:
+    """Hosts one teacher; `label` turns one input shard into one committed-ready label shard."""
+
+    def __init__(self, cfg: Config, teacher_index: int):
+        torch.set_num_threads(max(1, int(cfg.teachers[teacher_index].num_cpus)))
+        self.cfg = cfg
+        self.t = cfg.teachers[teacher_index]
+        self.device = "cuda" if self.t.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.model = load_teacher(cfg, self.t).to(self.device)
+
+    def label(self, shard: dict[str, Any], out_uri: str, where: str) -> dict[str, Any]:
+        from ensemblekd.data import InputShard
+
+        d = self.cfg.data
+        ids, x, _ = read_shard(InputShard(**shard), d.features, None, d.id)
+        try:
+            logits = predict(self.model, x, self.t.batch_size, self.device)
+        except RuntimeError as exc:
+            raise UserError(f"teacher '{self.t.name}' failed on {where} ({str(exc).splitlines()[0]}); "
+                            "check data.features matches the model's input") from None
+        if logits.ndim != 2 or len(logits) != len(ids):
+            raise UserError(f"teacher '{self.t.name}' returned shape {tuple(logits.shape)} on {where}; expected [rows, classes]")
+        if not np.isfinite(logits).all():
+            raise UserError(f"teacher '{self.t.name}' produced NaN/Inf logits on {where}; fix the teacher or its checkpoint")
+        data, entry = encode_shard(ids, logits, self.cfg.store.dtype)
+        storage.write_bytes_atomic(out_uri, data)
+        return {**entry, "num_classes": int(logits.shape[1]), "dtype": self.cfg.store.dtype}
+
+
+def plan(cfg: Config, store: Store, splits=SPLITS) -> list[tuple[str, str, int]]:
+    """Record inputs and fingerprints in the store; return the (split, teacher, index) still to do."""
+    for split in splits:
+        store.set_inputs(split, [s.signature() for s in input_shards(getattr(cfg.data, split))])
+    for t in cfg.teachers:
+        store.set_teacher(t.name, fingerprint(cfg.teacher_checkpoint(t), spec_of(t)), spec_of(t))
+    return [(split, t.name, i) for t in cfg.teachers for split in splits for i in store.missing(split, t.name)]
+
+
+def teacher_accuracy(store: Store, split: str, teacher: str, labels: np.ndarray) -> float | None:
+    logits = np.concatenate([store.read(split, teacher, i)[1] for i in range(len(store.inputs(split)))])
+    keep = labels >= 0
+    return float((logits[keep].argmax(1) == labels[keep]).mean()) if keep.any() else None
+
+
+def record_val_accuracy(cfg: Config, store: Store) -> None:
+    from ensemblekd.data import read_split
+
+    if not cfg.data.label:
+        return
+    _, _, y = read_split(cfg.data.val, cfg.data.features, cfg.data.label, cfg.data.id)
+    for t in cfg.teachers:
+        store.m["teachers"][t.name]["val_accuracy"] = teacher_accuracy(store, "val", t.name, y)
+
+
+def label(cfg: Config, splits=SPLITS, progress: bool = True) -> dict[str, Any]:
+    """Label every missing shard; returns counts. Saves the manifest as shards commit."""
+    from tqdm import tqdm
+
+    store = Store.open(cfg.store.uri, create=True)
+    todo = plan(cfg, store, splits)
+    store.save()
+    if not todo:
+        return {"shards": 0, "rows": 0, "seconds": 0.0}
+
+    start = time.perf_counter()
+    queues: dict[str, deque] = {}
+    for split, name, i in todo:
+        queues.setdefault(name, deque()).append((split, i))
+    actor_cls = ray.remote(TeacherWorker)
+    actors: dict[str, list] = {}
+    for ti, t in enumerate(cfg.teachers):
+        if t.name in queues:
+            opts = dict(num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_restarts=-1, max_task_retries=3)
+            actors[t.name] = [actor_cls.options(**opts).remote(cfg, ti) for _ in range(t.replicas)]
+
+    in_flight: dict[Any, tuple[str, str, int, Any]] = {}
+
+    def submit(name: str, actor) -> None:
+        if not queues[name]:
+            return
+        split, i = queues[name].popleft()
+        shard = store.inputs(split)[i]
+        ref = actor.label.remote(shard, store.shard_uri(split, name, i), f"{split} shard {i} ({shard['uri']})")
+        in_flight[ref] = (split, name, i, actor)
+
+    for name, pool in actors.items():
+        for _ in range(IN_FLIGHT_PER_ACTOR):
+            for actor in pool:
+                submit(name, actor)
+
+    rows, last_save = 0, time.monotonic()
+    try:
+        with tqdm(total=len(todo), desc="label", unit="shard", disable=not progress) as bar:
+            while in_flight:
+                done, _ = ray.wait(list(in_flight), num_returns=1)
+                split, name, i, actor = in_flight.pop(done[0])
+                entry = unwrap(ray.get, done[0])
+                store.commit(split, name, i, entry)
+                rows += entry["rows"]
+                submit(name, actor)
+                bar.update()
+                bar.set_postfix_str(f"{rows / (time.perf_counter() - start):,.0f} rows/s")
+                if time.monotonic() - last_save > 1.0:
+                    store.save()
+                    last_save = time.monotonic()
+    finally:
+        store.save()  # whatever committed is kept, also on error or Ctrl-C
+        for pool in actors.values():
+            for actor in pool:
+                ray.kill(actor)
+    if "val" in splits:
+        record_val_accuracy(cfg, store)
+        store.save()
+    return {"shards": len(todo), "rows": rows, "seconds": time.perf_counter() - start}

@@ -1,0 +1,114 @@
+"""Config loading: every mistake is a one-line UserError before any work starts."""
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, tiny_config, write_config
+from ensemblekd.config import load_config
+from ensemblekd.errors import UserError
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path):
+    cfg = load_config(path)
+    assert cfg.teachers and cfg.student.model
+
+
+def _error(tmp_path, digits_dir, overrides=(), **sections) -> str:
+    path = write_config(tmp_path, tiny_config(tmp_path, digits_dir, **sections))
+    with pytest.raises(UserError) as exc:
+        load_config(path, list(overrides))
+    msg = str(exc.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_valid_tiny_config_loads(tmp_path, digits_dir):
+    cfg = load_config(write_config(tmp_path, tiny_config(tmp_path, digits_dir)))
+    assert [t.name for t in cfg.teachers] == ["mlp_a", "mlp_b"]
+    assert cfg.store.dtype == "float16"
+
+
+def test_unknown_key_is_named(tmp_path, digits_dir):
+    msg = _error(tmp_path, digits_dir, trainer={"epochz": 3})
+    assert "trainer.epochz" in msg and "unknown key" in msg
+
+
+def test_unknown_section_is_named(tmp_path, digits_dir):
+    msg = _error(tmp_path, digits_dir, overrides=["trainr.epochs=3"])
+    assert "trainr" in msg
+
+
+def test_wrong_type_is_named(tmp_path, digits_dir):
+    msg = _error(tmp_path, digits_dir, trainer={"epochs": "many"})
+    assert "trainer.epochs" in msg and "integer" in msg
+
+
+def test_unresolvable_model_path(tmp_path, digits_dir):
+    msg = _error(tmp_path, digits_dir, student={"model": "ensemblekd.models:nope"})
+    assert "student.model" in msg and "nope" in msg
+    msg = _error(tmp_path, digits_dir, student={"model": "no_such_package.mod:fn"})
+    assert "cannot import" in msg
+
+
+def test_missing_data_file(tmp_path, digits_dir):
+    msg = _error(tmp_path, digits_dir, data={"val": str(tmp_path / "nowhere")})
+    assert "data.val" in msg and "does not exist" in msg
+
+
+def test_duplicate_teacher_name(tmp_path, digits_dir):
+    cfg = tiny_config(tmp_path, digits_dir)
+    cfg["teachers"][1]["name"] = "mlp_a"
+    with pytest.raises(UserError, match="'mlp_a' is used twice"):
+        load_config(write_config(tmp_path, cfg))
+
+
+def test_teacher_without_checkpoint_or_fit(tmp_path, digits_dir):
+    cfg = tiny_config(tmp_path, digits_dir)
+    del cfg["teachers"][0]["fit"]
+    with pytest.raises(UserError, match="teachers.0.checkpoint"):
+        load_config(write_config(tmp_path, cfg))
+
+
+def test_static_weights_must_name_every_teacher(tmp_path, digits_dir):
+    msg = _error(tmp_path, digits_dir, distill={"weighting": "static", "weights": {"mlp_a": 1.0}})
+    assert "distill.weights" in msg
+
+
+def test_unknown_weighting(tmp_path, digits_dir):
+    msg = _error(tmp_path, digits_dir, distill={"weighting": "magic"})
+    assert "distill.weighting" in msg and "uniform" in msg
+
+
+def test_batch_must_split_over_workers(tmp_path, digits_dir):
+    msg = _error(tmp_path, digits_dir, trainer={"batch_size": 63})
+    assert "trainer.batch_size" in msg
+
+
+def test_overrides_reach_any_key(tmp_path, digits_dir):
+    path = write_config(tmp_path, tiny_config(tmp_path, digits_dir))
+    cfg = load_config(path, ["trainer.epochs=3", "teachers.1.num_cpus=0.25", "distill.temperature=2",
+                             "trainer.deepspeed={zero_optimization: {stage: 2}}"])
+    assert cfg.trainer.epochs == 3 and cfg.teachers[1].num_cpus == 0.25 and cfg.distill.temperature == 2.0
+    assert cfg.trainer.deepspeed == {"zero_optimization": {"stage": 2}}
+
+
+def test_bad_override_syntax(tmp_path, digits_dir):
+    path = write_config(tmp_path, tiny_config(tmp_path, digits_dir))
+    with pytest.raises(UserError, match="key.path=value"):
+        load_config(path, ["trainer.epochs"])
+    with pytest.raises(UserError, match="not an index"):
+        load_config(path, ["teachers.5.name=x"])
+
+
+def test_relative_paths_become_absolute(tmp_path, digits_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path, digits_dir, store={"uri": "rel/store"})
+    loaded = load_config(write_config(tmp_path, cfg))
+    assert loaded.store.uri == str(tmp_path / "rel" / "store")
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "none.yaml")

@@ -1,0 +1,138 @@
+"""The soft-target store: round trip, the manifest as the only source of truth, verification."""
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from ensemblekd import storage
+from ensemblekd.errors import UserError
+from ensemblekd.store import SCHEMA_VERSION, Store, decode_shard, encode_shard
+
+
+def _commit(store, split, teacher, index, ids, logits, dtype="float16"):
+    data, entry = encode_shard(ids, logits, dtype)
+    storage.write_bytes_atomic(store.shard_uri(split, teacher, index), data)
+    store.commit(split, teacher, index, {**entry, "num_classes": logits.shape[1], "dtype": dtype})
+
+
+def _store(uri, n_shards=2, rows=5):
+    store = Store.open(uri, create=True)
+    store.set_inputs("train", [{"uri": f"in-{i}", "rows": rows, "bytes": 1, "offset": i * rows} for i in range(n_shards)])
+    store.set_teacher("a", "fp-a", {"model": "m:a"})
+    return store
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip(dtype):
+    ids = np.arange(10, 16)
+    logits = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    data, entry = encode_shard(ids, logits, dtype)
+    got_ids, got = decode_shard(data)
+    assert entry["rows"] == 6 and entry["bytes"] == len(data)
+    assert got_ids.tolist() == ids.tolist() and got.dtype == np.dtype(dtype)
+    assert np.allclose(got, logits, atol=1e-2 if dtype == "float16" else 0)
+
+
+def test_shards_open_with_plain_pyarrow(tmp_path):
+    store = _store(str(tmp_path))
+    _commit(store, "train", "a", 0, np.arange(5), np.ones((5, 3), np.float32))
+    table = pq.read_table(tmp_path / "train" / "a" / "part-00000.parquet")
+    assert table.column_names == ["id", "logits"] and table.num_rows == 5
+
+
+def test_manifest_lists_only_committed_shards_and_survives_reopen(tmp_path):
+    store = _store(str(tmp_path))
+    _commit(store, "train", "a", 0, np.arange(5), np.ones((5, 3), np.float32))
+    store.save()
+    # a shard file that was written but never committed (crash before the manifest) is not trusted
+    data, _ = encode_shard(np.arange(5, 10), np.ones((5, 3), np.float32), "float16")
+    storage.write_bytes_atomic(store.shard_uri("train", "a", 1), data)
+    reopened = Store.open(str(tmp_path))
+    assert reopened.missing("train", "a") == [1]
+    with pytest.raises(UserError, match="not committed"):
+        reopened.read("train", "a", 1)
+    with pytest.raises(UserError, match="1 train shard"):
+        reopened.check_complete("train", ["a"])
+    ids, logits = reopened.read("train", "a", 0)
+    assert ids.tolist() == list(range(5)) and logits.shape == (5, 3)
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "x" / "part.parquet"
+
+    class Boom(Exception):
+        pass
+
+    real_replace = storage.os.replace
+    monkeypatch.setattr(storage.os, "replace", lambda *a: (_ for _ in ()).throw(Boom()))
+    with pytest.raises(Boom):
+        storage.write_bytes_atomic(str(target), b"data")
+    assert not target.exists()  # only a temporary sibling, never the final name
+    monkeypatch.setattr(storage.os, "replace", real_replace)
+    storage.write_bytes_atomic(str(target), b"data")
+    assert target.read_bytes() == b"data"
+
+
+def test_verify_names_corrupt_and_truncated_shards(tmp_path):
+    store = _store(str(tmp_path), n_shards=3)
+    for i in range(3):
+        _commit(store, "train", "a", i, np.arange(5) + 5 * i, np.ones((5, 3), np.float32) * i)
+    store.save()
+    flipped = tmp_path / "train" / "a" / "part-00001.parquet"
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    flipped.write_bytes(bytes(raw))
+    truncated = tmp_path / "train" / "a" / "part-00002.parquet"
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    result = {(i, ok, why) for _, _, i, ok, why in Store.open(str(tmp_path)).verify()}
+    assert (0, True, "ok") in result and (1, False, "checksum mismatch") in result
+    assert any(i == 2 and not ok and "bytes" in why for i, ok, why in result)
+    with pytest.raises(UserError, match="checksum mismatch.*--repair"):
+        store.read("train", "a", 1)
+
+
+def test_changed_input_shard_forgets_its_label_shards(tmp_path):
+    store = _store(str(tmp_path))
+    for i in range(2):
+        _commit(store, "train", "a", i, np.arange(5), np.ones((5, 3), np.float32))
+    inputs = store.inputs("train")
+    store.set_inputs("train", [inputs[0], {**inputs[1], "bytes": 999}])
+    assert store.missing("train", "a") == [1]
+
+
+def test_changed_fingerprint_forgets_the_teachers_shards(tmp_path):
+    store = _store(str(tmp_path))
+    store.set_teacher("b", "fp-b", {"model": "m:b"})
+    for t in ("a", "b"):
+        for i in range(2):
+            _commit(store, "train", t, i, np.arange(5), np.ones((5, 3), np.float32))
+    assert store.set_teacher("a", "fp-a", {"model": "m:a"}) is False
+    assert store.set_teacher("a", "fp-a2", {"model": "m:a"}) is True
+    assert store.missing("train", "a") == [0, 1] and store.missing("train", "b") == []
+
+
+def test_teachers_with_different_class_counts_are_refused(tmp_path):
+    store = _store(str(tmp_path))
+    store.set_teacher("b", "fp-b", {})
+    _commit(store, "train", "a", 0, np.arange(5), np.ones((5, 3), np.float32))
+    with pytest.raises(UserError, match="outputs 4 classes but the store holds 3"):
+        _commit(store, "train", "b", 0, np.arange(5), np.ones((5, 4), np.float32))
+
+
+def test_other_schema_version_and_missing_store(tmp_path):
+    with pytest.raises(UserError, match="run 'ensemblekd label"):
+        Store.open(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(UserError, match="schema version"):
+        Store.open(str(tmp_path))
+
+
+def test_store_on_an_fsspec_memory_filesystem():
+    store = _store("memory://ekd-test/store")
+    _commit(store, "train", "a", 0, np.arange(5), np.full((5, 2), 3.0, np.float32))
+    store.save()
+    again = Store.open("memory://ekd-test/store")
+    assert again.read("train", "a", 0)[1][0].tolist() == [3.0, 3.0]
+    assert all(ok for *_, ok, _ in again.verify())
