@@ -62,10 +62,11 @@ def cmd_run(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from ensemblekd.pipeline import label_stage, ray_session
+    from ensemblekd.pipeline import label_stage
+    from ensemblekd.ray_session import ray_session
 
     cfg = _load(args, check=False)
-    with ray_session(cfg):
+    with ray_session():
         result = label_stage(cfg, progress=not args.no_progress)
     print(f"labelled {result['shards']} shard(s), {result['rows']:,} rows in {result['seconds']:.1f} s into {cfg.store.uri}")
     return 0
@@ -73,11 +74,12 @@ def cmd_label(args) -> int:
 
 def cmd_distill(args) -> int:
     from ensemblekd import tracking
-    from ensemblekd.distill import distill
-    from ensemblekd.pipeline import ray_session
+    from ensemblekd.distill import distill, preflight
+    from ensemblekd.ray_session import ray_session
 
     cfg = _load(args)
-    with ray_session(cfg), tracking.mlflow_run(cfg, "distill") as info:
+    preflight(cfg)
+    with ray_session(), tracking.mlflow_run(cfg, "distill") as info:
         result = distill(cfg, info)
         tracking.log_student(cfg, result["student"])
     m = result["metrics"]

@@ -278,11 +278,10 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None) -> dict[str,
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    names = [t.name for t in cfg.teachers]
-    store = Store.open(cfg.store.uri)
-    for split in ("train", "val"):
-        store.check_complete(split, names)
-    check_student(cfg, store)
+    from ensemblekd.ray_session import ensure_ray
+
+    preflight(cfg)
+    ensure_ray(cfg.ray)
     tr = cfg.trainer
     # Ray Train's controller consumes reports once per health check (default 2 s): with a short
     # epoch that, not training, would set the pace. RAY_TRAIN_* variables reach the workers.
@@ -317,10 +316,14 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None) -> dict[str,
     return {"metrics": dict(result.metrics), "student": student_uri, "seconds": seconds}
 
 
-def check_student(cfg: Config, store: Store) -> None:
-    """Build the student once in the driver: bad kwargs or a wrong class count fail here, early."""
+def preflight(cfg: Config) -> None:
+    """Everything distill can check in the driver, before any worker starts: the store is
+    complete for the configured teachers, and the student builds and fits the data and classes."""
     from ensemblekd.teachers import build_model
 
+    store = Store.open(cfg.store.uri)
+    for split in ("train", "val"):
+        store.check_complete(split, [t.name for t in cfg.teachers])
     model = build_model(cfg.student.model, cfg.student.kwargs, "student.model")
     shard = InputShard(**store.inputs("val")[0])
     _, x, _ = read_shard(shard, cfg.data.features, None, cfg.data.id)

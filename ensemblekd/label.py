@@ -22,6 +22,7 @@ from ensemblekd import storage
 from ensemblekd.config import Config
 from ensemblekd.data import input_shards, read_shard
 from ensemblekd.errors import UserError
+from ensemblekd.ray_session import ensure_ray
 from ensemblekd.store import Store, encode_shard
 from ensemblekd.teachers import fingerprint, load_teacher, predict, spec_of, unwrap
 
@@ -37,11 +38,16 @@ class TeacherWorker:
         self.cfg = cfg
         self.t = cfg.teachers[teacher_index]
         self.device = "cuda" if self.t.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.model = load_teacher(cfg, self.t).to(self.device)
+        try:
+            self.model, self.error = load_teacher(cfg, self.t).to(self.device), None
+        except UserError as exc:  # raised from `label`, where the driver sees it as itself
+            self.model, self.error = None, exc
 
     def label(self, shard: dict[str, Any], out_uri: str, where: str) -> dict[str, Any]:
         from ensemblekd.data import InputShard
 
+        if self.error:
+            raise self.error
         d = self.cfg.data
         ids, x, _ = read_shard(InputShard(**shard), d.features, None, d.id)
         try:
@@ -85,14 +91,22 @@ def record_val_accuracy(cfg: Config, store: Store) -> None:
 
 def label(cfg: Config, splits=SPLITS, progress: bool = True) -> dict[str, Any]:
     """Label every missing shard; returns counts. Saves the manifest as shards commit."""
-    from tqdm import tqdm
-
     store = Store.open(cfg.store.uri, create=True)
     todo = plan(cfg, store, splits)
     store.save()
-    if not todo:
-        return {"shards": 0, "rows": 0, "seconds": 0.0}
+    result = run_pools(cfg, store, todo, progress) if todo else {"shards": 0, "rows": 0, "seconds": 0.0}
+    teachers = store.m["teachers"]
+    if "val" in splits and (todo or any(teachers[t.name].get("val_accuracy") is None for t in cfg.teachers)):
+        record_val_accuracy(cfg, store)
+        store.save()
+    return result
 
+
+def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progress: bool) -> dict[str, Any]:
+    """One actor pool per teacher with work; each actor kept busy with IN_FLIGHT_PER_ACTOR shards."""
+    from tqdm import tqdm
+
+    ensure_ray(cfg.ray)
     start = time.perf_counter()
     queues: dict[str, deque] = {}
     for split, name, i in todo:
@@ -139,7 +153,4 @@ def label(cfg: Config, splits=SPLITS, progress: bool = True) -> dict[str, Any]:
         for pool in actors.values():
             for actor in pool:
                 ray.kill(actor)
-    if "val" in splits:
-        record_val_accuracy(cfg, store)
-        store.save()
     return {"shards": len(todo), "rows": rows, "seconds": time.perf_counter() - start}

@@ -2,36 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from ensemblekd import storage, tracking
 from ensemblekd.config import Config, check_inputs
 from ensemblekd.data import prepare_for_config
-
-
-@contextmanager
-def ray_session(cfg: Config) -> Iterator[None]:
-    """Join the configured cluster (ray.address, or RAY_ADDRESS) or start a local Ray; always clean up."""
-    import logging
-
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING,
-                              "logging_config": ray.LoggingConfig(log_level="WARNING")}
-    if address is None:
-        kwargs.update(num_cpus=cfg.ray.num_cpus)
-    ray.init(**kwargs)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+from ensemblekd.ray_session import ray_session
 
 
 def prepare_and_fit(cfg: Config, progress: bool = True) -> list[dict[str, Any]]:
@@ -58,7 +35,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     from ensemblekd.store import Store
 
     start = time.perf_counter()
-    with ray_session(cfg), tracking.mlflow_run(cfg, "run") as info:
+    with ray_session(), tracking.mlflow_run(cfg, "run") as info:
         labelled = label_stage(cfg, progress)
         store = Store.open(cfg.store.uri)
         tracking.log_metrics({f"label_{k}": v for k, v in labelled.items() if k != "fitted"})

@@ -132,9 +132,12 @@ def fit_teachers(cfg: Config, progress: bool = True) -> list[dict[str, Any]]:
     import ray
     from tqdm import tqdm
 
+    from ensemblekd.ray_session import ensure_ray
+
     todo = [t for t in cfg.teachers if needs_fit(cfg, t)]
     if not todo:
         return []
+    ensure_ray(cfg.ray)
     remote = ray.remote(fit_one)
     refs = {remote.options(num_cpus=t.num_cpus, num_gpus=0, max_retries=1).remote(cfg, t): t for t in todo}
     results = []
@@ -143,7 +146,8 @@ def fit_teachers(cfg: Config, progress: bool = True) -> list[dict[str, Any]]:
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             results.append(unwrap(ray.get, done[0]))
-            bar.set_postfix_str(f"{results[-1]['name']}: val acc {results[-1]['val_accuracy']:.3f}")
+            acc = results[-1]["val_accuracy"]
+            bar.set_postfix_str(f"{results[-1]['name']}: val acc " + ("n/a" if acc is None else f"{acc:.3f}"))
             bar.update()
     return results
 

@@ -59,7 +59,20 @@ def ray_local():
 
     import ray
 
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    tests_dir = str(Path(__file__).resolve().parent)  # so actors can import test-only models
+    ray.init(num_cpus=2, logging_level=logging.ERROR, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory, digits_dir, ray_local):
+    """A tiny config whose teachers are fitted and labelled into its store (shared, read-only)."""
+    from ensemblekd.config import load_config
+    from ensemblekd.pipeline import label_stage
+
+    tmp = tmp_path_factory.mktemp("labelled")
+    cfg = load_config(write_config(tmp, tiny_config(tmp, digits_dir)))
+    result = label_stage(cfg, progress=False)
+    return cfg, result

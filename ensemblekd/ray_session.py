@@ -1,0 +1,36 @@
+"""Ray, started on first use: a run with no Ray work to do (a complete store, a bad config)
+never pays for, or prints, a Ray start."""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+
+def ensure_ray(ray_cfg) -> None:
+    """Join ray.address (or RAY_ADDRESS), or start a local Ray with ray.num_cpus, unless connected."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING,
+                              "logging_config": ray.LoggingConfig(log_level="WARNING")}
+    if address is None:
+        kwargs["num_cpus"] = ray_cfg.num_cpus
+    ray.init(**kwargs)
+
+
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """Shut Ray down on the way out if it was started inside this block."""
+    import ray
+
+    connected_before = ray.is_initialized()
+    try:
+        yield
+    finally:
+        if not connected_before and ray.is_initialized():
+            ray.shutdown()

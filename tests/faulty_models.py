@@ -1,0 +1,21 @@
+"""Test-only teachers that misbehave (imported by Ray actors through PYTHONPATH)."""
+
+import torch
+from torch import nn
+
+from ensemblekd.models import mlp
+
+
+class _NaNOut(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x).clone()
+        out[0] = float("nan")  # one bad row per batch is enough to poison a shard
+        return out
+
+
+def nan_mlp(**kwargs):
+    return _NaNOut(mlp(**kwargs))

@@ -1,0 +1,88 @@
+"""The distill stage: each worker's share of the data, the DeepSpeed config, and real training
+on Ray Train workers under every ZeRO stage."""
+
+import numpy as np
+import pytest
+import torch
+
+from ensemblekd.distill import deepspeed_config, distill, iter_batches, read_rows, worker_segments
+from ensemblekd.errors import UserError
+from ensemblekd.store import Store
+from ensemblekd.teachers import build_model, load_state
+
+
+def _rows(segments, offsets):
+    return [offsets[s] + r for s, a, b in segments for r in range(a, b)]
+
+
+@pytest.mark.parametrize("shard_rows,workers", [([10, 7, 3, 12], 2), ([5, 5, 5], 3), ([100], 4), ([3, 1, 9, 4, 4], 2)])
+def test_workers_get_disjoint_equal_shares(shard_rows, workers):
+    offsets = np.concatenate([[0], np.cumsum(shard_rows)[:-1]])
+    for epoch in range(3):
+        shares = [_rows(worker_segments(shard_rows, workers, r, 0, epoch), offsets) for r in range(workers)]
+        flat = [row for share in shares for row in share]
+        assert len(flat) == len(set(flat))                                 # no row seen twice
+        assert {len(s) for s in shares} == {sum(shard_rows) // workers}    # equal steps on every worker
+        every = [_rows(worker_segments(shard_rows, workers, r, 0, epoch, drop_remainder=False), offsets)
+                 for r in range(workers)]
+        assert sorted(row for s in every for row in s) == list(range(sum(shard_rows)))
+
+
+def test_shard_order_is_seeded_and_changes_per_epoch():
+    rows = [4] * 12
+    a = worker_segments(rows, 2, 0, seed=1, epoch=0)
+    assert a == worker_segments(rows, 2, 0, seed=1, epoch=0)
+    assert a != worker_segments(rows, 2, 0, seed=1, epoch=1)
+
+
+def test_deepspeed_config_is_generated_then_user_keys_win(labelled):
+    cfg, _ = labelled
+    tr = cfg.trainer.model_copy(update={"zero_stage": 2, "deepspeed": {"zero_optimization": {"overlap_comm": True},
+                                                                      "gradient_clipping": 1.0}})
+    ds = deepspeed_config(tr)
+    assert ds["train_batch_size"] == tr.batch_size
+    assert ds["train_micro_batch_size_per_gpu"] * tr.num_workers == tr.batch_size
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True}
+    assert ds["gradient_clipping"] == 1.0
+
+
+def test_batches_zip_inputs_with_every_teacher(labelled):
+    cfg, _ = labelled
+    store = Store.open(cfg.store.uri)
+    segments = [(0, 0, 50), (1, 10, 40)]
+    batches = list(iter_batches(cfg, store, "train", ["mlp_a", "mlp_b"], segments, 32, None))
+    assert [len(b[1]) for b in batches] == [32, 32, 16]
+    x, y, z = batches[0]
+    assert x.shape == (32, 64) and z.shape == (32, 2, 10) and z.dtype == torch.float32
+    _, logits_a = store.read("train", "mlp_a", 0)
+    assert torch.allclose(z[:, 0], torch.from_numpy(logits_a[:32].astype(np.float32)))
+
+
+def test_misaligned_teacher_shard_is_refused(labelled, tmp_path):
+    cfg, _ = labelled
+    store = Store.open(cfg.store.uri)
+    shifted = Store(store.uri, {**store.m, "inputs": {"train": list(reversed(store.inputs("train")))}})
+    with pytest.raises(UserError, match="not aligned"):
+        read_rows(cfg, shifted, "train", 0, ["mlp_a"])
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_distill_trains_under_every_zero_stage(labelled, tmp_path, stage):
+    cfg, _ = labelled
+    cfg = cfg.model_copy(deep=True)
+    cfg.trainer.zero_stage = stage
+    cfg.trainer.epochs = 3
+    cfg.trainer.output_dir = str(tmp_path / "out")
+    result = distill(cfg)
+    m = result["metrics"]
+    assert m["epoch"] == 2 and m["val_accuracy"] > 0.5
+    student = load_state(build_model(cfg.student.model, cfg.student.kwargs), result["student"], "student")
+    assert sum(p.numel() for p in student.parameters()) == 64 * 32 + 32 + 32 * 10 + 10
+
+
+def test_student_with_the_wrong_class_count_fails_before_training(labelled, tmp_path):
+    cfg, _ = labelled
+    cfg = cfg.model_copy(deep=True)
+    cfg.student.kwargs = {**cfg.student.kwargs, "num_classes": 7}
+    with pytest.raises(UserError, match="outputs 7 classes but the teachers have 10"):
+        distill(cfg)

@@ -1,0 +1,97 @@
+"""The label stage on real Ray actors: resume, skip, relabel on a new fingerprint, refuse bad teachers."""
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config, write_config
+from ensemblekd.config import load_config
+from ensemblekd.errors import UserError
+from ensemblekd.label import label
+from ensemblekd.pipeline import label_stage
+from ensemblekd.store import Store
+from ensemblekd.teachers import build_model, save_state
+
+
+def _mtimes(root):
+    return {p: os.stat(p).st_mtime_ns for p in sorted(map(str, root.rglob("*.parquet")))}
+
+
+def test_store_is_complete_aligned_and_has_val_accuracy(labelled):
+    cfg, result = labelled
+    store = Store.open(cfg.store.uri)
+    n_inputs = sum(len(store.inputs(s)) for s in ("train", "val", "test"))
+    assert result["shards"] == n_inputs * 2 and result["rows"] == 1797 * 2
+    for split in ("train", "val", "test"):
+        store.check_complete(split, ["mlp_a", "mlp_b"])
+    assert store.num_classes == 10 and store.m["dtype"] == "float16"
+    assert all(ok for *_, ok, _ in store.verify())
+    for name in ("mlp_a", "mlp_b"):
+        assert store.teacher(name)["val_accuracy"] > 0.85
+        ids, logits = store.read("train", name, 0)
+        assert logits.shape == (len(ids), 10) and logits.dtype == np.float16
+
+
+def test_resume_redoes_only_missing_shards(tmp_path, digits_dir, ray_local):
+    cfg = load_config(write_config(tmp_path, tiny_config(tmp_path, digits_dir)))
+    label_stage(cfg, progress=False)
+    store_dir = tmp_path / "store"
+    before = _mtimes(store_dir)
+
+    again = label(cfg, progress=False)
+    assert again["shards"] == 0 and _mtimes(store_dir) == before  # complete store: no teacher work
+
+    # an interrupted run: two shards never committed (one file written, one not)
+    store = Store.open(cfg.store.uri)
+    del store.m["shards"]["train"]["mlp_a"]["1"]
+    del store.m["shards"]["test"]["mlp_b"]["0"]
+    store.save()
+    os.remove(store.shard_uri("test", "mlp_b", 0))
+    resumed = label(cfg, progress=False)
+    assert resumed["shards"] == 2
+    after = _mtimes(store_dir)
+    redone = {p for p in after if before.get(p) != after[p]}
+    assert redone == {store.shard_uri("train", "mlp_a", 1), store.shard_uri("test", "mlp_b", 0)}
+    assert all(ok for *_, ok, _ in Store.open(cfg.store.uri).verify())
+
+
+def test_changed_teacher_is_relabelled_alone(tmp_path, digits_dir, ray_local):
+    cfg = load_config(write_config(tmp_path, tiny_config(tmp_path, digits_dir)))
+    label_stage(cfg, progress=False)
+    before = _mtimes(tmp_path / "store")
+    refit = load_config(tmp_path / "config.yaml", ["teachers.1.fit.seed=7"])  # new weights for mlp_b
+    result = label_stage(refit, progress=False)
+    assert [f["name"] for f in result["fitted"]] == ["mlp_b"]
+    after = _mtimes(tmp_path / "store")
+    changed = {p for p in after if before[p] != after[p]}
+    assert changed and all("/mlp_b/" in p for p in changed)
+    assert len(changed) == sum(1 for p in after if "/mlp_b/" in p)
+
+
+def test_teachers_disagreeing_on_classes_are_refused(tmp_path, digits_dir, ray_local):
+    cfg = tiny_config(tmp_path, digits_dir)
+    cfg["teachers"][1]["kwargs"]["num_classes"] = 12
+    with pytest.raises(UserError, match="classes"):
+        label_stage(load_config(write_config(tmp_path, cfg)), progress=False)
+
+
+def test_nan_logits_are_refused_naming_teacher_and_shard(tmp_path, digits_dir, ray_local):
+    cfg = tiny_config(tmp_path, digits_dir)
+    bad = {"name": "nan_teacher", "model": "faulty_models:nan_mlp",
+           "kwargs": {"in_features": 64, "num_classes": 10, "hidden": [8]},
+           "checkpoint": str(tmp_path / "nan.pt"), "num_cpus": 0.5}
+    save_state(build_model(bad["model"], bad["kwargs"]), bad["checkpoint"])
+    cfg["teachers"] = [bad]
+    with pytest.raises(UserError, match=r"teacher 'nan_teacher' produced NaN/Inf logits on \w+ shard \d+"):
+        label(load_config(write_config(tmp_path, cfg)), progress=False)
+
+
+def test_checkpoint_that_does_not_match_the_model(tmp_path, digits_dir, ray_local):
+    cfg = tiny_config(tmp_path, digits_dir)
+    wrong = tmp_path / "wrong.pt"
+    save_state(build_model("ensemblekd.models:mlp", {"in_features": 64, "num_classes": 10, "hidden": [5]}), str(wrong))
+    cfg["teachers"] = [{**cfg["teachers"][0], "checkpoint": str(wrong)}]
+    del cfg["teachers"][0]["fit"]
+    with pytest.raises(UserError, match="does not match the model"):
+        label(load_config(write_config(tmp_path, cfg)), progress=False)
