@@ -124,7 +124,6 @@ def deepspeed_config(trainer) -> dict[str, Any]:
 def train_loop(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
-    import torch.distributed as dist
 
     from ensemblekd.teachers import build_model
 
@@ -186,7 +185,7 @@ def train_loop(config: dict[str, Any]) -> None:
                             lr=engine.get_lr()[0], samples_per_s=n * world / max(time.perf_counter() - tic, 1e-9))
             if bar:
                 bar.update(1)
-        dist.all_reduce(sums)
+        sums = all_reduce_sum(sums, device)
         val_acc = evaluate_split(cfg, store, engine, "val", val_rows, rank, world, micro)
         metrics = {"epoch": epoch, "train_loss": sums[0].item() / sums[3].item(), "train_ce": sums[1].item() / sums[3].item(),
                    "train_kd": sums[2].item() / sums[3].item(), "val_accuracy": val_acc,
@@ -211,8 +210,6 @@ def evaluate_split(cfg, store, engine, split, rows, rank, world, micro) -> float
     Every worker runs the same number of forward passes (padding with empty batches), since a
     ZeRO-3 forward is a collective.
     """
-    import torch.distributed as dist
-
     engine.eval()
     segments = worker_segments(rows, world, rank, 0, 0, shuffle=False, drop_remainder=False)
     max_rows = max(sum(s[2] - s[1] for s in worker_segments(rows, world, r, 0, 0, False, False)) for r in range(world))
@@ -227,8 +224,17 @@ def evaluate_split(cfg, store, engine, split, rows, rank, world, micro) -> float
         pred = engine(x.to(engine.device)).argmax(-1).cpu()
         keep = y >= 0
         counts += torch.tensor([(pred[keep] == y[keep]).sum().item(), keep.sum().item()], dtype=torch.float64)
-    dist.all_reduce(counts)
+    counts = all_reduce_sum(counts, engine.device)
     return counts[0].item() / max(counts[1].item(), 1.0)
+
+
+def all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
+    """Sum over workers; the tensor travels on the engine's device (NCCL needs CUDA tensors)."""
+    import torch.distributed as dist
+
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:

@@ -86,3 +86,13 @@ def test_student_with_the_wrong_class_count_fails_before_training(labelled, tmp_
     cfg.student.kwargs = {**cfg.student.kwargs, "num_classes": 7}
     with pytest.raises(UserError, match="outputs 7 classes but the teachers have 10"):
         distill(cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_distill_on_gpu_with_nccl(labelled, tmp_path):
+    cfg, _ = labelled
+    cfg = cfg.model_copy(deep=True)
+    cfg.trainer.use_gpu, cfg.trainer.num_workers, cfg.trainer.epochs = True, 1, 2
+    cfg.trainer.output_dir = str(tmp_path / "out")
+    assert distill(cfg)["metrics"]["val_accuracy"] > 0.5

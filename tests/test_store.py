@@ -42,6 +42,19 @@ def test_shards_open_with_plain_pyarrow(tmp_path):
     assert table.column_names == ["id", "logits"] and table.num_rows == 5
 
 
+def test_shards_open_with_pandas_and_duckdb(tmp_path):
+    import duckdb
+    import pandas as pd
+
+    store = _store(str(tmp_path))
+    _commit(store, "train", "a", 0, np.arange(5), np.arange(15, dtype=np.float32).reshape(5, 3))
+    path = tmp_path / "train" / "a" / "part-00000.parquet"
+    df = pd.read_parquet(path)
+    assert df["id"].tolist() == list(range(5)) and list(df["logits"][1]) == [3.0, 4.0, 5.0]
+    rows = duckdb.sql(f"select id, logits[3] from '{tmp_path}/train/*/part-*.parquet' order by id").fetchall()
+    assert rows == [(i, 3.0 * i + 2) for i in range(5)]
+
+
 def test_manifest_lists_only_committed_shards_and_survives_reopen(tmp_path):
     store = _store(str(tmp_path))
     _commit(store, "train", "a", 0, np.arange(5), np.ones((5, 3), np.float32))
