@@ -74,13 +74,14 @@ def cmd_label(args) -> int:
 
 def cmd_distill(args) -> int:
     from ensemblekd import tracking
-    from ensemblekd.distill import distill, preflight
+    from ensemblekd.distill import preflight
+    from ensemblekd.pipeline import distill_stage
     from ensemblekd.ray_session import ray_session
 
     cfg = _load(args)
     preflight(cfg)
     with ray_session(), tracking.mlflow_run(cfg, "distill") as info:
-        result = distill(cfg, info)
+        result = distill_stage(cfg, info, progress=not args.no_progress)
         tracking.log_student(cfg, result["student"])
     m = result["metrics"]
     print(f"student: {result['student']}  val accuracy {100 * m['val_accuracy']:.2f}%  "
@@ -95,7 +96,8 @@ def cmd_evaluate(args) -> int:
 
     cfg = _load(args)
     with tracking.mlflow_run(cfg, "evaluate") as info:
-        report = evaluate(cfg, args.student or student_path(cfg))
+        assistants = [a.name for a in cfg.distill.assistants] if cfg.distill.strategy == "assistant" else []
+        report = evaluate(cfg, args.student or student_path(cfg), assistants)
         log_report(report)
     print(format_table(report["rows"]))
     print(f"MLflow run: {info['run_id']}")

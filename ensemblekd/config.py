@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ensemblekd.errors import UserError
-from ensemblekd.storage import exists, is_remote, resolve_uri
+from ensemblekd.storage import exists, resolve_uri
 from ensemblekd.weighting import STRATEGIES, WEIGHTINGS
 
 
@@ -67,12 +67,33 @@ class StudentConfig(_Section):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class AssistantConfig(_Section):
+    """A teacher-assistant level (TAKD): distilled, then labelled into the store like a teacher."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    model: str
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    replicas: int = Field(default=1, ge=1)
+    num_cpus: float = Field(default=0.5, ge=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=1024, ge=1)
+
+
 class DistillConfig(_Section):
     strategy: str = "parallel"
     weighting: str = "uniform"
     weights: dict[str, float] | None = Field(
         default=None, description="per-teacher weights for weighting: static"
     )
+    gamma: float = Field(default=1.0, ge=0, description="weighting: accuracy sharpening, w_k ∝ acc_k^gamma")
+    mix_space: Literal["prob", "logit"] = "prob"
+    # sequential
+    order: Literal["config", "ascending_accuracy", "descending_accuracy"] = "config"
+    cumulative: bool = False
+    stage_epochs: list[int] | None = Field(default=None, description="epochs per stage; default: split evenly")
+    # assistant (TAKD)
+    assistants: list[AssistantConfig] = Field(default_factory=list, description="largest first, down to the student")
+    ensemble_blend: float = Field(default=0.0, ge=0, le=1, description="share of the ensemble kept at every level")
     temperature: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.5, ge=0, le=1)
 
@@ -138,6 +159,20 @@ class Config(_Section):
                 raise ValueError("distill.weights: weights must be >= 0 with a positive sum")
         elif self.distill.weights is not None:
             raise ValueError("distill.weights: only used with weighting: static; remove it or set distill.weighting=static")
+        d = self.distill
+        if d.strategy == "sequential" and d.stage_epochs is not None:
+            if len(d.stage_epochs) != len(names) or sum(d.stage_epochs) != self.trainer.epochs or min(d.stage_epochs) < 1:
+                raise ValueError(f"distill.stage_epochs: needs one positive entry per teacher ({len(names)}) "
+                                 f"summing to trainer.epochs ({self.trainer.epochs}), got {d.stage_epochs}")
+        if d.strategy == "sequential" and self.trainer.epochs < len(names):
+            raise ValueError(f"trainer.epochs: sequential needs at least one epoch per teacher ({len(names)})")
+        if d.strategy != "sequential" and (d.stage_epochs or d.cumulative or d.order != "config"):
+            raise ValueError("distill.order/cumulative/stage_epochs: only used with strategy: sequential")
+        if d.strategy != "assistant" and (d.assistants or d.ensemble_blend):
+            raise ValueError("distill.assistants/ensemble_blend: only used with strategy: assistant")
+        for a in d.assistants:
+            if a.name in names or [x.name for x in d.assistants].count(a.name) > 1:
+                raise ValueError(f"distill.assistants: the name '{a.name}' is taken; give each assistant a unique name")
         if self.trainer.batch_size % self.trainer.num_workers:
             raise ValueError(
                 f"trainer.batch_size: {self.trainer.batch_size} does not split evenly over "
@@ -220,8 +255,6 @@ def _absolute_paths(cfg: Config) -> None:
     for t in cfg.teachers:
         if t.checkpoint:
             t.checkpoint = resolve_uri(t.checkpoint)
-    if cfg.tracking.uri and not cfg.tracking.uri.startswith(("http", "https", "databricks", "sqlite", "postgresql", "mysql", "file:")):
-        cfg.tracking.uri = resolve_uri(cfg.tracking.uri)
 
 
 def check_inputs(cfg: Config, check_data: bool = True) -> None:
@@ -231,6 +264,8 @@ def check_inputs(cfg: Config, check_data: bool = True) -> None:
         if t.fit is None and not exists(cfg.teacher_checkpoint(t)):
             raise UserError(f"teachers.{i}.checkpoint: '{t.checkpoint}' does not exist; fix the path or add a fit block")
     import_callable(cfg.student.model, "student.model")
+    for i, a in enumerate(cfg.distill.assistants):
+        import_callable(a.model, f"distill.assistants.{i}.model")
     if check_data and cfg.data.prepare is None:
         for split in ("train", "val", "test"):
             uri = getattr(cfg.data, split)
@@ -274,4 +309,3 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-__all__ = ["Config", "load_config", "apply_overrides", "import_callable", "flatten", "is_remote"]

@@ -99,6 +99,17 @@ def _tensors(x, y, z):
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)), torch.from_numpy(z.astype(np.float32))
 
 
+def strategy_for(cfg: Config, store: Store):
+    """The configured strategy, given what rules may need from the store (validation accuracy)."""
+    names = [t.name for t in cfg.teachers]
+    val_accuracy = {n: store.teacher(n).get("val_accuracy") for n in names}
+    needs_accuracy = cfg.distill.weighting == "accuracy" or cfg.distill.order != "config"
+    if needs_accuracy and None in val_accuracy.values():
+        raise UserError("distill: weighting 'accuracy' and order by accuracy need each teacher's validation accuracy, "
+                        "and the val split has no labels; give data.val a label column or choose another rule")
+    return build_strategy(cfg.distill, names, val_accuracy, epochs=cfg.trainer.epochs)
+
+
 # -- DeepSpeed -----------------------------------------------------------------------------
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
@@ -135,7 +146,7 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(tr.seed)
     names = [t.name for t in cfg.teachers]
     store = Store.open(cfg.store.uri)
-    strategy = build_strategy(dc, names)
+    strategy = strategy_for(cfg, store)
     shard_rows = [s["rows"] for s in store.inputs("train")]
     micro = tr.batch_size // tr.num_workers
     steps_per_epoch = math.ceil((sum(shard_rows) // world) / micro)
@@ -162,23 +173,26 @@ def train_loop(config: dict[str, Any]) -> None:
             start_epoch = int(state["epoch"]) + 1
 
     tracker = _RankZeroTracker(config.get("mlflow")) if rank == 0 else None
+    if tracker and hasattr(strategy, "describe"):
+        tracker.tag("ensemblekd.stages", strategy.describe())
     bar = _progress(rank, steps_per_epoch * (tr.epochs - start_epoch))
     val_rows = [s["rows"] for s in store.inputs("val")]
     for epoch in range(start_epoch, tr.epochs):
         engine.train()
         rng = np.random.default_rng([tr.seed, epoch, rank])
         segments = worker_segments(shard_rows, world, rank, tr.seed, epoch)
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, kd, rows
+        sums = torch.zeros(4 + len(names), dtype=torch.float64)  # loss, ce, kd, rows, weight per teacher
         t0 = time.perf_counter()
         for step, (x, y, z) in enumerate(iter_batches(cfg, store, "train", names, segments, micro, rng)):
             x, y, z = x.to(device), y.to(device), z.to(device)
             tic = time.perf_counter()
-            targets, weights = strategy.targets(z, y, dc.temperature)
+            targets, weights = strategy.targets(z, y, dc.temperature, epoch)
             out = kd_loss(engine(x), targets, y, dc.temperature, dc.alpha)
             engine.backward(out.loss)
             engine.step()
             n = len(y)
-            sums += torch.tensor([out.loss.item() * n, out.ce.item() * n, out.kd.item() * n, n], dtype=torch.float64)
+            sums += torch.cat([torch.tensor([out.loss.item() * n, out.ce.item() * n, out.kd.item() * n, n]),
+                               weights.sum(0).detach().cpu()]).double()
             if tracker:
                 global_step = epoch * steps_per_epoch + step
                 tracker.add(global_step, loss=out.loss.item(), ce_loss=out.ce.item(), kd_loss=out.kd.item(),
@@ -189,7 +203,10 @@ def train_loop(config: dict[str, Any]) -> None:
         val_acc = evaluate_split(cfg, store, engine, "val", val_rows, rank, world, micro)
         metrics = {"epoch": epoch, "train_loss": sums[0].item() / sums[3].item(), "train_ce": sums[1].item() / sums[3].item(),
                    "train_kd": sums[2].item() / sums[3].item(), "val_accuracy": val_acc,
-                   "epoch_seconds": time.perf_counter() - t0}
+                   "epoch_seconds": time.perf_counter() - t0,
+                   **{f"teacher_weight.{name}": sums[4 + k].item() / sums[3].item() for k, name in enumerate(names)}}
+        if hasattr(strategy, "stage"):
+            metrics["stage"] = strategy.stage(epoch)
         if tracker:
             tracker.add(epoch, **{k: v for k, v in metrics.items() if k != "epoch"}, flush=True)
         last = epoch == tr.epochs - 1
@@ -262,6 +279,12 @@ class _RankZeroTracker:
     def __init__(self, mlflow_info: dict[str, str] | None):
         self.info, self.buffer = mlflow_info, []
 
+    def tag(self, key: str, value: str) -> None:
+        if self.info:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(self.info["tracking_uri"]).set_tag(self.info["run_id"], key, value)
+
     def add(self, step: int, flush: bool = False, **metrics: float) -> None:
         if not self.info:
             return
@@ -330,6 +353,7 @@ def preflight(cfg: Config) -> None:
     store = Store.open(cfg.store.uri)
     for split in ("train", "val"):
         store.check_complete(split, [t.name for t in cfg.teachers])
+    strategy_for(cfg, store)
     model = build_model(cfg.student.model, cfg.student.kwargs, "student.model")
     shard = InputShard(**store.inputs("val")[0])
     _, x, _ = read_shard(shard, cfg.data.features, None, cfg.data.id)

@@ -14,11 +14,11 @@ import torch
 from ensemblekd import storage
 from ensemblekd.config import Config
 from ensemblekd.data import read_split
+from ensemblekd.distill import strategy_for
 from ensemblekd.errors import UserError
 from ensemblekd.models import count_parameters
 from ensemblekd.store import Store
 from ensemblekd.teachers import build_model, load_state, predict
-from ensemblekd.weighting import build_strategy
 
 
 def _accuracy(pred: np.ndarray, y: np.ndarray) -> float | None:
@@ -26,40 +26,44 @@ def _accuracy(pred: np.ndarray, y: np.ndarray) -> float | None:
     return float((pred[keep] == y[keep]).mean()) if keep.any() else None
 
 
-def evaluate(cfg: Config, student_uri: str) -> dict[str, Any]:
+def _stored_test_logits(store: Store, name: str, ids: np.ndarray) -> np.ndarray:
+    parts = [store.read("test", name, i) for i in range(len(store.inputs("test")))]
+    if not np.array_equal(np.concatenate([p[0] for p in parts]), ids):
+        raise UserError(f"{store.uri}: test logits of '{name}' are not aligned with data.test; re-run label")
+    return np.concatenate([p[1] for p in parts]).astype(np.float32)
+
+
+def evaluate(cfg: Config, student_uri: str, assistants: list[str] = ()) -> dict[str, Any]:
+    """Rows for each teacher, the ensemble, each TAKD assistant (from their stored test logits)
+    and the student (run here): accuracy, fidelity to the ensemble, parameters, bytes on disk."""
+    from ensemblekd.pipeline import level_configs
+
     names = [t.name for t in cfg.teachers]
     store = Store.open(cfg.store.uri)
-    store.check_complete("test", names)
+    store.check_complete("test", [*names, *assistants])
     d = cfg.data
     ids, x, y = read_split(d.test, d.features, d.label, d.id)
-    per_teacher = []
-    for name in names:
-        parts = [store.read("test", name, i) for i in range(len(store.inputs("test")))]
-        if not np.array_equal(np.concatenate([p[0] for p in parts]), ids):
-            raise UserError(f"{store.uri}: test logits of '{name}' are not aligned with data.test; re-run label")
-        per_teacher.append(np.concatenate([p[1] for p in parts]).astype(np.float32))
-    z = torch.from_numpy(np.stack(per_teacher, axis=1))
-    ensemble_probs, _ = build_strategy(cfg.distill, names).targets(z, None, 1.0)
+    per_teacher = [_stored_test_logits(store, name, ids) for name in names]
+    ensemble_probs, _ = strategy_for(cfg, store).targets(torch.from_numpy(np.stack(per_teacher, axis=1)), None, 1.0)
     ensemble_pred = ensemble_probs.argmax(-1).numpy()
 
-    student = load_state(build_model(cfg.student.model, cfg.student.kwargs, "student.model"), student_uri, "student")
-    student_logits = predict(student, x)
-    student_pred = student_logits.argmax(1)
+    def row(name, role, pred, params, size):
+        return {"model": name, "role": role, "accuracy": _accuracy(pred, y),
+                "fidelity": float((pred == ensemble_pred).mean()), "params": params, "bytes": size}
 
-    rows = []
-    teacher_params = teacher_bytes = 0
-    for t, logits in zip(cfg.teachers, per_teacher):
-        params = count_parameters(build_model(t.model, t.kwargs))
-        size = storage.file_size(cfg.teacher_checkpoint(t))
-        teacher_params += params
-        teacher_bytes += size
-        rows.append({"model": t.name, "role": "teacher", "accuracy": _accuracy(logits.argmax(1), y),
-                     "fidelity": float((logits.argmax(1) == ensemble_pred).mean()), "params": params, "bytes": size})
-    rows.append({"model": "ensemble", "role": "ensemble", "accuracy": _accuracy(ensemble_pred, y), "fidelity": 1.0,
-                 "params": teacher_params, "bytes": teacher_bytes})
-    rows.append({"model": "student", "role": "student", "accuracy": _accuracy(student_pred, y),
-                 "fidelity": float((student_pred == ensemble_pred).mean()), "params": count_parameters(student),
-                 "bytes": storage.file_size(student_uri)})
+    rows = [row(t.name, "teacher", logits.argmax(1), count_parameters(build_model(t.model, t.kwargs)),
+                storage.file_size(cfg.teacher_checkpoint(t))) for t, logits in zip(cfg.teachers, per_teacher)]
+    rows.append({**row("ensemble", "ensemble", ensemble_pred, sum(r["params"] for r in rows),
+                       sum(r["bytes"] for r in rows)), "fidelity": 1.0})
+    if assistants:
+        by_name = {t.name: t for _, level in level_configs(cfg) for t in level.teachers}
+        for name in assistants:
+            t = by_name[name]
+            rows.append(row(name, "assistant", _stored_test_logits(store, name, ids).argmax(1),
+                            count_parameters(build_model(t.model, t.kwargs)), storage.file_size(t.checkpoint)))
+    student = load_state(build_model(cfg.student.model, cfg.student.kwargs, "student.model"), student_uri, "student")
+    rows.append(row("student", "student", predict(student, x).argmax(1), count_parameters(student),
+                    storage.file_size(student_uri)))
     return {"rows": rows, "test_rows": len(y)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from ensemblekd import storage, tracking
@@ -28,9 +29,62 @@ def label_stage(cfg: Config, progress: bool = True) -> dict[str, Any]:
     return {"fitted": fitted, **result}
 
 
+def level_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """The TAKD chain as one config per level: ensemble -> assistant 1 -> ... -> student.
+
+    Level i distils assistant i (the last level: the student) from the ensemble teachers plus
+    assistant i-1, whose checkpoint is the level above's student.pt and which the chain labels
+    into the store like any teacher before level i starts.
+    """
+    from ensemblekd.config import StudentConfig, TeacherConfig
+    from ensemblekd.distill import STUDENT_FILE
+
+    levels, previous = [], None
+    for a in [*cfg.distill.assistants, None]:
+        name = a.name if a else "student"
+        out = cfg.trainer.output_dir if a is None else storage.join(cfg.trainer.output_dir, "assistants", name)
+        teachers = list(cfg.teachers)
+        if previous is not None:
+            teachers.append(TeacherConfig(
+                name=previous.name, model=previous.model, kwargs=previous.kwargs, replicas=previous.replicas,
+                num_cpus=previous.num_cpus, num_gpus=previous.num_gpus, batch_size=previous.batch_size,
+                checkpoint=storage.join(cfg.trainer.output_dir, "assistants", previous.name, STUDENT_FILE)))
+        student = cfg.student if a is None else StudentConfig(model=a.model, kwargs=a.kwargs)
+        trainer = cfg.trainer.model_copy(update={"output_dir": out})
+        levels.append((name, cfg.model_copy(update={"teachers": teachers, "student": student, "trainer": trainer})))
+        previous = a
+    return levels
+
+
+def distill_stage(cfg: Config, info: dict[str, str] | None, progress: bool = True) -> dict[str, Any]:
+    """Distil the student; with strategy assistant, each level of the chain in its nested run."""
+    from ensemblekd.distill import distill
+    from ensemblekd.label import label
+
+    if cfg.distill.strategy != "assistant" or not cfg.distill.assistants:
+        return {**distill(cfg, info), "chain": []}
+    levels = level_configs(cfg)
+    chain, seconds = [], 0.0
+    for i, (name, level_cfg) in enumerate(levels):
+        params = {"level": i, "model": level_cfg.student.model, "kwargs": json_dumps(level_cfg.student.kwargs),
+                  "teachers": ",".join(t.name for t in level_cfg.teachers)}
+        with tracking.nested_run(info, name, params) if info else nullcontext(None) as level_info:
+            result = distill(level_cfg, level_info)
+            if i + 1 < len(levels):  # an assistant: label it into the store for the next level
+                label(levels[i + 1][1], progress=progress)
+        seconds += result["seconds"]
+        chain.append({"name": name, "student": result["student"], "val_accuracy": result["metrics"]["val_accuracy"]})
+    return {**result, "seconds": seconds, "chain": chain}
+
+
+def json_dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True)
+
+
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """All stages: prepare, fit, label, distill, evaluate; everything lands in one MLflow run."""
-    from ensemblekd.distill import distill
     from ensemblekd.evaluate import evaluate, format_table
     from ensemblekd.store import Store
 
@@ -42,9 +96,9 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         tracking.log_metrics({f"teacher_val_accuracy.{n}": t.get("val_accuracy") for n, t in store.m["teachers"].items()
                               if n in {t.name for t in cfg.teachers}})
         tracking.log_json(store.m, "store/manifest.json")
-        trained = distill(cfg, info)
+        trained = distill_stage(cfg, info, progress)
         tracking.log_metrics({"distill_seconds": trained["seconds"]})
-        report = evaluate(cfg, trained["student"])
+        report = evaluate(cfg, trained["student"], assistants=[c["name"] for c in trained["chain"][:-1]])
         log_report(report)
         tracking.log_student(cfg, trained["student"])
         table = format_table(report["rows"])

@@ -46,6 +46,17 @@ def mlflow_run(cfg: Config, stage: str) -> Iterator[dict[str, str]]:
         yield {"run_id": run.info.run_id, "tracking_uri": uri, "experiment_id": run.info.experiment_id}
 
 
+@contextmanager
+def nested_run(parent: dict[str, str], name: str, params: dict[str, Any]) -> Iterator[dict[str, str]]:
+    """A child run of the current run (one level of a TAKD chain); yields its id and URI."""
+    import mlflow
+
+    with mlflow.start_run(run_name=name, nested=True) as run:
+        mlflow.set_tag("ensemblekd.level", name)
+        mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
+        yield {**parent, "run_id": run.info.run_id}
+
+
 def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
     import mlflow
 
@@ -59,25 +70,23 @@ def log_json(obj: Any, name: str) -> None:
 
 
 def log_student(cfg: Config, student_uri: str) -> None:
-    """The student as an MLflow PyTorch model (plus its raw state dict)."""
+    """The student as an MLflow PyTorch model (signature, input example) plus its raw state dict."""
     import mlflow
     import torch
+    from mlflow.models import infer_signature
 
+    from ensemblekd import storage
+    from ensemblekd.data import read_split
     from ensemblekd.teachers import build_model, load_state
 
     model = load_state(build_model(cfg.student.model, cfg.student.kwargs), student_uri, "student")
-    from ensemblekd.data import read_split
-
     _, x, _ = read_split(cfg.data.val, cfg.data.features, None, cfg.data.id)
+    example = x[:4]
     with torch.no_grad():
-        example_out = model(torch.from_numpy(x[:4])).numpy()
-    from mlflow.models import infer_signature
-
-    mlflow.pytorch.log_model(model, name="student", signature=infer_signature(x[:4], example_out),
-                             input_example=x[:4], pip_requirements=["torch"])
+        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    mlflow.pytorch.log_model(model, name="student", signature=signature, input_example=example,
+                             pip_requirements=["torch"])
     with tempfile.TemporaryDirectory() as tmp:
-        from ensemblekd import storage
-
         path = os.path.join(tmp, "student.pt")
         with open(path, "wb") as f:
             f.write(storage.read_bytes(student_uri))

@@ -65,6 +65,7 @@ def test_mlflow_run_has_params_metrics_and_the_model(pipeline_run):
     assert len(steps) >= 8 * 8 and {s.key for s in steps} == {"loss"}         # per step
     for key in ("ce_loss", "kd_loss", "lr", "samples_per_s", "teacher_val_accuracy.mlp_a"):
         assert key in m
+    assert m["teacher_weight.mlp_a"] == pytest.approx(0.5) and m["teacher_weight.mlp_b"] == pytest.approx(0.5)
     artifacts = {a.path for a in client.list_artifacts(run_id)} | {
         a.path for d in ("store", "report") for a in client.list_artifacts(run_id, d)}
     assert {"config.yaml", "student.pt", "store/manifest.json", "report/report.json"} <= artifacts
