@@ -99,15 +99,20 @@ def _tensors(x, y, z):
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)), torch.from_numpy(z.astype(np.float32))
 
 
-def strategy_for(cfg: Config, store: Store):
-    """The configured strategy, given what rules may need from the store (validation accuracy)."""
+def strategy_for(cfg: Config, store: Store, ensemble: bool = False):
+    """The configured strategy, given what rules may need from the store (validation accuracy).
+
+    ensemble=True: all teachers at once with the configured weighting (the ensemble a sequential
+    or assistant run compresses, without its stages or levels), for evaluation.
+    """
     names = [t.name for t in cfg.teachers]
     val_accuracy = {n: store.teacher(n).get("val_accuracy") for n in names}
     needs_accuracy = cfg.distill.weighting == "accuracy" or cfg.distill.order != "config"
     if needs_accuracy and None in val_accuracy.values():
         raise UserError("distill: weighting 'accuracy' and order by accuracy need each teacher's validation accuracy, "
                         "and the val split has no labels; give data.val a label column or choose another rule")
-    return build_strategy(cfg.distill, names, val_accuracy, epochs=cfg.trainer.epochs)
+    distill_cfg = cfg.distill.model_copy(update={"strategy": "parallel"}) if ensemble else cfg.distill
+    return build_strategy(distill_cfg, names, val_accuracy, epochs=cfg.trainer.epochs)
 
 
 # -- DeepSpeed -----------------------------------------------------------------------------
@@ -175,7 +180,7 @@ def train_loop(config: dict[str, Any]) -> None:
     tracker = _RankZeroTracker(config.get("mlflow")) if rank == 0 else None
     if tracker and hasattr(strategy, "describe"):
         tracker.tag("ensemblekd.stages", strategy.describe())
-    bar = _progress(rank, steps_per_epoch * (tr.epochs - start_epoch))
+    bar = _progress(rank, steps_per_epoch * (tr.epochs - start_epoch)) if config.get("progress", True) else None
     val_rows = [s["rows"] for s in store.inputs("val")]
     for epoch in range(start_epoch, tr.epochs):
         engine.train()
@@ -302,7 +307,7 @@ class _RankZeroTracker:
 
 
 # -- the driver side -------------------------------------------------------------------------
-def distill(cfg: Config, mlflow_info: dict[str, str] | None = None) -> dict[str, Any]:
+def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the Ray Train job; returns the final metrics and the student's path."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -318,7 +323,7 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None) -> dict[str,
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "mlflow": mlflow_info},
+        train_loop_config={"cfg": cfg, "mlflow": mlflow_info, "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu,
                                                resources_per_worker={"CPU": tr.cpus_per_worker, **({"GPU": 1} if tr.use_gpu else {})}),
         run_config=ray.train.RunConfig(

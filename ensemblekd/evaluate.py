@@ -44,7 +44,7 @@ def evaluate(cfg: Config, student_uri: str, assistants: list[str] = ()) -> dict[
     d = cfg.data
     ids, x, y = read_split(d.test, d.features, d.label, d.id)
     per_teacher = [_stored_test_logits(store, name, ids) for name in names]
-    ensemble_probs, _ = strategy_for(cfg, store).targets(torch.from_numpy(np.stack(per_teacher, axis=1)), None, 1.0)
+    ensemble_probs, _ = strategy_for(cfg, store, ensemble=True).targets(torch.from_numpy(np.stack(per_teacher, axis=1)), None, 1.0)
     ensemble_pred = ensemble_probs.argmax(-1).numpy()
 
     def row(name, role, pred, params, size):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import nullcontext
 from typing import Any
@@ -62,25 +63,19 @@ def distill_stage(cfg: Config, info: dict[str, str] | None, progress: bool = Tru
     from ensemblekd.label import label
 
     if cfg.distill.strategy != "assistant" or not cfg.distill.assistants:
-        return {**distill(cfg, info), "chain": []}
+        return {**distill(cfg, info, progress), "chain": []}
     levels = level_configs(cfg)
     chain, seconds = [], 0.0
     for i, (name, level_cfg) in enumerate(levels):
-        params = {"level": i, "model": level_cfg.student.model, "kwargs": json_dumps(level_cfg.student.kwargs),
+        params = {"level": i, "model": level_cfg.student.model, "kwargs": json.dumps(level_cfg.student.kwargs, sort_keys=True),
                   "teachers": ",".join(t.name for t in level_cfg.teachers)}
         with tracking.nested_run(info, name, params) if info else nullcontext(None) as level_info:
-            result = distill(level_cfg, level_info)
+            result = distill(level_cfg, level_info, progress)
             if i + 1 < len(levels):  # an assistant: label it into the store for the next level
                 label(levels[i + 1][1], progress=progress)
         seconds += result["seconds"]
         chain.append({"name": name, "student": result["student"], "val_accuracy": result["metrics"]["val_accuracy"]})
     return {**result, "seconds": seconds, "chain": chain}
-
-
-def json_dumps(obj: Any) -> str:
-    import json
-
-    return json.dumps(obj, sort_keys=True)
 
 
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
@@ -102,9 +97,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
         log_report(report)
         tracking.log_student(cfg, trained["student"])
         table = format_table(report["rows"])
-        import mlflow
-
-        mlflow.log_text(table + "\n", "report/table.txt")
+        tracking.log_text(table + "\n", "report/table.txt")
         seconds = time.perf_counter() - start
         tracking.log_metrics({"pipeline_seconds": seconds})
     return {"table": table, "report": report, "run_id": info["run_id"], "tracking_uri": info["tracking_uri"],

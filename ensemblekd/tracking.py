@@ -63,10 +63,14 @@ def log_metrics(metrics: dict[str, Any], step: int | None = None) -> None:
     mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None}, step=step)
 
 
-def log_json(obj: Any, name: str) -> None:
+def log_text(text: str, name: str) -> None:
     import mlflow
 
-    mlflow.log_text(json.dumps(obj, indent=1, sort_keys=True), name)
+    mlflow.log_text(text, name)
+
+
+def log_json(obj: Any, name: str) -> None:
+    log_text(json.dumps(obj, indent=1, sort_keys=True), name)
 
 
 def log_student(cfg: Config, student_uri: str) -> None:

@@ -115,3 +115,15 @@ def test_takd_chain_labels_its_assistant_and_nests_mlflow_runs(labelled, tmp_pat
     assert student_run.data.params["teachers"] == "mlp_a,mlp_b,ta"
     assert student_run.data.metrics["teacher_weight.ta"] == pytest.approx(0.5)
     mlflow.set_tracking_uri(None)
+
+
+def test_evaluation_ensemble_is_every_teacher_even_for_sequential(labelled):
+    from ensemblekd.distill import strategy_for
+    from ensemblekd.store import Store
+
+    cfg, _ = labelled
+    cfg = cfg.model_copy(deep=True)
+    cfg.distill.strategy = "sequential"
+    z = torch.randn(4, 2, 10)
+    p, w = strategy_for(cfg, Store.open(cfg.store.uri), ensemble=True).targets(z, None, 1.0)
+    assert torch.allclose(w, torch.full((4, 2), 0.5))   # both teachers, not stage 0's one
