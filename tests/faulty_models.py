@@ -1,6 +1,5 @@
 """Test-only teachers that misbehave (imported by Ray actors through PYTHONPATH)."""
 
-import torch
 from torch import nn
 
 from ensemblekd.models import mlp
