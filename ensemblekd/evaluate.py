@@ -15,22 +15,14 @@ from ensemblekd import storage
 from ensemblekd.config import Config
 from ensemblekd.data import read_split
 from ensemblekd.distill import strategy_for
-from ensemblekd.errors import UserError
 from ensemblekd.models import count_parameters
 from ensemblekd.store import Store
 from ensemblekd.teachers import build_model, load_state, predict
 
 
-def _accuracy(pred: np.ndarray, y: np.ndarray) -> float | None:
+def accuracy(pred: np.ndarray, y: np.ndarray) -> float | None:
     keep = y >= 0
     return float((pred[keep] == y[keep]).mean()) if keep.any() else None
-
-
-def _stored_test_logits(store: Store, name: str, ids: np.ndarray) -> np.ndarray:
-    parts = [store.read("test", name, i) for i in range(len(store.inputs("test")))]
-    if not np.array_equal(np.concatenate([p[0] for p in parts]), ids):
-        raise UserError(f"{store.uri}: test logits of '{name}' are not aligned with data.test; re-run label")
-    return np.concatenate([p[1] for p in parts]).astype(np.float32)
 
 
 def evaluate(cfg: Config, student_uri: str, assistants: list[str] = ()) -> dict[str, Any]:
@@ -43,12 +35,12 @@ def evaluate(cfg: Config, student_uri: str, assistants: list[str] = ()) -> dict[
     store.check_complete("test", [*names, *assistants])
     d = cfg.data
     ids, x, y = read_split(d.test, d.features, d.label, d.id)
-    per_teacher = [_stored_test_logits(store, name, ids) for name in names]
+    per_teacher = [store.read_split("test", name, ids) for name in names]
     ensemble_probs, _ = strategy_for(cfg, store, ensemble=True).targets(torch.from_numpy(np.stack(per_teacher, axis=1)), None, 1.0)
     ensemble_pred = ensemble_probs.argmax(-1).numpy()
 
     def row(name, role, pred, params, size):
-        return {"model": name, "role": role, "accuracy": _accuracy(pred, y),
+        return {"model": name, "role": role, "accuracy": accuracy(pred, y),
                 "fidelity": float((pred == ensemble_pred).mean()), "params": params, "bytes": size}
 
     rows = [row(t.name, "teacher", logits.argmax(1), count_parameters(build_model(t.model, t.kwargs)),
@@ -59,7 +51,7 @@ def evaluate(cfg: Config, student_uri: str, assistants: list[str] = ()) -> dict[
         by_name = {t.name: t for _, level in level_configs(cfg) for t in level.teachers}
         for name in assistants:
             t = by_name[name]
-            rows.append(row(name, "assistant", _stored_test_logits(store, name, ids).argmax(1),
+            rows.append(row(name, "assistant", store.read_split("test", name, ids).argmax(1),
                             count_parameters(build_model(t.model, t.kwargs)), storage.file_size(t.checkpoint)))
     student = load_state(build_model(cfg.student.model, cfg.student.kwargs, "student.model"), student_uri, "student")
     rows.append(row("student", "student", predict(student, x).argmax(1), count_parameters(student),

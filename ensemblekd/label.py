@@ -73,20 +73,16 @@ def plan(cfg: Config, store: Store, splits=SPLITS) -> list[tuple[str, str, int]]
     return [(split, t.name, i) for t in cfg.teachers for split in splits for i in store.missing(split, t.name)]
 
 
-def teacher_accuracy(store: Store, split: str, teacher: str, labels: np.ndarray) -> float | None:
-    logits = np.concatenate([store.read(split, teacher, i)[1] for i in range(len(store.inputs(split)))])
-    keep = labels >= 0
-    return float((logits[keep].argmax(1) == labels[keep]).mean()) if keep.any() else None
-
-
 def record_val_accuracy(cfg: Config, store: Store) -> None:
     from ensemblekd.data import read_split
 
     if not cfg.data.label:
         return
-    _, _, y = read_split(cfg.data.val, cfg.data.features, cfg.data.label, cfg.data.id)
+    from ensemblekd.evaluate import accuracy
+
+    ids, _, y = read_split(cfg.data.val, cfg.data.features, cfg.data.label, cfg.data.id)
     for t in cfg.teachers:
-        store.m["teachers"][t.name]["val_accuracy"] = teacher_accuracy(store, "val", t.name, y)
+        store.m["teachers"][t.name]["val_accuracy"] = accuracy(store.read_split("val", t.name, ids).argmax(1), y)
 
 
 def label(cfg: Config, splits=SPLITS, progress: bool = True) -> dict[str, Any]:

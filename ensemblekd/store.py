@@ -168,6 +168,13 @@ class Store:
             raise UserError(f"{uri}: checksum mismatch (the shard is corrupt); run 'ensemblekd label CONFIG --repair'")
         return decode_shard(data)
 
+    def read_split(self, split: str, teacher: str, ids: np.ndarray) -> np.ndarray:
+        """A teacher's float32 logits for a whole (small) split, checked against the input ids."""
+        parts = [self.read(split, teacher, i) for i in range(len(self.inputs(split)))]
+        if not np.array_equal(np.concatenate([p[0] for p in parts]), ids):
+            raise UserError(f"{self.uri}: {split} logits of '{teacher}' are not aligned with the data; re-run label")
+        return np.concatenate([p[1] for p in parts]).astype(np.float32)
+
     def verify(self) -> list[tuple[str, str, int, bool, str]]:
         """(split, teacher, index, ok, reason) for every listed shard."""
         out = []
