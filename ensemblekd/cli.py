@@ -25,7 +25,8 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     with_config("run", "all stages: prepare, fit, label, distill, evaluate")
-    with_config("label", "fit teachers if asked, then write their logits into the store")
+    lab = with_config("label", "fit teachers if asked, then write their logits into the store")
+    lab.add_argument("--repair", action="store_true", help="verify every committed shard first; relabel corrupt ones")
     with_config("distill", "train the student from the store")
     ev = with_config("evaluate", "teachers, ensemble and student on the test split")
     ev.add_argument("--student", help="student state dict (default: trainer.output_dir/student.pt)")
@@ -67,7 +68,9 @@ def cmd_label(args) -> int:
 
     cfg = _load(args, check=False)
     with ray_session():
-        result = label_stage(cfg, progress=not args.no_progress)
+        result = label_stage(cfg, progress=not args.no_progress, repair=args.repair)
+    for shard in result["repaired"]:
+        print(f"repaired {shard}")
     print(f"labelled {result['shards']} shard(s), {result['rows']:,} rows in {result['seconds']:.1f} s into {cfg.store.uri}")
     return 0
 

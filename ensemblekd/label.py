@@ -85,12 +85,17 @@ def record_val_accuracy(cfg: Config, store: Store) -> None:
         store.m["teachers"][t.name]["val_accuracy"] = accuracy(store.read_split("val", t.name, ids).argmax(1), y)
 
 
-def label(cfg: Config, splits=SPLITS, progress: bool = True) -> dict[str, Any]:
-    """Label every missing shard; returns counts. Saves the manifest as shards commit."""
+def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = False) -> dict[str, Any]:
+    """Label every missing shard; returns counts. Saves the manifest as shards commit.
+
+    repair=True first verifies every committed shard and relabels the ones that fail.
+    """
     store = Store.open(cfg.store.uri, create=True)
+    repaired = store.forget_corrupt() if repair else []
     todo = plan(cfg, store, splits)
     store.save()
     result = run_pools(cfg, store, todo, progress) if todo else {"shards": 0, "rows": 0, "seconds": 0.0}
+    result["repaired"] = [f"{split}/{teacher}/shard {index} ({why})" for split, teacher, index, why in repaired]
     teachers = store.m["teachers"]
     if "val" in splits and (todo or any(teachers[t.name].get("val_accuracy") is None for t in cfg.teachers)):
         record_val_accuracy(cfg, store)

@@ -22,11 +22,11 @@ def prepare_and_fit(cfg: Config, progress: bool = True) -> list[dict[str, Any]]:
     return fit_teachers(cfg, progress)
 
 
-def label_stage(cfg: Config, progress: bool = True) -> dict[str, Any]:
+def label_stage(cfg: Config, progress: bool = True, repair: bool = False) -> dict[str, Any]:
     from ensemblekd.label import label
 
     fitted = prepare_and_fit(cfg, progress)
-    result = label(cfg, progress=progress)
+    result = label(cfg, progress=progress, repair=repair)
     return {"fitted": fitted, **result}
 
 
@@ -87,7 +87,7 @@ def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     with ray_session(), tracking.mlflow_run(cfg, "run") as info:
         labelled = label_stage(cfg, progress)
         store = Store.open(cfg.store.uri)
-        tracking.log_metrics({f"label_{k}": v for k, v in labelled.items() if k != "fitted"})
+        tracking.log_metrics({f"label_{k}": labelled[k] for k in ("shards", "rows", "seconds")})
         tracking.log_metrics({f"teacher_val_accuracy.{n}": t.get("val_accuracy") for n, t in store.m["teachers"].items()
                               if n in {t.name for t in cfg.teachers}})
         tracking.log_json(store.m, "store/manifest.json")

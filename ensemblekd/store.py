@@ -151,6 +151,14 @@ class Store:
         elif self.m["dtype"] != dtype:
             raise UserError(f"store.dtype is {dtype} but the store at {self.uri} holds {self.m['dtype']}; keep the dtype or use a new store.uri")
 
+    def forget_corrupt(self) -> list[tuple[str, str, int, str]]:
+        """Drop every listed shard that fails verification (missing, wrong size, wrong checksum)
+        from the manifest, so the next label run rewrites just those; returns what was dropped."""
+        bad = [(split, teacher, index, why) for split, teacher, index, ok, why in self.verify() if not ok]
+        for split, teacher, index, _ in bad:
+            del self.m["shards"][split][teacher][str(index)]
+        return bad
+
     def commit(self, split: str, teacher: str, index: int, entry: dict[str, Any]) -> None:
         self.set_format(entry.pop("num_classes"), entry.pop("dtype"), teacher)
         entry["path"] = "/".join([split, teacher, shard_name(index)])

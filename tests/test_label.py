@@ -95,3 +95,24 @@ def test_checkpoint_that_does_not_match_the_model(tmp_path, digits_dir, ray_loca
     del cfg["teachers"][0]["fit"]
     with pytest.raises(UserError, match="does not match the model"):
         label(load_config(write_config(tmp_path, cfg)), progress=False)
+
+
+def test_repair_rewrites_just_the_corrupt_shard(tmp_path, digits_dir, ray_local):
+    cfg = load_config(write_config(tmp_path, tiny_config(tmp_path, digits_dir)))
+    label_stage(cfg, progress=False)
+    store = Store.open(cfg.store.uri)
+    corrupt = store.shard_uri("val", "mlp_b", 1)
+    raw = bytearray(open(corrupt, "rb").read())
+    raw[100] ^= 0xFF
+    open(corrupt, "wb").write(bytes(raw))
+    with pytest.raises(UserError, match="checksum mismatch.*--repair"):
+        store.read("val", "mlp_b", 1)
+    before = _mtimes(tmp_path / "store")
+
+    plain = label(cfg, progress=False)           # a plain re-run trusts the manifest: nothing to do
+    assert plain["shards"] == 0 and plain["repaired"] == []
+    repaired = label(cfg, progress=False, repair=True)
+    assert repaired["shards"] == 1 and repaired["repaired"] == ["val/mlp_b/shard 1 (checksum mismatch)"]
+    after = _mtimes(tmp_path / "store")
+    assert {p for p in after if after[p] != before[p]} == {corrupt}
+    assert all(ok for *_, ok, _ in Store.open(cfg.store.uri).verify())

@@ -110,3 +110,16 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_demo_config_validates_through_the_cli(tmp_path):
     proc = cli("validate", REPO / "configs" / "digits.yaml", cwd=REPO, timeout=120)
     assert proc.returncode == 0 and "ok (3 teachers" in proc.stdout
+
+
+def test_inspect_names_a_corrupt_shard(pipeline_run, tmp_path):
+    import shutil
+
+    tmp, _, _ = pipeline_run
+    store = tmp_path / "store"
+    shutil.copytree(tmp / "store", store)
+    shard = store / "train" / "mlp_a" / "part-00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:-10])                       # truncated
+    proc = cli("inspect", store, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert "CORRUPT train/mlp_a/shard 2:" in proc.stdout and ", 1 bad" in proc.stdout
