@@ -312,11 +312,12 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bo
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ensemblekd.ray_session import ensure_ray
+    from ensemblekd.ray_session import ensure_ray, require
 
     preflight(cfg)
     ensure_ray(cfg.ray)
     tr = cfg.trainer
+    require("trainer.cpus_per_worker/use_gpu", tr.cpus_per_worker, 1.0 if tr.use_gpu else 0.0)
     # Ray Train's controller consumes reports once per health check (default 2 s): with a short
     # epoch that, not training, would set the pace. RAY_TRAIN_* variables reach the workers.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")

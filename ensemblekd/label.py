@@ -22,7 +22,7 @@ from ensemblekd import storage
 from ensemblekd.config import Config
 from ensemblekd.data import input_shards, read_shard
 from ensemblekd.errors import UserError
-from ensemblekd.ray_session import ensure_ray
+from ensemblekd.ray_session import ensure_ray, require
 from ensemblekd.store import Store, encode_shard
 from ensemblekd.teachers import fingerprint, load_teacher, predict, spec_of, unwrap
 
@@ -112,6 +112,9 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
     queues: dict[str, deque] = {}
     for split, name, i in todo:
         queues.setdefault(name, deque()).append((split, i))
+    for t in cfg.teachers:
+        if t.name in queues:
+            require(f"teacher '{t.name}' (num_cpus/num_gpus)", t.num_cpus, t.num_gpus)
     actor_cls = ray.remote(TeacherWorker)
     actors: dict[str, list] = {}
     for ti, t in enumerate(cfg.teachers):

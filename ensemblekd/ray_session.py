@@ -34,3 +34,18 @@ def ray_session() -> Iterator[None]:
     finally:
         if not connected_before and ray.is_initialized():
             ray.shutdown()
+
+
+def require(what: str, cpus: float, gpus: float = 0.0) -> None:
+    """Refuse, with the key to change, a request no alive node can ever satisfy (Ray would
+    otherwise wait for it forever). Resources other work holds for a while are not counted."""
+    import ray
+
+    from ensemblekd.errors import UserError
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        return
+    biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    raise UserError(f"{what}: asks for {cpus:g} CPU and {gpus:g} GPU per process, but the largest Ray node has "
+                    f"{biggest.get('CPU', 0):g} CPU and {biggest.get('GPU', 0):g} GPU; lower it or add such a node")

@@ -132,12 +132,14 @@ def fit_teachers(cfg: Config, progress: bool = True) -> list[dict[str, Any]]:
     import ray
     from tqdm import tqdm
 
-    from ensemblekd.ray_session import ensure_ray
+    from ensemblekd.ray_session import ensure_ray, require
 
     todo = [t for t in cfg.teachers if needs_fit(cfg, t)]
     if not todo:
         return []
     ensure_ray(cfg.ray)
+    for t in todo:
+        require(f"teacher '{t.name}' (num_cpus)", t.num_cpus)
     remote = ray.remote(fit_one)
     refs = {remote.options(num_cpus=t.num_cpus, num_gpus=0, max_retries=1).remote(cfg, t): t for t in todo}
     results = []

@@ -96,3 +96,11 @@ def test_distill_on_gpu_with_nccl(labelled, tmp_path):
     cfg.trainer.use_gpu, cfg.trainer.num_workers, cfg.trainer.epochs = True, 1, 2
     cfg.trainer.output_dir = str(tmp_path / "out")
     assert distill(cfg)["metrics"]["val_accuracy"] > 0.5
+
+
+def test_trainer_resources_no_node_has_are_refused(labelled, tmp_path):
+    cfg, _ = labelled
+    cfg = cfg.model_copy(deep=True)
+    cfg.trainer.cpus_per_worker = 64
+    with pytest.raises(UserError, match="trainer.cpus_per_worker/use_gpu: asks for 64 CPU"):
+        distill(cfg)

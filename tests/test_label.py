@@ -116,3 +116,13 @@ def test_repair_rewrites_just_the_corrupt_shard(tmp_path, digits_dir, ray_local)
     after = _mtimes(tmp_path / "store")
     assert {p for p in after if after[p] != before[p]} == {corrupt}
     assert all(ok for *_, ok, _ in Store.open(cfg.store.uri).verify())
+
+
+def test_resources_no_node_has_are_refused_instead_of_hanging(tmp_path, digits_dir, ray_local):
+    cfg = tiny_config(tmp_path, digits_dir)
+    cfg["teachers"][1]["num_gpus"] = 1                 # no GPU on this machine's Ray
+    loaded = load_config(write_config(tmp_path, cfg))
+    label_stage(loaded.model_copy(update={"teachers": loaded.teachers[:1]}), progress=False)
+    with pytest.raises(UserError, match=r"teacher 'mlp_b' \(num_cpus/num_gpus\): asks for 0.5 CPU and 1 GPU"):
+        label_stage(loaded, progress=False)
+    assert Store.open(loaded.store.uri).missing("train", "mlp_a") == []   # nothing already written is lost
