@@ -10,7 +10,11 @@ from typing import Any, Iterator
 
 
 def ensure_ray(ray_cfg) -> None:
-    """Join ray.address (or RAY_ADDRESS), or start a local Ray with ray.num_cpus, unless connected."""
+    """Join ray.address (or RAY_ADDRESS), or start a local Ray with ray.num_cpus, unless connected.
+
+    With neither set, address "local" forces a fresh local Ray: a bare ray.init() would join
+    whatever cluster `ray start` last started on this machine.
+    """
     import ray
 
     if ray.is_initialized():
@@ -19,7 +23,7 @@ def ensure_ray(ray_cfg) -> None:
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING,
                               "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if address is None:
-        kwargs["num_cpus"] = ray_cfg.num_cpus
+        kwargs.update(address="local", num_cpus=ray_cfg.num_cpus)
     ray.init(**kwargs)
 
 

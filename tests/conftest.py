@@ -59,7 +59,7 @@ def ray_local():
     import ray
 
     tests_dir = str(Path(__file__).resolve().parent)  # so actors can import test-only models
-    ray.init(num_cpus=2, logging_level=logging.ERROR, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, logging_level=logging.ERROR, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": tests_dir}})
     yield
     ray.shutdown()
