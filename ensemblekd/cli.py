@@ -119,8 +119,10 @@ def cmd_validate(args) -> int:
 
 def cmd_inspect(args) -> int:
     from ensemblekd.evaluate import _human
+    from ensemblekd.storage import check_reachable
     from ensemblekd.store import Store
 
+    check_reachable(args.store, "STORE_URI")  # endpoint and credentials from AWS_* variables
     store = Store.open(args.store)
     m = store.m
     print(f"store {store.uri}: schema v{m['schema_version']}, {m['num_classes']} classes, {m['dtype']}")

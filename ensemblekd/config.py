@@ -14,10 +14,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 
 from ensemblekd.errors import UserError
-from ensemblekd.storage import exists, resolve_uri
+from ensemblekd.storage import (
+    check_reachable,
+    configure_for,
+    exists,
+    is_remote,
+    resolve_uri,
+)
 from ensemblekd.weighting import STRATEGIES, WEIGHTINGS
 
 
@@ -60,6 +73,27 @@ class TeacherConfig(_Section):
 class StoreConfig(_Section):
     uri: str
     dtype: Literal["float16", "float32"] = "float16"
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the store's protocol, e.g. {endpoint_url: ...}"
+    )
+
+    @model_validator(mode="after")
+    def _options_need_a_protocol(self) -> StoreConfig:
+        if self.storage_options and not is_remote(self.uri):
+            raise ValueError("store.storage_options: only used with an object-store store.uri (s3://, gs://, ...); "
+                             "remove it or give store.uri a protocol")
+        return self
+
+    @field_serializer("storage_options")
+    def _redacted(self, options: dict[str, Any]) -> dict[str, Any]:
+        """Dumps (MLflow params, config.yaml) never carry credentials (key, secret, token, ...)."""
+        return _redact(options)
+
+
+def _redact(options: dict[str, Any]) -> dict[str, Any]:
+    secret = ("key", "secret", "token", "password", "credential")
+    return {k: _redact(v) if isinstance(v, dict) else "***" if any(w in str(k).lower() for w in secret) else v
+            for k, v in options.items()}
 
 
 class StudentConfig(_Section):
@@ -108,6 +142,8 @@ class TrainerConfig(_Section):
     weight_decay: float = Field(default=0.0, ge=0)
     zero_stage: int = Field(default=0, ge=0, le=3)
     seed: int = 0
+    max_failures: int = Field(default=2, ge=-1, description="worker failures survived by resuming from the "
+                              "last epoch's checkpoint (Ray Train FailureConfig); -1: no limit")
     output_dir: str = "runs/ensemblekd"
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="merged over the generated DeepSpeed config"
@@ -258,7 +294,9 @@ def _absolute_paths(cfg: Config) -> None:
 
 
 def check_inputs(cfg: Config, check_data: bool = True) -> None:
-    """The checks that touch the outside world: import paths and files that must exist."""
+    """The checks that touch the outside world: import paths, files that must exist, the store's
+    object store (endpoint, credentials, bucket)."""
+    check_reachable(cfg.store.uri, "store.uri")
     for i, t in enumerate(cfg.teachers):
         import_callable(t.model, f"teachers.{i}.model")
         if t.fit is None and not exists(cfg.teacher_checkpoint(t)):
@@ -289,6 +327,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None, che
     except ValidationError as exc:
         raise UserError(f"{path}: {_format_error(exc)}") from None
     _absolute_paths(cfg)
+    configure_for(cfg)
     if check:
         check_inputs(cfg)
     return cfg

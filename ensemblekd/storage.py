@@ -2,21 +2,69 @@
 
 Local paths stay plain paths (absolute, so Ray workers with another cwd see the same file);
 anything with a protocol (memory://, s3://, gs://, ...) goes through fsspec.
+
+Object stores get their options (endpoint, credentials) from `store.storage_options` through
+fsspec's per-protocol config (`configure_for`, run in every process that touches the store), or
+from the usual environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import uuid
+from typing import Any
 
 import fsspec
+import fsspec.config
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from ensemblekd.errors import UserError
+
+# What fsspec read from its config files and FSSPEC_* variables; configure() starts from it.
+_BASE_CONF = copy.deepcopy(fsspec.config.conf)
 
 
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
+
+
+def is_object_store(uri: str) -> bool:
+    """s3://, gs://, ...: no directories, no rename, but a single PUT appears whole."""
+    return is_remote(uri) and not uri.startswith("memory://")
+
+
+def configure(protocol: str, options: dict[str, Any]) -> None:
+    """Every fsspec filesystem of `protocol` made in this process from now on gets `options`
+    (fsspec applies its config when it makes a filesystem and caches filesystems by it)."""
+    fsspec.config.conf[protocol] = {**_BASE_CONF.get(protocol, {}), **options}
+
+
+def configure_for(cfg) -> None:
+    """store.storage_options for the store's protocol. Run it in every process that touches the
+    store: the driver (load_config), the label actors and the Ray Train workers."""
+    if is_remote(cfg.store.uri):
+        configure(fsspec.core.split_protocol(cfg.store.uri)[0], cfg.store.storage_options)
+
+
+def check_reachable(uri: str, key: str) -> None:
+    """An object-store URI: its endpoint answers, the credentials work and its bucket exists;
+    otherwise a one-line UserError naming `key`. Anything else: nothing to check."""
+    if not is_object_store(uri):
+        return
+    fs, path = filesystem(uri)
+    bucket = path.split("/", 1)[0]
+    try:
+        if fs.exists(path) or fs.exists(bucket):  # a key's exists raises when the store is unusable
+            return
+    except Exception as exc:  # noqa: BLE001 (botocore, aiohttp, PermissionError: whatever the backend raises)
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{key}: cannot use the object store for '{uri}' ({why}); check the endpoint and "
+                        "credentials: store.storage_options (endpoint_url, ...) or AWS_ENDPOINT_URL, "
+                        "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY") from None
+    raise UserError(f"{key}: bucket '{bucket}' of '{uri}' does not exist; create it or fix {key}")
 
 
 def resolve_uri(uri: str) -> str:
@@ -27,6 +75,10 @@ def resolve_uri(uri: str) -> str:
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(uri)
+    if is_remote(uri):
+        # fsspec caches listings (and the sizes and ETags in them) per process; another process
+        # (a label actor, the driver saving the manifest) may have written here since.
+        fs.invalidate_cache(path)
     return fs, path
 
 
@@ -40,24 +92,26 @@ def exists(uri: str) -> bool:
 
 
 def read_bytes(uri: str) -> bytes:
+    """The whole object in one read (on object stores one GET: a consistent copy even while
+    another process replaces it)."""
     fs, path = filesystem(uri)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    return fs.cat_file(path)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Make `uri` appear whole or not at all.
 
     Local and other rename-capable filesystems: write a temporary sibling, then rename over.
-    Object stores (no rename): a single PUT is already atomic, the object appears whole.
+    Object stores (no rename): a single PUT is already atomic, the object appears whole; no
+    "directories" are made first (s3fs would create a missing bucket, silently, for a typo).
     """
     fs, path = filesystem(uri)
+    if is_object_store(uri):
+        fs.pipe_file(path, data)
+        return
     parent = os.path.dirname(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if is_remote(uri) and not uri.startswith("memory://"):
-        fs.pipe_file(path, data)
-        return
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     with fs.open(tmp, "wb") as f:
         f.write(data)
@@ -65,6 +119,41 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         fs.mv(tmp, path)
     else:
         os.replace(tmp, path)
+
+
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Create `uri` with `data` only if it does not exist; False if it already does.
+
+    Local: write a temporary file, then hard-link it into place (link fails if the target
+    exists), so the file appears whole. Object stores: a conditional PUT (If-None-Match: *)
+    through fsspec's pipe_file(mode="create"), which S3 and its compatible servers honour.
+    """
+    fs, path = filesystem(uri)
+    parent = os.path.dirname(path)
+    if parent and not is_object_store(uri):
+        fs.makedirs(parent, exist_ok=True)
+    try:
+        if is_remote(uri):
+            fs.pipe_file(path, data, mode="create")
+        else:
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            try:
+                os.link(tmp, path)
+            finally:
+                os.remove(tmp)
+    except FileExistsError:
+        return False
+    return True
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
@@ -93,3 +182,13 @@ def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
 def file_size(uri: str) -> int:
     fs, path = filesystem(uri)
     return int(fs.size(path))
+
+
+def file_sizes(dir_uri: str) -> dict[str, int]:
+    """{file name: bytes} of a directory's files, in one listing (one request on object stores)."""
+    fs, path = filesystem(dir_uri)
+    try:
+        entries = fs.ls(path, detail=True, refresh=True) if is_remote(dir_uri) else fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {os.path.basename(e["name"].rstrip("/")): int(e["size"]) for e in entries if e.get("type") == "file"}

@@ -95,6 +95,7 @@ def fit_one(cfg: Config, t: TeacherConfig, num_threads: int = 1) -> dict[str, An
     """Train one teacher on the labelled train rows (Adam, cross-entropy); save its checkpoint."""
     from ensemblekd.data import read_split
 
+    storage.configure_for(cfg)
     torch.set_num_threads(num_threads)
     torch.manual_seed(t.fit.seed)
     start = time.perf_counter()
