@@ -5,7 +5,9 @@ shard by shard and zipped row for row by id), mixes the teachers' targets with t
 strategy, and trains with the Hinton loss (losses.kd_loss). Every epoch it validates, saves a
 DeepSpeed checkpoint and reports it to Ray Train; the last report also carries the student's
 full fp32 state dict as `student.pt`, which the driver copies to trainer.output_dir.
-MLflow is written by rank 0 only, into the run the driver opened.
+A worker that dies is replaced (trainer.max_failures) and training resumes from the last
+reported checkpoint. Workers never write MLflow: each report reaches the driver's run through
+a Ray Train callback on the driver's node (MlflowLogger).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import math
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
+from ray.train import UserCallback
 
 from ensemblekd import storage
 from ensemblekd.config import Config
@@ -144,6 +148,7 @@ def train_loop(config: dict[str, Any]) -> None:
     from ensemblekd.teachers import build_model
 
     cfg: Config = config["cfg"]
+    storage.configure_for(cfg)
     tr, dc = cfg.trainer, cfg.distill
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -177,9 +182,6 @@ def train_loop(config: dict[str, Any]) -> None:
             _, state = engine.load_checkpoint(os.path.join(d, "deepspeed"))
             start_epoch = int(state["epoch"]) + 1
 
-    tracker = _RankZeroTracker(config.get("mlflow")) if rank == 0 else None
-    if tracker and hasattr(strategy, "describe"):
-        tracker.tag("ensemblekd.stages", strategy.describe())
     bar = _progress(rank, steps_per_epoch * (tr.epochs - start_epoch)) if config.get("progress", True) else None
     val_rows = [s["rows"] for s in store.inputs("val")]
     for epoch in range(start_epoch, tr.epochs):
@@ -187,6 +189,7 @@ def train_loop(config: dict[str, Any]) -> None:
         rng = np.random.default_rng([tr.seed, epoch, rank])
         segments = worker_segments(shard_rows, world, rank, tr.seed, epoch)
         sums = torch.zeros(4 + len(names), dtype=torch.float64)  # loss, ce, kd, rows, weight per teacher
+        steps: dict[str, list[float]] = {k: [] for k in STEP_METRICS}  # rank 0's per-step curve, sent with the report
         t0 = time.perf_counter()
         for step, (x, y, z) in enumerate(iter_batches(cfg, store, "train", names, segments, micro, rng)):
             x, y, z = x.to(device), y.to(device), z.to(device)
@@ -198,10 +201,11 @@ def train_loop(config: dict[str, Any]) -> None:
             n = len(y)
             sums += torch.cat([torch.tensor([out.loss.item() * n, out.ce.item() * n, out.kd.item() * n, n]),
                                weights.sum(0).detach().cpu()]).double()
-            if tracker:
-                global_step = epoch * steps_per_epoch + step
-                tracker.add(global_step, loss=out.loss.item(), ce_loss=out.ce.item(), kd_loss=out.kd.item(),
-                            lr=engine.get_lr()[0], samples_per_s=n * world / max(time.perf_counter() - tic, 1e-9))
+            if rank == 0:
+                for key, value in zip(STEP_METRICS, (epoch * steps_per_epoch + step, out.loss.item(), out.ce.item(),
+                                                     out.kd.item(), engine.get_lr()[0],
+                                                     n * world / max(time.perf_counter() - tic, 1e-9))):
+                    steps[key].append(value)
             if bar:
                 bar.update(1)
         sums = all_reduce_sum(sums, device)
@@ -212,8 +216,10 @@ def train_loop(config: dict[str, Any]) -> None:
                    **{f"teacher_weight.{name}": sums[4 + k].item() / sums[3].item() for k, name in enumerate(names)}}
         if hasattr(strategy, "stage"):
             metrics["stage"] = strategy.stage(epoch)
-        if tracker:
-            tracker.add(epoch, **{k: v for k, v in metrics.items() if k != "epoch"}, flush=True)
+        if epoch == start_epoch and resume is not None:
+            metrics["resumed_from_epoch"] = start_epoch
+        if rank == 0:
+            metrics["steps"] = steps
         last = epoch == tr.epochs - 1
         state = full_state_dict(engine) if last else None  # collective under ZeRO-3: every rank joins
         with tempfile.TemporaryDirectory() as tmp:
@@ -278,32 +284,33 @@ def _progress(rank: int, total: int):
     return tqdm(total=total, desc="distill", unit="step")
 
 
-class _RankZeroTracker:
-    """Buffers metrics and writes them to the driver's MLflow run in batches (rank 0 only)."""
+STEP_METRICS = ("step", "loss", "ce_loss", "kd_loss", "lr", "samples_per_s")
 
-    def __init__(self, mlflow_info: dict[str, str] | None):
-        self.info, self.buffer = mlflow_info, []
 
-    def tag(self, key: str, value: str) -> None:
-        if self.info:
-            from mlflow.tracking import MlflowClient
+class MlflowLogger(UserCallback):
+    """Logs each epoch's report into the driver's MLflow run, from Ray Train's controller.
 
-            MlflowClient(self.info["tracking_uri"]).set_tag(self.info["run_id"], key, value)
+    The controller runs on the driver's node, so tracking never depends on a worker's disk or
+    network, and it sees a report only once every worker has made it and its checkpoint is
+    persisted: an epoch re-run after a worker failure was never reported, so no epoch is logged
+    twice. Rank 0 sends its per-step curve along in the report ("steps").
+    """
 
-    def add(self, step: int, flush: bool = False, **metrics: float) -> None:
-        if not self.info:
-            return
+    def __init__(self, mlflow_info: dict[str, str]):
+        self.info = mlflow_info
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
 
-        now = int(time.time() * 1000)
-        self.buffer += [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
-        if flush or len(self.buffer) >= 500:
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(self.info["tracking_uri"])
-            for i in range(0, len(self.buffer), 1000):
-                client.log_batch(self.info["run_id"], metrics=self.buffer[i:i + 1000])
-            self.buffer = []
+        report = dict(metrics[0])
+        steps, epoch, now = report.pop("steps", {}), report.pop("epoch"), int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(epoch)) for k, v in report.items() if v is not None]
+        for i, step in enumerate(steps.get("step", [])):
+            batch += [Metric(k, float(steps[k][i]), now, int(step)) for k in STEP_METRICS[1:]]
+        client = MlflowClient(self.info["tracking_uri"])
+        for i in range(0, len(batch), 1000):
+            client.log_batch(self.info["run_id"], metrics=batch[i:i + 1000])
 
 
 # -- the driver side -------------------------------------------------------------------------
@@ -314,7 +321,11 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bo
 
     from ensemblekd.ray_session import ensure_ray, require
 
-    preflight(cfg)
+    strategy = preflight(cfg)
+    if mlflow_info and hasattr(strategy, "describe"):
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(mlflow_info["tracking_uri"]).set_tag(mlflow_info["run_id"], "ensemblekd.stages", strategy.describe())
     ensure_ray(cfg.ray)
     tr = cfg.trainer
     require("trainer.cpus_per_worker/use_gpu", tr.cpus_per_worker, 1.0 if tr.use_gpu else 0.0)
@@ -324,13 +335,15 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bo
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "mlflow": mlflow_info, "progress": progress},
+        train_loop_config={"cfg": cfg, "progress": progress},
         scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu,
                                                resources_per_worker={"CPU": tr.cpus_per_worker, **({"GPU": 1} if tr.use_gpu else {})}),
         run_config=ray.train.RunConfig(
             name=f"distill-{int(time.time())}",
             storage_path=storage.join(tr.output_dir, "ray_train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=tr.max_failures),
+            callbacks=[MlflowLogger(mlflow_info)] if mlflow_info else None,
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not tr.use_gpu else None,
         ),
@@ -348,18 +361,21 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bo
     student_uri = storage.join(tr.output_dir, STUDENT_FILE)
     with result.checkpoint.as_directory() as d:
         storage.write_bytes_atomic(student_uri, open(os.path.join(d, STUDENT_FILE), "rb").read())
-    return {"metrics": dict(result.metrics), "student": student_uri, "seconds": seconds}
+    metrics = {k: v for k, v in result.metrics.items() if k != "steps"}
+    return {"metrics": metrics, "student": student_uri, "seconds": seconds}
 
 
-def preflight(cfg: Config) -> None:
+def preflight(cfg: Config):
     """Everything distill can check in the driver, before any worker starts: the store is
-    complete for the configured teachers, and the student builds and fits the data and classes."""
+    complete for the configured teachers, and the student builds and fits the data and classes.
+    Returns the strategy."""
     from ensemblekd.teachers import build_model
 
     store = Store.open(cfg.store.uri)
     for split in ("train", "val"):
         store.check_complete(split, [t.name for t in cfg.teachers])
-    strategy_for(cfg, store)
+        store.check_sizes(split, [t.name for t in cfg.teachers])
+    strategy = strategy_for(cfg, store)
     model = build_model(cfg.student.model, cfg.student.kwargs, "student.model")
     shard = InputShard(**store.inputs("val")[0])
     _, x, _ = read_shard(shard, cfg.data.features, None, cfg.data.id)
@@ -370,3 +386,4 @@ def preflight(cfg: Config) -> None:
         raise UserError(f"student.model: fails on the data ({str(exc).splitlines()[0]}); check its kwargs") from None
     if out.shape[-1] != store.num_classes:
         raise UserError(f"student.model: outputs {out.shape[-1]} classes but the teachers have {store.num_classes}; fix student.kwargs")
+    return strategy

@@ -10,6 +10,7 @@ only what is missing. Actors restart on death and their in-flight shard is retri
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import deque
 from typing import Any
@@ -23,7 +24,7 @@ from ensemblekd.config import Config
 from ensemblekd.data import input_shards, read_shard
 from ensemblekd.errors import UserError
 from ensemblekd.ray_session import ensure_ray, require
-from ensemblekd.store import Store, encode_shard
+from ensemblekd.store import Store, StoreLock, encode_shard
 from ensemblekd.teachers import fingerprint, load_teacher, predict, spec_of, unwrap
 
 SPLITS = ("train", "val", "test")
@@ -34,6 +35,7 @@ class TeacherWorker:
     """Hosts one teacher; `label` turns one input shard into one committed-ready label shard."""
 
     def __init__(self, cfg: Config, teacher_index: int):
+        storage.configure_for(cfg)
         torch.set_num_threads(max(1, int(cfg.teachers[teacher_index].num_cpus)))
         self.cfg = cfg
         self.t = cfg.teachers[teacher_index]
@@ -89,17 +91,25 @@ def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = Fals
     """Label every missing shard; returns counts. Saves the manifest as shards commit.
 
     repair=True first verifies every committed shard and relabels the ones that fail.
+    One label run writes a store at a time (StoreLock); a second one waits, then finds the
+    shards the first committed and does only what is still missing.
     """
-    store = Store.open(cfg.store.uri, create=True)
-    repaired = store.forget_corrupt() if repair else []
-    todo = plan(cfg, store, splits)
-    store.save()
-    result = run_pools(cfg, store, todo, progress) if todo else {"shards": 0, "rows": 0, "seconds": 0.0}
-    result["repaired"] = [f"{split}/{teacher}/shard {index} ({why})" for split, teacher, index, why in repaired]
-    teachers = store.m["teachers"]
-    if "val" in splits and (todo or any(teachers[t.name].get("val_accuracy") is None for t in cfg.teachers)):
-        record_val_accuracy(cfg, store)
+    def waiting(holder: dict[str, Any]) -> None:
+        print(f"label: {cfg.store.uri} is being written by pid {holder['pid']} on {holder['host']}; "
+              "waiting for it to finish", file=sys.stderr, flush=True)
+
+    with StoreLock(cfg.store.uri).held(on_wait=waiting) as lock:
+        store = Store.open(cfg.store.uri, create=True)
+        store.lock = lock
+        repaired = store.forget_corrupt() if repair else []
+        todo = plan(cfg, store, splits)
         store.save()
+        result = run_pools(cfg, store, todo, progress) if todo else {"shards": 0, "rows": 0, "seconds": 0.0}
+        result["repaired"] = [f"{split}/{teacher}/shard {index} ({why})" for split, teacher, index, why in repaired]
+        teachers = store.m["teachers"]
+        if "val" in splits and (todo or any(teachers[t.name].get("val_accuracy") is None for t in cfg.teachers)):
+            record_val_accuracy(cfg, store)
+            store.save()
     return result
 
 

@@ -16,7 +16,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -27,6 +32,8 @@ from ensemblekd.errors import UserError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = "label.lock"
+LOCK_STALE_S = 120.0  # a holder on another host that has not refreshed its lock for this long is gone
 
 
 def shard_name(index: int) -> str:
@@ -61,6 +68,7 @@ class Store:
     def __init__(self, uri: str, manifest: dict[str, Any]):
         self.uri = uri
         self.m = manifest
+        self.lock: StoreLock | None = None  # held by the label run that writes this store
 
     # -- opening and saving -------------------------------------------------------------
     @classmethod
@@ -81,6 +89,8 @@ class Store:
                          "dtype": None, "inputs": {}, "teachers": {}, "shards": {}})
 
     def save(self) -> None:
+        if self.lock:
+            self.lock.refresh()
         self.m["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         storage.write_bytes_atomic(storage.join(self.uri, MANIFEST), json.dumps(self.m, indent=1, sort_keys=True).encode())
 
@@ -114,6 +124,18 @@ class Store:
             gaps = self.missing(split, t)
             if gaps:
                 raise UserError(f"{self.uri}: {len(gaps)} {split} shard(s) of teacher '{t}' are missing; re-run 'ensemblekd label CONFIG' to finish them")
+
+    def check_sizes(self, split: str, teachers: list[str]) -> None:
+        """Refuse a listed shard that is missing or has the wrong size: one listing per teacher, so
+        a truncated file is caught in the driver; a flipped byte is caught by the checksum on read."""
+        for t in teachers:
+            sizes = storage.file_sizes(storage.join(self.uri, split, t))
+            for key, entry in self.m["shards"].get(split, {}).get(t, {}).items():
+                size = sizes.get(shard_name(int(key)))
+                if size != entry["bytes"]:
+                    found = "missing" if size is None else f"{size} bytes, the manifest says {entry['bytes']}"
+                    raise UserError(f"{self.shard_uri(split, t, int(key))}: {found} (the shard is corrupt); "
+                                    "run 'ensemblekd label CONFIG --repair'")
 
     # -- changing the manifest (driver only) ---------------------------------------------
     def set_inputs(self, split: str, shards: list[dict[str, Any]]) -> None:
@@ -202,3 +224,75 @@ class Store:
                     else:
                         out.append((split, teacher, int(key), True, "ok"))
         return out
+
+
+class StoreLock:
+    """One writer per store: a label run holds STORE/label.lock while it writes.
+
+    The lock is created atomically (O_EXCL locally, a conditional PUT on object stores), names
+    its holder (host, pid) and is refreshed whenever the manifest is saved. A second run waits
+    for it; a lock whose holder is gone (a dead pid on this host, or no refresh for
+    LOCK_STALE_S) is taken over, so a killed run never blocks the store.
+    """
+
+    def __init__(self, store_uri: str):
+        self.uri = storage.join(store_uri, LOCK)
+        self.token = uuid.uuid4().hex
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.last_refresh = 0.0
+
+    def _content(self) -> bytes:
+        return json.dumps({"host": self.host, "pid": self.pid, "token": self.token, "heartbeat": time.time()}).encode()
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(storage.read_bytes(self.uri))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a half-written lock from a crash: treat it as stale
+            return {"host": "?", "pid": -1, "token": "?", "heartbeat": 0.0}
+
+    def _is_stale(self, holder: dict[str, Any]) -> bool:
+        if holder["host"] == self.host and holder["pid"] != self.pid:
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                return False
+        return time.time() - holder["heartbeat"] > LOCK_STALE_S
+
+    def acquire(self, on_wait=None, poll_s: float = 0.5) -> None:
+        """Block until this run holds the lock; on_wait(holder) is called once if it has to wait."""
+        waited = False
+        while not storage.create_exclusive(self.uri, self._content()):
+            holder = self._holder()
+            if holder is None:
+                continue  # released between our attempt and our look
+            if self._is_stale(holder):
+                if self._holder() == holder:  # still the same dead holder: take its place
+                    storage.remove(self.uri)
+                continue
+            if not waited and on_wait:
+                on_wait(holder)
+            waited = True
+            time.sleep(poll_s)
+        self.last_refresh = time.monotonic()
+
+    def refresh(self) -> None:
+        if time.monotonic() - self.last_refresh > 1.0:
+            storage.write_bytes_atomic(self.uri, self._content())
+            self.last_refresh = time.monotonic()
+
+    def release(self) -> None:
+        holder = self._holder()
+        if holder is not None and holder.get("token") == self.token:
+            storage.remove(self.uri)
+
+    @contextmanager
+    def held(self, on_wait=None) -> Iterator[StoreLock]:
+        self.acquire(on_wait)
+        try:
+            yield self
+        finally:
+            self.release()

@@ -9,7 +9,8 @@ Formulas: REFERENCES.md (shared) and the README.
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
