@@ -80,37 +80,67 @@ def distill_stage(cfg: Config, info: dict[str, str] | None, progress: bool = Tru
 
 def run(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """All stages: prepare, fit, label, distill, evaluate; everything lands in one MLflow run."""
-    from ensemblekd.evaluate import evaluate, format_table
+    from ensemblekd.evaluate import evaluate, format_report
     from ensemblekd.store import Store
 
     start = time.perf_counter()
-    with ray_session(), tracking.mlflow_run(cfg, "run") as info:
-        labelled = label_stage(cfg, progress)
-        store = Store.open(cfg.store.uri)
-        tracking.log_metrics({f"label_{k}": labelled[k] for k in ("shards", "rows", "seconds")})
-        tracking.log_metrics({f"teacher_val_accuracy.{n}": t.get("val_accuracy") for n, t in store.m["teachers"].items()
-                              if n in {t.name for t in cfg.teachers}})
-        tracking.log_json(store.m, "store/manifest.json")
-        trained = distill_stage(cfg, info, progress)
+    with tracking.mlflow_run(cfg, "run") as info:
+        with ray_session():  # a Ray started here is shut down before evaluate times the models
+            labelled = label_stage(cfg, progress)
+            store = Store.open(cfg.store.uri)
+            tracking.log_metrics({f"label_{k}": labelled[k] for k in ("shards", "rows", "seconds")})
+            tracking.log_metrics({f"teacher_val_accuracy.{n}": t.get("val_accuracy")
+                                  for n, t in store.m["teachers"].items() if n in {t.name for t in cfg.teachers}})
+            tracking.log_json(store.m, "store/manifest.json")
+            trained = distill_stage(cfg, info, progress)
         tracking.log_metrics({"distill_seconds": trained["seconds"]})
         report = evaluate(cfg, trained["student"], assistants=[c["name"] for c in trained["chain"][:-1]])
-        log_report(report)
+        log_report(cfg, report)
         tracking.log_student(cfg, trained["student"])
-        table = format_table(report["rows"])
-        tracking.log_text(table + "\n", "report/table.txt")
+        table = format_report(report)
         seconds = time.perf_counter() - start
         tracking.log_metrics({"pipeline_seconds": seconds})
     return {"table": table, "report": report, "run_id": info["run_id"], "tracking_uri": info["tracking_uri"],
             "student": trained["student"], "seconds": seconds, "store": cfg.store.uri}
 
 
-def log_report(report: dict[str, Any]) -> None:
-    """test_accuracy.<teacher|ensemble|student>, and the student's fidelity, parameters and bytes."""
+def log_report(cfg: Config, report: dict[str, Any]) -> None:
+    """The report as metrics, and as files under trainer.output_dir/report/ and the run's report/:
+    report.json, table.md, table.txt, bubble.png.
+
+    Metrics: test_accuracy.<model>, latency_p50_ms_b1.<model> (p50/p99, batch 1/64), the
+    student's fidelity, KL, ECE, parameters and bytes, and the summary (speedup_b1, speedup_b64,
+    size_reduction, param_reduction, student_accuracy_gap = ensemble - student test accuracy).
+    """
+    import os
+    import tempfile
+
+    import mlflow
+
+    from ensemblekd.evaluate import (
+        LATENCY_KEYS,
+        bubble_chart,
+        format_markdown,
+        format_report,
+    )
+
     metrics = {f"test_accuracy.{row['model']}": row["accuracy"] for row in report["rows"]}
+    metrics.update({f"latency_{key}.{row['model']}": row[key] for row in report["rows"] for key in LATENCY_KEYS})
     student = next(row for row in report["rows"] if row["role"] == "student")
-    metrics.update(student_fidelity=student["fidelity"], student_params=student["params"], student_bytes=student["bytes"])
+    metrics.update({f"student_{k}": student[k] for k in ("fidelity", "kl", "ece", "params", "bytes")})
+    s = report["summary"]
+    metrics.update(speedup_b1=s["speedup_b1"], speedup_b64=s["speedup_b64"], size_reduction=s["size_reduction"],
+                   param_reduction=s["param_reduction"], student_accuracy_gap=s["accuracy_gap"])
     tracking.log_metrics(metrics)
-    tracking.log_json(report, "report/report.json")
+    files = {"report.json": json.dumps(report, indent=1, sort_keys=True).encode(),
+             "table.md": format_markdown(report).encode(), "table.txt": (format_report(report) + "\n").encode(),
+             "bubble.png": bubble_chart(report)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+            storage.write_bytes_atomic(storage.join(cfg.trainer.output_dir, "report", name), data)
+        mlflow.log_artifacts(tmp, "report")
 
 
 def student_path(cfg: Config) -> str:
