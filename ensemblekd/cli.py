@@ -1,4 +1,4 @@
-"""The `ensemblekd` command line: run | label | distill | evaluate | validate | inspect | prepare.
+"""The `ensemblekd` command line: run | label | distill | evaluate | compare | export | validate | inspect | prepare.
 
 Exit 0 on success. Bad input exits 2 with one line on stderr naming the problem and the fix
 (`--debug` shows the traceback instead).
@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     with_config("distill", "train the student from the store")
     ev = with_config("evaluate", "teachers, ensemble and student on the test split")
     ev.add_argument("--student", help="student state dict (default: trainer.output_dir/student.pt)")
+    ev.add_argument("--warmup", type=int, default=20, help="untimed calls before timing each model (default 20)")
+    ev.add_argument("--repeats", type=int, default=200, help="timed calls per model and batch size (default 200; 0: no latency)")
     with_config("validate", "check a config without running anything")
 
     ins = sub.add_parser("inspect", help="teachers, splits, shards, rows, bytes of a store; verifies checksums")
@@ -40,6 +42,21 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("out", help="output directory (any fsspec URI)")
     pre.add_argument("--shard-rows", type=int, default=256, help="rows per Parquet shard (default 256)")
     pre.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    cmp = sub.add_parser("compare", help="one row per run of an MLflow experiment: settings, student quality and cost")
+    cmp.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment)")
+    cmp.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    cmp.add_argument("--sort", metavar="COLUMN", help="sort by this column (the names of --format csv)")
+    cmp.add_argument("--desc", action="store_true", help="sort in descending order")
+    cmp.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown", help="default markdown")
+    cmp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+    exp = sub.add_parser("export", help="register a run's student in the MLflow Model Registry, ready to serve")
+    exp.add_argument("run_id", nargs="?", metavar="RUN_ID", help="the MLflow run of `run` or `distill`")
+    exp.add_argument("--config", help="instead of RUN_ID: log this config's trainer.output_dir/student.pt in a new run")
+    exp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a key of --config (repeatable)")
+    exp.add_argument("--name", help="registered model name (default: <experiment>-student)")
+    exp.add_argument("--tracking-uri", help="default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here")
+    exp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return p
 
 
@@ -94,15 +111,15 @@ def cmd_distill(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from ensemblekd import tracking
-    from ensemblekd.evaluate import evaluate, format_table
+    from ensemblekd.evaluate import evaluate, format_report
     from ensemblekd.pipeline import log_report, student_path
 
     cfg = _load(args)
     with tracking.mlflow_run(cfg, "evaluate") as info:
         assistants = [a.name for a in cfg.distill.assistants] if cfg.distill.strategy == "assistant" else []
-        report = evaluate(cfg, args.student or student_path(cfg), assistants)
-        log_report(report)
-    print(format_table(report["rows"]))
+        report = evaluate(cfg, args.student or student_path(cfg), assistants, warmup=args.warmup, repeats=args.repeats)
+        log_report(cfg, report)
+    print(format_report(report))
     print(f"MLflow run: {info['run_id']}")
     return 0
 
@@ -118,9 +135,9 @@ def cmd_validate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from ensemblekd.evaluate import _human
     from ensemblekd.storage import check_reachable
     from ensemblekd.store import Store
+    from ensemblekd.tables import human_bytes
 
     check_reachable(args.store, "STORE_URI")  # endpoint and credentials from AWS_* variables
     store = Store.open(args.store)
@@ -137,7 +154,7 @@ def cmd_inspect(args) -> int:
             entries = m["shards"].get(split, {}).get(name, {})
             rows = sum(e["rows"] for e in entries.values())
             size = sum(e["bytes"] for e in entries.values())
-            print(f"  {split:5s} {name}: {len(entries)}/{len(inputs)} shards, {rows:,} rows, {_human(size)}")
+            print(f"  {split:5s} {name}: {len(entries)}/{len(inputs)} shards, {rows:,} rows, {human_bytes(size)}")
     for split, name, index, _, reason in bad:
         print(f"  CORRUPT {split}/{name}/shard {index}: {reason}")
     print(f"checksums: {len(checks) - len(bad)}/{len(checks)} verified" + ("" if not bad else f", {len(bad)} bad"))
@@ -154,8 +171,37 @@ def cmd_prepare(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "label": cmd_label, "distill": cmd_distill, "evaluate": cmd_evaluate,
-            "validate": cmd_validate, "inspect": cmd_inspect, "prepare": cmd_prepare}
+def cmd_compare(args) -> int:
+    from ensemblekd.compare import compare, render
+
+    rows = compare(args.experiment, args.tracking_uri, args.sort, args.desc)
+    print(render(rows, args.format))
+    if not rows:
+        print(f"no run in experiment '{args.experiment}' has a student report", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ensemblekd.errors import UserError
+    from ensemblekd.export import export_config, export_run, serve_command
+
+    if (args.run_id is None) == (args.config is None):
+        raise UserError("export: give either RUN_ID or --config CONFIG")
+    if args.config:
+        cfg = _load(args)
+        if args.tracking_uri:
+            cfg.tracking.uri = args.tracking_uri
+        result = export_config(cfg, args.name)
+    else:
+        result = export_run(args.run_id, args.name, args.tracking_uri)
+    print(f"registered '{result['name']}' version {result['version']} from MLflow run {result['run_id']} "
+          f"({result['tracking_uri']})")
+    print(f"serve it:  {serve_command(result)}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "label": cmd_label, "distill": cmd_distill, "evaluate": cmd_evaluate, "compare": cmd_compare,
+            "validate": cmd_validate, "inspect": cmd_inspect, "prepare": cmd_prepare, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

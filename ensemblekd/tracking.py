@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +17,11 @@ from typing import Any
 import yaml
 
 from ensemblekd.config import Config, flatten
+from ensemblekd.errors import UserError
+
+STUDENT_MODEL = "student"                       # the logged model `run` and `distill` leave in their run
+TORCHSCRIPT_FILE = "student.torchscript.pt"     # its TorchScript copy, under extra_files/
+OUTPUTS_TAG = "ensemblekd.outputs"              # "probabilities"; absent on students logged before export existed
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -23,6 +29,25 @@ def absolute_tracking_uri(uri: str) -> str:
         return "sqlite:///" + os.path.abspath(uri.removeprefix("sqlite:///"))
     if "://" not in uri and not uri.startswith(("databricks", "sqlite:")):
         return "file://" + os.path.abspath(uri)
+    return uri
+
+
+def existing_tracking_uri(given: str | None = None) -> str:
+    """The tracking URI to read from (`given`, else MLFLOW_TRACKING_URI, else MLflow's default), made
+    absolute and checked: a UserError if its database is missing or its server does not answer (MLflow
+    would create an empty database, or retry a dead server for minutes)."""
+    import mlflow
+    import requests
+
+    uri = absolute_tracking_uri(given or mlflow.get_tracking_uri())
+    if uri.startswith("sqlite:///") and not os.path.exists(uri.removeprefix("sqlite:///")):
+        raise UserError(f"--tracking-uri: no MLflow database at {uri}; pass --tracking-uri or set MLFLOW_TRACKING_URI")
+    if uri.startswith(("http://", "https://")):
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=10)
+        except requests.RequestException as exc:
+            raise UserError(f"--tracking-uri: MLflow server {uri} is unreachable ({type(exc).__name__}); "
+                            "start it or fix the URI") from None
     return uri
 
 
@@ -38,8 +63,10 @@ def mlflow_run(cfg: Config, stage: str) -> Iterator[dict[str, str]]:
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)
     with mlflow.start_run(run_name=cfg.tracking.run_name) as run:
+        # The columns of `ensemblekd compare`, as tags so the UI's run list and compare view show them.
         mlflow.set_tags({"ensemblekd.stage": stage, "ensemblekd.strategy": cfg.distill.strategy,
                          "ensemblekd.weighting": cfg.distill.weighting,
+                         "ensemblekd.temperature": str(cfg.distill.temperature), "ensemblekd.alpha": str(cfg.distill.alpha),
                          "ensemblekd.teachers": ",".join(t.name for t in cfg.teachers)})
         params = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in flatten(cfg.to_dict()).items()}
         mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
@@ -75,7 +102,17 @@ def log_json(obj: Any, name: str) -> None:
 
 
 def log_student(cfg: Config, student_uri: str) -> None:
-    """The student as an MLflow PyTorch model (signature, input example) plus its raw state dict."""
+    """Log the student as the MLflow PyTorch model STUDENT_MODEL that predicts class probabilities,
+    plus its raw state dict `student.pt`. The one place that builds the served model (`ensemblekd
+    export` only registers it).
+
+    The model is softmax(student(x)) at temperature 1: the distillation temperature only softens
+    the targets during training, and the student's own prediction is its T=1 distribution (the
+    one its accuracy is measured on). Saved as a torch.export program (pt2: no pickle, no
+    ensemblekd code needed to load it) with a signature (float32 [-1, F] -> float32 [-1, C]), an
+    input example (4 validation rows), and a TorchScript copy in `extra_files/TORCHSCRIPT_FILE`
+    (torch.jit.load, from Python or C++ libtorch, without MLflow).
+    """
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -84,14 +121,20 @@ def log_student(cfg: Config, student_uri: str) -> None:
     from ensemblekd.data import read_split
     from ensemblekd.teachers import build_model, load_state
 
-    model = load_state(build_model(cfg.student.model, cfg.student.kwargs), student_uri, "student")
+    logits = load_state(build_model(cfg.student.model, cfg.student.kwargs, "student.model"), student_uri, "student")
+    model = torch.nn.Sequential(logits, torch.nn.Softmax(dim=-1)).eval()
     _, x, _ = read_split(cfg.data.val, cfg.data.features, None, cfg.data.id)
     example = x[:4]
     with torch.no_grad():
         signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
-    mlflow.pytorch.log_model(model, name="student", signature=signature, input_example=example,
-                             pip_requirements=["torch"])
     with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, TORCHSCRIPT_FILE)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; libtorch still loads it
+            torch.jit.save(torch.jit.trace(model, torch.from_numpy(example)), script)
+        mlflow.pytorch.log_model(model, name=STUDENT_MODEL, signature=signature, input_example=example,
+                                 serialization_format="pt2", extra_files=[script], pip_requirements=["torch"],
+                                 tags={OUTPUTS_TAG: "probabilities"})
         path = os.path.join(tmp, "student.pt")
         with open(path, "wb") as f:
             f.write(storage.read_bytes(student_uri))
