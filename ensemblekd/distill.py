@@ -150,6 +150,7 @@ def train_loop(config: dict[str, Any]) -> None:
     cfg: Config = config["cfg"]
     storage.configure_for(cfg)
     tr, dc = cfg.trainer, cfg.distill
+    _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(tr.cpus_per_worker)))
@@ -229,6 +230,18 @@ def train_loop(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     if bar:
         bar.close()
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report at INFO, rank-0 step curve included, through a logger named
+    after its file (so ray.train.LoggingConfig does not reach it): keep it to warnings."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: the lines are only noise
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 @torch.no_grad()

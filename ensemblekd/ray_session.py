@@ -5,26 +5,58 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 
 def ensure_ray(ray_cfg) -> None:
     """Join ray.address (or RAY_ADDRESS), or start a local Ray with ray.num_cpus, unless connected.
 
     With neither set, address "local" forces a fresh local Ray: a bare ray.init() would join
-    whatever cluster `ray start` last started on this machine.
+    whatever cluster `ray start` last started on this machine. An address where no Ray listens,
+    or whose cluster refuses us (token authentication), is a one-line UserError.
     """
     import ray
 
+    from ensemblekd.errors import UserError
+
     if ray.is_initialized():
         return
-    address = ray_cfg.address or os.environ.get("RAY_ADDRESS")
+    env = os.environ.get("RAY_ADDRESS") or None
+    address = ray_cfg.address or env
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING,
                               "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if address is None:
         kwargs.update(address="local", num_cpus=ray_cfg.num_cpus)
-    ray.init(**kwargs)
+        ray.init(**kwargs)
+        return
+    # As in Ray, "auto" means RAY_ADDRESS when that is set (it is, inside `ray job submit`).
+    key, target = ("ray.address", address) if ray_cfg.address and not (address == "auto" and env) else ("RAY_ADDRESS", env)
+    where = f"{key}={target}"
+    _check_listening(target, where)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, ray.exceptions.AuthenticationError) as exc:
+        hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+            "; if the cluster has token authentication on, set RAY_AUTH_MODE=token and its token "
+            "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)")
+        raise UserError(f"{where}: cannot join the Ray cluster ({' '.join(str(exc).split())}){hint}") from None
+
+
+def _check_listening(address: str, where: str) -> None:
+    """ray.init retries a host:port where nothing listens for minutes; a TCP connect fails at once."""
+    from ensemblekd.errors import UserError
+
+    host, _, port = address.rpartition(":")
+    if "://" in address or not host or not port.isdigit():  # "auto", ray://...: left to Ray
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise UserError(f"{where}: no Ray cluster answers there ({exc.strerror or exc}); start one "
+                        "with `ray start --head`, fix the address, or unset it to start a local Ray") from None
 
 
 @contextmanager
