@@ -16,7 +16,7 @@ ROWS = {
     "distill": ["offline_vs_online_epoch", "end_to_end", "cached_vs_online_plain", "trainer_overhead", "kd_vs_hard",
                 "plain_kd_vs_hard"],
     "store": ["reader_vs_pyarrow", "bytes_per_row"],
-    "deepspeed": ["zero0_vs_ddp", "zero1_vs_ddp", "zero2_vs_ddp", "zero3_vs_ddp", "zero0_noclip_vs_ddp"],
+    "deepspeed": ["zero0_vs_ddp", "zero1_vs_ddp", "zero2_vs_ddp", "zero3_vs_ddp", "zero0_clip_vs_ddp"],
 }
 
 
