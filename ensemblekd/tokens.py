@@ -1,0 +1,283 @@
+"""Token-level soft targets for causal-LM distillation: top-k log-probs plus a tail bucket.
+
+A full row of a 128k vocabulary is 256 KB in float16, so per token a teacher keeps only its k
+most likely ids, their log-probabilities taken from the FULL softmax at T = 1 (not renormalised
+over the k), and the log of the mass left outside them, log r (r = 1 − Σ_topk p_i, computed as a
+logsumexp of the other log-probs, which keeps its precision when r is tiny).
+
+The KD term of one token against teacher k, over k + 1 buckets (its top-k ids and the tail):
+
+    q_i    ∝ exp(log p_i / T)                                   i in top-k
+    q_tail ∝ (V − k) · exp((log r − log(V − k)) / T)            the tail, spread evenly over V − k ids
+    s      = softmax(z / T) over the full vocabulary,  s_tail = Σ_{j ∉ top-k} s_j (a logsumexp)
+    KL_k   = Σ_i q_i (log q_i − log s_i) + q_tail (log q_tail − log s_tail),   0 · log 0 = 0
+
+q is normalised over the k + 1 buckets. Spreading r evenly makes tempering act on each tail id as
+it would on the full distribution; at T = 1 the buckets are the teacher's exact masses. Then
+
+    L_kd = Σ_tokens mask · Σ_k w_k KL_k / max(1, Σ mask)             (the caller multiplies by T²)
+
+Its gradient, computed chunk by chunk in the forward (no [N, V] activation is kept for autograd):
+
+    dL_kd/dz_j = Σ_k w_k (s_j − q̃_kj) / T / max(1, Σ mask),
+    q̃_kj = q_j for j in teacher k's top-k,  q_tail · s_j / s_tail otherwise
+
+Storage: one Parquet shard per input shard, a row per sequence: id int64, topk_logprobs
+list<fixed_size_list<halffloat>[k]>, topk_indices list<fixed_size_list<uintN>[k]> (the narrowest
+unsigned type for V), tail_logprob list<halffloat>; position j of a row predicts token j + 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ensemblekd.losses import IGNORE, KDLoss
+
+# An empty bucket for the weighting rules: probability exactly 0 in float32 at any sane
+# temperature, but finite, because entropy_weights computes p · log p and 0 · (−inf) is NaN.
+EMPTY_LOGIT = -1e9
+
+
+def index_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest unsigned integer type holding ids 0 .. vocab_size − 1."""
+    for dt in (np.uint8, np.uint16, np.uint32):
+        if vocab_size - 1 <= np.iinfo(dt).max:
+            return np.dtype(dt)
+    raise ValueError(f"vocabulary of {vocab_size} ids does not fit in uint32")
+
+
+def topk_targets(logits: torch.Tensor, k: int, chunk_tokens: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """logits [N, V] -> (log p float16 [N, k] descending, ids [N, k], log r float16 [N]).
+
+    log_softmax at T = 1 in float32, chunk by chunk. k > V is taken as k = V, whose tail is
+    empty: log r = −inf.
+    """
+    n, v = logits.shape
+    k = min(k, v)
+    logp, idx = np.empty((n, k), np.float16), np.empty((n, k), index_dtype(v))
+    tail = np.full(n, -np.inf, np.float16)
+    with torch.no_grad():
+        for a in range(0, n, chunk_tokens):
+            lp = F.log_softmax(logits[a:a + chunk_tokens].float(), dim=-1)
+            val, ix = lp.topk(k, dim=-1)
+            logp[a:a + len(lp)] = val.half().cpu().numpy()
+            idx[a:a + len(lp)] = ix.cpu().numpy()
+            if k < v:
+                tail[a:a + len(lp)] = lp.scatter(-1, ix, -math.inf).logsumexp(-1).half().cpu().numpy()
+    return logp, idx, tail
+
+
+def _long(x) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, dtype=np.int64)) if isinstance(x, np.ndarray) else x.to(torch.int64)
+
+
+def _float(x) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x.float()
+
+
+def _xlogx_ratio(log_q: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    """q (log q − log s), 0 where q = 0 (an empty tail, an underflow): no 0 · (−inf) = NaN."""
+    q = log_q.exp()
+    return q * (torch.where(q > 0, log_q, log_s) - log_s)
+
+
+def _teacher_buckets(logp: torch.Tensor, tail: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
+    """log q over the k + 1 buckets [.., k + 1] (the last one the tail; dropped when k = V)."""
+    a = logp / temperature
+    k = logp.shape[-1]
+    if k < vocab_size:
+        log_m = math.log(vocab_size - k)
+        a = torch.cat([a, (log_m + (tail - log_m) / temperature).unsqueeze(-1)], dim=-1)
+    return a - a.logsumexp(-1, keepdim=True)
+
+
+def _chunk_kl(z, logp, idx, tail, w, vocab_size: int, temperature: float, need_grad: bool):
+    """Σ_tokens Σ_k w_k KL_k over one chunk (z [c, V], logp and idx [c, K, k], tail and w [c, K])
+    and its gradient Σ_k w_k (s − q̃_k) / T (module docstring): the tail bucket's target shared
+    over the tail ids as the student shares its own tail."""
+    c, n_teachers, k = idx.shape
+    log_s = F.log_softmax(z.float() / temperature, dim=-1)
+    log_q = _teacher_buckets(logp, tail, vocab_size, temperature)
+    kl = _xlogx_ratio(log_q[..., :k], log_s.gather(-1, idx.reshape(c, -1)).view(c, n_teachers, k)).sum(-1)
+    grad = log_s.exp() * w.sum(-1, keepdim=True) if need_grad else None
+    for j in range(n_teachers):  # one [c, V] scratch at a time, whatever K
+        if k < vocab_size:       # the student's tail: its log-probs with teacher j's top-k masked out
+            rest = log_s.scatter(-1, idx[:, j], -math.inf)
+            log_s_tail = rest.logsumexp(-1, keepdim=True)
+            kl[:, j] += _xlogx_ratio(log_q[:, j, k], log_s_tail.squeeze(-1))
+            if need_grad:
+                grad -= (w[:, j, None] * log_q[:, j, k, None].exp()) * (rest - log_s_tail).exp()
+        if need_grad:
+            grad.scatter_add_(-1, idx[:, j], -w[:, j, None] * log_q[:, j, :k].exp())
+    return (w * kl).sum(), (grad / temperature if need_grad else None)
+
+
+class _SparseKL(torch.autograd.Function):
+    """The forward writes each chunk's gradient into one [N, V] buffer that the backward hands on:
+    nothing of size N · V is kept but that gradient, and nothing is recomputed."""
+
+    @staticmethod
+    def forward(ctx, z, logp, idx, tail, w, mask, vocab_size, temperature, chunk_tokens):
+        grad = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
+        count = len(z) if mask is None else int(mask.sum())
+        total = torch.zeros((), device=z.device)
+        for a in range(0, len(z), chunk_tokens):
+            rows = slice(a, a + chunk_tokens)
+            if mask is not None:  # masked rows are never read: padding may hold anything, NaN too
+                rows = a + mask[rows].nonzero().squeeze(-1)
+                if len(rows) == 0:
+                    continue
+            loss, g = _chunk_kl(z[rows], logp[rows], idx[rows], tail[rows], w[rows], vocab_size, temperature,
+                                grad is not None)
+            total += loss
+            if grad is not None:
+                grad[rows] = (g / max(1, count)).to(grad.dtype)
+        ctx.grad = grad
+        return total / max(1, count)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        if ctx.grad is None:
+            raise RuntimeError("sparse_kl: a second backward through the same graph is not supported")
+        grad, ctx.grad = ctx.grad, None
+        return grad.mul_(g.to(grad.dtype)), None, None, None, None, None, None, None, None
+
+
+def sparse_kl(student_logits: torch.Tensor, logp, idx, tail, vocab_size: int, temperature: float,
+              weights: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+              chunk_tokens: int = 1024) -> torch.Tensor:
+    """The KD term above (a scalar, not × T²). student_logits [N, V]; logp, idx [N, K, k]; tail,
+    weights [N, K] (None: 1/K); mask [N] bool (None: all). Tensors or numpy arrays.
+
+    Chunked over tokens with the gradient computed alongside (as fused cross-entropy kernels do):
+    memory is the [N, V] gradient plus O(chunk_tokens · V) scratch, for any N and K.
+    """
+    dev = student_logits.device
+    logp, idx, tail = _float(logp).to(dev), _long(idx).to(dev), _float(tail).to(dev)
+    w = torch.full(tail.shape, 1.0 / tail.shape[1], device=dev) if weights is None else weights.float().to(dev)
+    mask = None if mask is None else mask.to(dev, torch.bool)
+    return _SparseKL.apply(student_logits, logp, idx, tail, w, mask, vocab_size, temperature, chunk_tokens)
+
+
+def token_loss(student_logits: torch.Tensor, labels: torch.Tensor, logp, idx, tail, vocab_size: int,
+               temperature: float, alpha: float, weights: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> KDLoss:
+    """alpha · CE(labels, student at T = 1) + (1 − alpha) · T² · sparse_kl, as losses.kd_loss.
+
+    CE averages over the unmasked tokens with a label (labels == IGNORE: none); 0 if there are none.
+    """
+    kd = sparse_kl(student_logits, logp, idx, tail, vocab_size, temperature, weights, mask)
+    keep = labels != IGNORE if mask is None else (labels != IGNORE) & mask
+    if keep.any():
+        ce = F.cross_entropy(student_logits[keep].float(), labels[keep])
+    else:
+        ce = student_logits[:0].float().sum()
+    return KDLoss(alpha * ce + (1.0 - alpha) * temperature**2 * kd, ce, kd)
+
+
+def rule_inputs(logp, idx, tail, labels: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse targets as inputs for the weighting rules, which take logits [B, K, C] and labels [B].
+
+    -> (bucket logits [N, K, k + 2] float32, bucket labels [N]). Bucket 0: the teacher's log p of
+    the true label (its top-k value, else the even-tail estimate log(r / (V − k))); 1..k: the
+    top-k log-probs, the label's own entry emptied; k + 1: the rest of the tail. log_softmax over
+    the buckets is each teacher's exact distribution at T = 1 with the label alone in bucket 0,
+    whose label is 0 (IGNORE stays IGNORE, with bucket 0 empty). Entropy then is that of the
+    buckets (the tail one outcome): a lower bound of the full entropy. An empty bucket holds
+    EMPTY_LOGIT, not −inf (see there); so does a label whose probability underflowed to 0.
+    """
+    lp, ix, tl = _float(logp), _long(idx), _float(tail)
+    m = vocab_size - lp.shape[-1]                                    # ids in the tail
+    labels = labels.to(ix.device).long()
+    hit = ix == labels.view(-1, 1, 1)                                # IGNORE (< 0) never hits
+    in_top = hit.any(-1)
+    from_tail = (labels != IGNORE).view(-1, 1) & ~in_top             # never when m = 0
+    log_m = math.log(m) if m > 0 else math.inf
+    log_rest = math.log1p(-1.0 / m) if m > 1 else -math.inf          # log(1 − 1/m)
+    b0 = torch.where(in_top, torch.where(hit, lp, -math.inf).amax(-1),
+                     torch.where(from_tail, tl - log_m, -math.inf))
+    b_tail = torch.where(from_tail, tl + log_rest, tl)
+    buckets = torch.cat([b0.unsqueeze(-1), torch.where(hit, -math.inf, lp), b_tail.unsqueeze(-1)], dim=-1)
+    buckets = torch.nan_to_num(buckets, nan=EMPTY_LOGIT).clamp_min(EMPTY_LOGIT)
+    return buckets, torch.where(labels != IGNORE, 0, IGNORE).long()
+
+
+def dense_from_topk(logp, idx, tail, vocab_size: int) -> torch.Tensor:
+    """Probabilities [N, V]: the top-k in place, the tail mass spread evenly over the other ids."""
+    lp, ix, tl = _float(logp), _long(idx), _float(tail)
+    k = lp.shape[-1]
+    fill = tl.exp() / (vocab_size - k) if k < vocab_size else torch.zeros_like(tl)
+    dense = fill.unsqueeze(-1).expand(lp.shape[0], vocab_size).clone()
+    return dense.scatter_(-1, ix, lp.exp())
+
+
+# -- the store ---------------------------------------------------------------------------------
+# Writer settings by measurement (B/token, k = 32, V = 32k, Zipf-like LM targets; float16 + int32
+# would be 192, float16 + uint16 130): snappy with dictionaries (pyarrow's default) 129; zstd
+# without dictionaries (no value repeats enough to pay) 114; + byte-stream-split, which groups the
+# values' high bytes (the sorted log-probs' exponents, the ids' mostly small or zero upper bytes)
+# 88; zstd level ≥ 17 (its optimal parser) 82.5, at ~20–40k tokens/s a core to write at k = 32
+# (level 3: 88.7, ~15× faster; pass level=3 where writing is the bottleneck); reading stays fast.
+# Data pages v2 leave the nested lists' repetition levels uncompressed (+10); DELTA_BINARY_PACKED
+# ids +16; brotli 11 −3% but 7× slower to write and 2× slower to read; statistics are useless here.
+ZSTD_LEVEL = 19
+_SPLIT = ["topk_logprobs.list.element.list.element", "topk_indices.list.element.list.element",
+          "tail_logprob.list.element"]
+
+
+def parquet_options(level: int = ZSTD_LEVEL) -> dict[str, Any]:
+    """pyarrow.parquet.write_table options for a token shard (lossless: values are stored as given)."""
+    return {"compression": "zstd", "compression_level": level, "use_dictionary": False,
+            "use_byte_stream_split": _SPLIT, "write_statistics": False, "data_page_version": "1.0"}
+
+
+def encode_token_shard(ids: np.ndarray, lengths: np.ndarray, logp: np.ndarray, idx: np.ndarray,
+                       tail: np.ndarray, level: int = ZSTD_LEVEL) -> tuple[bytes, dict[str, Any]]:
+    """Parquet bytes of one token shard (row r: sequence ids[r], lengths[r] positions) and its
+    manifest entry: rows, tokens, bytes, sha256. idx keeps its dtype (index_dtype(V) from topk_targets)."""
+    n, k = logp.shape
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) != len(ids) or lengths.sum() != n or idx.shape != (n, k) or tail.shape != (n,):
+        raise ValueError(f"{len(ids)} rows of {lengths.sum()} positions for logp {logp.shape}, idx {idx.shape}, "
+                         f"tail {tail.shape}")
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
+
+    def per_row(values: np.ndarray, arrow_type=None) -> pa.ListArray:
+        flat = pa.array(np.ascontiguousarray(values).reshape(-1), arrow_type)
+        tokens = pa.FixedSizeListArray.from_arrays(flat, k) if values.ndim == 2 else flat
+        return pa.ListArray.from_arrays(offsets, tokens)
+
+    table = pa.table({"id": pa.array(np.asarray(ids), pa.int64()),
+                      "topk_logprobs": per_row(logp.astype(np.float16, copy=False), pa.float16()),
+                      "topk_indices": per_row(idx),
+                      "tail_logprob": per_row(tail.astype(np.float16, copy=False), pa.float16())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, **parquet_options(level))
+    data = buf.getvalue()
+    return data, {"rows": len(ids), "tokens": int(n), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def decode_token_shard(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(ids [R], lengths [R], logp float16 [N, k], idx [N, k] as stored, tail float16 [N]); the
+    value arrays are views of the Arrow buffers."""
+    table = pq.read_table(io.BytesIO(data))
+
+    def tokens(name: str) -> pa.Array:
+        return table[name].combine_chunks().flatten()           # the positions of every row, in order
+
+    logp, idx = tokens("topk_logprobs"), tokens("topk_indices")
+    k = logp.type.list_size
+    lengths = table["tail_logprob"].combine_chunks().value_lengths().to_numpy().astype(np.int64)
+    return (table["id"].to_numpy().astype(np.int64), lengths, logp.flatten().to_numpy().reshape(-1, k),
+            idx.flatten().to_numpy().reshape(-1, k), tokens("tail_logprob").to_numpy())
