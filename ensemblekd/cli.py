@@ -142,10 +142,16 @@ def cmd_inspect(args) -> int:
     check_reachable(args.store, "STORE_URI")  # endpoint and credentials from AWS_* variables
     store = Store.open(args.store)
     m = store.m
-    print(f"store {store.uri}: schema v{m['schema_version']}, {m['num_classes']} classes, {m['dtype']}")
+    if m.get("task") == "token":
+        per_token = store.bytes_per_token()
+        print(f"store {store.uri}: schema v{m['schema_version']}, task token, vocabulary {m['vocab_size']} "
+              f"(hash {m['vocab_hash']}), top-{m['top_k']} float16 + tail"
+              + (f", {per_token:.1f} bytes/token" if per_token else ""))
+    else:
+        print(f"store {store.uri}: schema v{m['schema_version']}, {m['num_classes']} classes, {m['dtype']}")
     for name, t in sorted(m["teachers"].items()):
         acc = t.get("val_accuracy")
-        print(f"  teacher {name}: fingerprint {t['fingerprint']}  {t['spec']['model']}"
+        print(f"  teacher {name}: fingerprint {t['fingerprint']}  {t['spec'].get('model') or t['spec'].get('pretrained')}"
               + (f"  val acc {100 * acc:.2f}%" if acc is not None else ""))
     checks = store.verify()
     bad = [c for c in checks if not c[3]]
@@ -154,7 +160,9 @@ def cmd_inspect(args) -> int:
             entries = m["shards"].get(split, {}).get(name, {})
             rows = sum(e["rows"] for e in entries.values())
             size = sum(e["bytes"] for e in entries.values())
-            print(f"  {split:5s} {name}: {len(entries)}/{len(inputs)} shards, {rows:,} rows, {human_bytes(size)}")
+            tokens = sum(e.get("tokens", 0) for e in entries.values())
+            print(f"  {split:5s} {name}: {len(entries)}/{len(inputs)} shards, {rows:,} rows"
+                  + (f", {tokens:,} tokens" if tokens else "") + f", {human_bytes(size)}")
     for split, name, index, _, reason in bad:
         print(f"  CORRUPT {split}/{name}/shard {index}: {reason}")
     print(f"checksums: {len(checks) - len(bad)}/{len(checks)} verified" + ("" if not bad else f", {len(bad)} bad"))

@@ -42,10 +42,17 @@ class DataConfig(_Section):
     train: str = Field(description="Parquet file or directory of shards (any fsspec URI)")
     val: str
     test: str
-    features: str = "x"
+    features: str = Field(default="x", description="classification: list<float> per row; task token: the "
+                          "list<int32> token ids of each sequence")
     label: str | None = "y"
     id: str = "id"
-    prepare: Literal["digits", "breast_cancer", "wine", "iris"] | None = Field(
+    loss_mask: str | None = Field(default="loss_mask", description="task token: optional list<bool> per sequence, "
+                                  "the tokens trained on (used when the column exists)")
+    vocab_size: int | None = Field(default=None, ge=2, description="task token: the shared vocabulary; teacher "
+                                   "logits padded past it are cut to it")
+    tokenizer: str | None = Field(default=None, description="task token: local tokenizer directory, or 'teachers' "
+                                  "(each pretrained teacher's own); its vocabulary hash is kept in the store")
+    prepare: Literal["digits", "breast_cancer", "wine", "iris", "markov"] | None = Field(
         default=None, description="write this built-in data set to the split paths when missing"
     )
 
@@ -60,8 +67,10 @@ class FitConfig(_Section):
 
 class TeacherConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    model: str = Field(description="'module:callable' returning a torch.nn.Module")
+    model: str | None = Field(default=None, description="'module:callable' returning a torch.nn.Module")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    pretrained: str | None = Field(default=None, description="task token: a local Hugging Face model directory "
+                                   "(from_pretrained; nothing is downloaded), instead of model + checkpoint")
     checkpoint: str | None = None
     fit: FitConfig | None = None
     replicas: int = Field(default=1, ge=1)
@@ -73,6 +82,8 @@ class TeacherConfig(_Section):
 class StoreConfig(_Section):
     uri: str
     dtype: Literal["float16", "float32"] = "float16"
+    top_k: int = Field(default=32, ge=1, description="task token: log-probs kept per token (plus the tail mass); "
+                       ">= the vocabulary keeps the full distribution")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for the store's protocol, e.g. {endpoint_url: ...}"
     )
@@ -162,6 +173,8 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
+    task: Literal["classification", "token"] = Field(
+        default="classification", description="token: causal LMs distilled token by token from top-k targets")
     data: DataConfig
     teachers: list[TeacherConfig] = Field(min_length=1)
     store: StoreConfig
@@ -215,11 +228,32 @@ class Config(_Section):
                 f"{self.trainer.num_workers} workers; use a multiple of trainer.num_workers"
             )
         for i, t in enumerate(self.teachers):
-            if t.checkpoint is None and t.fit is None:
+            if (t.model is None) == (t.pretrained is None):
+                raise ValueError(f"teachers.{i}: teacher '{t.name}' needs either model (+ checkpoint or fit) or pretrained")
+            if t.pretrained and (t.checkpoint or t.fit or t.kwargs):
+                raise ValueError(f"teachers.{i}.pretrained: a pretrained directory brings its own weights; "
+                                 "remove checkpoint, fit and kwargs")
+            if t.model and t.checkpoint is None and t.fit is None:
                 raise ValueError(
                     f"teachers.{i}.checkpoint: teacher '{t.name}' needs a checkpoint URI or a fit block"
                 )
+        self._task_checks()
         return self
+
+    def _task_checks(self) -> None:
+        d, token = self.data, self.task == "token"
+        if token and d.vocab_size is None:
+            raise ValueError("data.vocab_size: task token needs the shared vocabulary size (e.g. 32000)")
+        if token and self.distill.mix_space == "logit":
+            raise ValueError("distill.mix_space: task token mixes per-teacher top-k targets in probability space; "
+                             "use mix_space: prob")
+        if d.prepare and (d.prepare == "markov") != token:
+            raise ValueError(f"data.prepare: '{d.prepare}' is a data set for task "
+                             f"{'token' if d.prepare == 'markov' else 'classification'}; this config has task {self.task}")
+        if not token and (d.vocab_size or d.tokenizer or any(t.pretrained for t in self.teachers)):
+            raise ValueError("data.vocab_size/tokenizer and teachers.pretrained: only used with task: token")
+        if d.tokenizer == "teachers" and not any(t.pretrained for t in self.teachers):
+            raise ValueError("data.tokenizer: 'teachers' needs pretrained teachers; give a tokenizer directory or null")
 
     def teacher_checkpoint(self, teacher: TeacherConfig) -> str:
         """Where a teacher's weights live: its checkpoint, or the default place `fit` writes to."""
@@ -291,6 +325,10 @@ def _absolute_paths(cfg: Config) -> None:
     for t in cfg.teachers:
         if t.checkpoint:
             t.checkpoint = resolve_uri(t.checkpoint)
+        if t.pretrained:
+            t.pretrained = resolve_uri(t.pretrained)
+    if cfg.data.tokenizer and cfg.data.tokenizer != "teachers":
+        cfg.data.tokenizer = resolve_uri(cfg.data.tokenizer)
 
 
 def check_inputs(cfg: Config, check_data: bool = True) -> None:
@@ -298,6 +336,11 @@ def check_inputs(cfg: Config, check_data: bool = True) -> None:
     object store (endpoint, credentials, bucket)."""
     check_reachable(cfg.store.uri, "store.uri")
     for i, t in enumerate(cfg.teachers):
+        if t.pretrained:
+            if not exists(os.path.join(t.pretrained, "config.json")):
+                raise UserError(f"teachers.{i}.pretrained: '{t.pretrained}' is not a Hugging Face model directory "
+                                "(no config.json); save one with save_pretrained")
+            continue
         import_callable(t.model, f"teachers.{i}.model")
         if t.fit is None and not exists(cfg.teacher_checkpoint(t)):
             raise UserError(f"teachers.{i}.checkpoint: '{t.checkpoint}' does not exist; fix the path or add a fit block")

@@ -20,6 +20,7 @@ from ensemblekd.errors import UserError
 from ensemblekd.losses import IGNORE
 
 BUILTIN = ("digits", "breast_cancer", "wine", "iris")
+TOKEN_BUILTIN = ("markov",)  # task token: ensemblekd.lm.prepare_markov
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,42 @@ def read_shard(shard: InputShard, features: str, label: str | None, id_col: str,
     return ids, x, y
 
 
+def read_token_shard(shard: InputShard, d) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """task token: (ids [R], tokens [R, L] int64 right-padded with 0, lengths [R], mask [R, L] bool).
+
+    mask[r, t] is True where token t of row r is a training target: data.loss_mask's column when
+    the file has it (else every token), never the first token (nothing predicts it) nor padding.
+    Right padding is safe for causal models: no real position attends to a later one.
+    """
+    table = storage.read_parquet(shard.uri)
+    names = table.column_names
+    if d.features not in names:
+        raise UserError(f"{shard.uri}: no token column '{d.features}' (columns: {names}); set data.features")
+    col = table[d.features].combine_chunks()
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) or not pa.types.is_integer(col.type.value_type):
+        raise UserError(f"{shard.uri}: token column '{d.features}' has type {col.type}; it must be a list of integer ids per row")
+    lengths = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    width = int(lengths.max()) if len(lengths) else 0
+    if len(lengths) and lengths.min() < 2:
+        raise UserError(f"{shard.uri}: a sequence in '{d.features}' has fewer than 2 tokens; drop it (nothing to predict)")
+    values = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    if len(values) and (values.min() < 0 or values.max() >= d.vocab_size):
+        raise UserError(f"{shard.uri}: token ids span {values.min()}..{values.max()}, outside data.vocab_size {d.vocab_size}")
+    valid = np.arange(width)[None, :] < lengths[:, None]
+    tokens = np.zeros((len(lengths), width), np.int64)
+    tokens[valid] = values
+    mask = valid.copy()
+    if d.loss_mask and d.loss_mask in names:
+        given = table[d.loss_mask].combine_chunks()
+        if not np.array_equal(pc.list_value_length(given).fill_null(0).to_numpy(zero_copy_only=False), lengths):
+            raise UserError(f"{shard.uri}: '{d.loss_mask}' and '{d.features}' differ in length; give one flag per token")
+        mask[valid] = given.flatten().to_numpy(zero_copy_only=False).astype(bool)
+    mask[:, 0] = False
+    ids = (table[d.id].to_numpy().astype(np.int64) if d.id in names
+           else np.arange(shard.offset, shard.offset + table.num_rows, dtype=np.int64))
+    return ids, tokens, lengths, mask
+
+
 def read_split(uri: str, features: str, label: str | None, id_col: str):
     """A whole (small) split in memory: for fitting teachers and evaluation."""
     parts = [read_shard(s, features, label, id_col) for s in input_shards(uri)]
@@ -109,10 +146,14 @@ def prepare(name: str, out: str, shard_rows: int = 256, seed: int = 0,
 
     Features are scaled with statistics of the train split only (digits: pixel / 16).
     """
-    if name not in BUILTIN:
-        raise UserError(f"unknown data set '{name}'; choose one of {', '.join(BUILTIN)}")
+    if name not in BUILTIN + TOKEN_BUILTIN:
+        raise UserError(f"unknown data set '{name}'; choose one of {', '.join(BUILTIN + TOKEN_BUILTIN)}")
     if shard_rows < 1:
         raise UserError("--shard-rows must be at least 1")
+    if name == "markov":  # token sequences over 512 ids, for task: token
+        from ensemblekd.lm import prepare_markov
+
+        return prepare_markov(out, shard_rows=shard_rows)
     from sklearn.model_selection import train_test_split
 
     x, y = _load_builtin(name)
@@ -153,4 +194,9 @@ def prepare_for_config(cfg_data) -> None:
     names = [os.path.basename(getattr(cfg_data, s).rstrip("/")) for s in ("train", "val", "test")]
     if len(parents) != 1 or names != ["train", "val", "test"]:
         raise UserError("data.prepare: the split paths must be DIR/train, DIR/val and DIR/test to be prepared")
+    if cfg_data.prepare == "markov":
+        from ensemblekd.lm import prepare_markov
+
+        prepare_markov(parents.pop(), vocab_size=cfg_data.vocab_size)
+        return
     prepare(cfg_data.prepare, parents.pop())

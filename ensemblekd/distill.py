@@ -152,6 +152,13 @@ def deepspeed_config(trainer) -> dict[str, Any]:
 
 
 # -- the per-worker loop ---------------------------------------------------------------------
+def train_step(engine, batch, strategy, cfg: Config, epoch: int):
+    """(KDLoss, teacher weights [B, K], rows) of one classification micro-batch, not yet stepped."""
+    x, y, z = (t.to(engine.device) for t in batch)
+    targets, weights = strategy.targets(z, y, cfg.distill.temperature, epoch)
+    return kd_loss(engine(x), targets, y, cfg.distill.temperature, cfg.distill.alpha), weights, len(y)
+
+
 def train_loop(config: dict[str, Any]) -> None:
     import deepspeed
     import ray.train
@@ -160,7 +167,10 @@ def train_loop(config: dict[str, Any]) -> None:
 
     cfg: Config = config["cfg"]
     storage.configure_for(cfg)
-    tr, dc = cfg.trainer, cfg.distill
+    token = cfg.task == "token"
+    if token:
+        from ensemblekd import token_pipeline
+    tr = cfg.trainer
     _quiet_report_log()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -203,14 +213,12 @@ def train_loop(config: dict[str, Any]) -> None:
         sums = torch.zeros(4 + len(names), dtype=torch.float64)  # loss, ce, kd, rows, weight per teacher
         steps: dict[str, list[float]] = {k: [] for k in STEP_METRICS}  # rank 0's per-step curve, sent with the report
         t0 = time.perf_counter()
-        for step, (x, y, z) in enumerate(iter_batches(cfg, store, "train", names, segments, micro, rng)):
-            x, y, z = x.to(device), y.to(device), z.to(device)
+        batches = (token_pipeline.iter_batches if token else iter_batches)(cfg, store, "train", names, segments, micro, rng)
+        for step, batch in enumerate(batches):
             tic = time.perf_counter()
-            targets, weights = strategy.targets(z, y, dc.temperature, epoch)
-            out = kd_loss(engine(x), targets, y, dc.temperature, dc.alpha)
+            out, weights, n = (token_pipeline.train_step if token else train_step)(engine, batch, strategy, cfg, epoch)
             engine.backward(out.loss)
             engine.step()
-            n = len(y)
             sums += torch.cat([torch.tensor([out.loss.item() * n, out.ce.item() * n, out.kd.item() * n, n]),
                                weights.sum(0).detach().cpu()]).double()
             if rank == 0:
@@ -265,6 +273,12 @@ def evaluate_split(cfg, store, engine, split, rows, rank, world, micro) -> float
     engine.eval()
     segments = worker_segments(rows, world, rank, 0, 0, shuffle=False, drop_remainder=False)
     max_rows = max(sum(s[2] - s[1] for s in worker_segments(rows, world, r, 0, 0, False, False)) for r in range(world))
+    if cfg.task == "token":
+        from ensemblekd.token_pipeline import next_token_counts
+
+        counts = all_reduce_sum(next_token_counts(cfg, store, engine, split, segments, micro, math.ceil(max_rows / micro)),
+                                engine.device)
+        return counts[0].item() / max(counts[1].item(), 1.0)
     batches = list(iter_batches(cfg, store, split, [], segments, micro, None))
     in_features = batches[0][0].shape[1] if batches else None
     counts = torch.zeros(2, dtype=torch.float64)
@@ -400,6 +414,11 @@ def preflight(cfg: Config):
         store.check_complete(split, [t.name for t in cfg.teachers])
         store.check_sizes(split, [t.name for t in cfg.teachers])
     strategy = strategy_for(cfg, store)
+    if cfg.task == "token":
+        from ensemblekd.token_pipeline import preflight as token_preflight
+
+        token_preflight(cfg, store)
+        return strategy
     model = build_model(cfg.student.model, cfg.student.kwargs, "student.model")
     shard = InputShard(**store.inputs("val")[0])
     _, x, _ = read_shard(shard, cfg.data.features, None, cfg.data.id)

@@ -93,6 +93,10 @@ def evaluate(cfg: Config, student_uri: str, assistants: list[str] = (), warmup: 
     plus the student-against-ensemble summary (speed-up, size reduction, accuracy gap)."""
     from ensemblekd.pipeline import level_configs
 
+    if cfg.task == "token":
+        from ensemblekd.token_pipeline import evaluate as evaluate_tokens
+
+        return evaluate_tokens(cfg, student_uri, warmup, repeats)
     names = [t.name for t in cfg.teachers]
     store = Store.open(cfg.store.uri)
     store.check_complete("test", [*names, *assistants])

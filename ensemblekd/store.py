@@ -4,6 +4,8 @@ Layout on any fsspec URI:
 
     STORE/manifest.json
     STORE/<split>/<teacher>/part-NNNNN.parquet    columns: id int64, logits fixed_size_list<fp16|fp32>[C]
+                                                  (task token: top-k log-probs, ids and tail mass per
+                                                  position; see ensemblekd.tokens)
 
 Shard NNNNN of a teacher is row-aligned with input shard NNNNN of the split and carries the
 input `id`, so alignment can be checked. Raw logits are stored (temperature is a training
@@ -173,6 +175,22 @@ class Store:
         elif self.m["dtype"] != dtype:
             raise UserError(f"store.dtype is {dtype} but the store at {self.uri} holds {self.m['dtype']}; keep the dtype or use a new store.uri")
 
+    def set_vocabulary(self, info: dict[str, Any]) -> None:
+        """task token: record the vocabulary (size, tokenizer hash) and top-k; a store labelled
+        with another one is refused rather than mixed."""
+        self.m["task"] = "token"
+        for key, value in info.items():
+            if self.m.get(key) not in (None, value) and self.m["shards"]:
+                raise UserError(f"{self.uri}: labelled with {key} {self.m[key]}, the config gives {value} (another "
+                                "tokenizer or top_k); use a new store.uri")
+            self.m[key] = value
+
+    def bytes_per_token(self) -> float | None:
+        """task token: bytes of all label shards per stored token (every teacher counted)."""
+        entries = [e for per_split in self.m["shards"].values() for per_t in per_split.values() for e in per_t.values()]
+        tokens = sum(e.get("tokens", 0) for e in entries)
+        return sum(e["bytes"] for e in entries) / tokens if tokens else None
+
     def forget_corrupt(self) -> list[tuple[str, str, int, str]]:
         """Drop every listed shard that fails verification (missing, wrong size, wrong checksum)
         from the manifest, so the next label run rewrites just those; returns what was dropped."""
@@ -187,8 +205,8 @@ class Store:
         self.m["shards"].setdefault(split, {}).setdefault(teacher, {})[str(index)] = entry
 
     # -- reading -------------------------------------------------------------------------
-    def read(self, split: str, teacher: str, index: int, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, logits) of one committed shard; checksum-verified unless verify=False."""
+    def read_bytes(self, split: str, teacher: str, index: int, verify: bool = True) -> bytes:
+        """The Parquet bytes of one committed shard; checksum-verified unless verify=False."""
         entry = self.entry(split, teacher, index)
         if entry is None:
             raise UserError(f"{self.uri}: {split} shard {index} of teacher '{teacher}' is not committed; run label")
@@ -196,7 +214,11 @@ class Store:
         data = storage.read_bytes(uri)
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise UserError(f"{uri}: checksum mismatch (the shard is corrupt); run 'ensemblekd label CONFIG --repair'")
-        return decode_shard(data)
+        return data
+
+    def read(self, split: str, teacher: str, index: int, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, logits) of one committed classification shard."""
+        return decode_shard(self.read_bytes(split, teacher, index, verify))
 
     def read_split(self, split: str, teacher: str, ids: np.ndarray) -> np.ndarray:
         """A teacher's float32 logits for a whole (small) split, checked against the input ids."""

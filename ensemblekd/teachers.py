@@ -55,7 +55,21 @@ def save_state(module: nn.Module, uri: str) -> None:
 
 
 def spec_of(t: TeacherConfig) -> dict[str, Any]:
-    return {"model": t.model, "kwargs": t.kwargs}
+    return {"pretrained": t.pretrained} if t.pretrained else {"model": t.model, "kwargs": t.kwargs}
+
+
+def teacher_fingerprint(cfg: Config, t: TeacherConfig) -> str:
+    """fingerprint of the checkpoint, or of a pretrained directory's files (config and weights)."""
+    if not t.pretrained:
+        return fingerprint(cfg.teacher_checkpoint(t), spec_of(t))
+    import os
+
+    h = hashlib.sha256(json.dumps(spec_of(t), sort_keys=True).encode())
+    for name in sorted(os.listdir(t.pretrained)):  # a local directory: from_pretrained downloads nothing
+        if name.endswith((".json", ".safetensors", ".bin", ".model")):
+            h.update(name.encode())
+            h.update(storage.read_bytes(os.path.join(t.pretrained, name)))
+    return h.hexdigest()[:16]
 
 
 def fingerprint(checkpoint_uri: str, spec: dict[str, Any]) -> str:
@@ -66,6 +80,10 @@ def fingerprint(checkpoint_uri: str, spec: dict[str, Any]) -> str:
 
 
 def load_teacher(cfg: Config, t: TeacherConfig) -> nn.Module:
+    if t.pretrained:
+        from ensemblekd.lm import from_pretrained
+
+        return from_pretrained(t.pretrained).eval()
     i = cfg.teachers.index(t)
     return load_state(build_model(t.model, t.kwargs, f"teachers.{i}.model"), cfg.teacher_checkpoint(t), f"teachers.{i}")
 
@@ -100,6 +118,11 @@ def fit_one(cfg: Config, t: TeacherConfig, num_threads: int = 1) -> dict[str, An
     torch.manual_seed(t.fit.seed)
     start = time.perf_counter()
     d = cfg.data
+    if cfg.task == "token":
+        from ensemblekd.token_pipeline import fit_token_teacher
+
+        model, val_acc = fit_token_teacher(cfg, t)
+        return _save_fitted(cfg, t, model, val_acc, start)
     _, x, y = read_split(d.train, d.features, d.label, d.id)
     keep = y >= 0
     if not keep.any():
@@ -122,9 +145,13 @@ def fit_one(cfg: Config, t: TeacherConfig, num_threads: int = 1) -> dict[str, An
     model.eval()
     _, xv, yv = read_split(d.val, d.features, d.label, d.id)
     val_acc = float((predict(model, xv).argmax(1) == yv).mean()) if (yv >= 0).any() else None
+    return _save_fitted(cfg, t, model, val_acc, start)
+
+
+def _save_fitted(cfg: Config, t: TeacherConfig, model: nn.Module, val_acc: float | None, start: float) -> dict[str, Any]:
     ckpt = cfg.teacher_checkpoint(t)
     save_state(model, ckpt)
-    storage.write_bytes_atomic(ckpt + ".fit.json", json.dumps({"key": _fit_key(t, d), "val_accuracy": val_acc}).encode())
+    storage.write_bytes_atomic(ckpt + ".fit.json", json.dumps({"key": _fit_key(t, cfg.data), "val_accuracy": val_acc}).encode())
     return {"name": t.name, "val_accuracy": val_acc, "seconds": time.perf_counter() - start}
 
 

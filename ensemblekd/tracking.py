@@ -114,6 +114,7 @@ def log_student(cfg: Config, student_uri: str) -> None:
     (torch.jit.load, from Python or C++ libtorch, without MLflow).
     """
     import mlflow
+    import numpy as np
     import torch
     from mlflow.models import infer_signature
 
@@ -122,18 +123,30 @@ def log_student(cfg: Config, student_uri: str) -> None:
     from ensemblekd.teachers import build_model, load_state
 
     logits = load_state(build_model(cfg.student.model, cfg.student.kwargs, "student.model"), student_uri, "student")
-    model = torch.nn.Sequential(logits, torch.nn.Softmax(dim=-1)).eval()
-    _, x, _ = read_split(cfg.data.val, cfg.data.features, None, cfg.data.id)
-    example = x[:4]
-    with torch.no_grad():
-        signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+    if cfg.task == "token":  # token ids int64 [-1, -1] -> next-token probabilities [-1, -1, V] at every position
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        from ensemblekd.token_pipeline import serving_model
+
+        model, example = serving_model(cfg, logits)
+        signature = ModelSignature(Schema([TensorSpec(np.dtype("int64"), (-1, -1))]),
+                                   Schema([TensorSpec(np.dtype("float32"), (-1, -1, cfg.data.vocab_size))]))
+    else:
+        model = torch.nn.Sequential(logits, torch.nn.Softmax(dim=-1)).eval()
+        _, x, _ = read_split(cfg.data.val, cfg.data.features, None, cfg.data.id)
+        example = x[:4]
+        with torch.no_grad():
+            signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
     with tempfile.TemporaryDirectory() as tmp:
-        script = os.path.join(tmp, TORCHSCRIPT_FILE)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; libtorch still loads it
-            torch.jit.save(torch.jit.trace(model, torch.from_numpy(example)), script)
+        extra = []
+        if cfg.task != "token":  # a trace of a Hugging Face LM fixes its shapes: the pt2 program is the served one
+            extra.append(os.path.join(tmp, TORCHSCRIPT_FILE))
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; libtorch still loads it
+                torch.jit.save(torch.jit.trace(model, torch.from_numpy(example)), extra[0])
         mlflow.pytorch.log_model(model, name=STUDENT_MODEL, signature=signature, input_example=example,
-                                 serialization_format="pt2", extra_files=[script], pip_requirements=["torch"],
+                                 serialization_format="pt2", extra_files=extra or None, pip_requirements=["torch"],
                                  tags={OUTPUTS_TAG: "probabilities"})
         path = os.path.join(tmp, "student.pt")
         with open(path, "wb") as f:

@@ -129,17 +129,32 @@ def mix(teacher_logits: torch.Tensor, weights: torch.Tensor, temperature: float,
     raise ValueError(f"unknown mix space '{space}'")
 
 
-class Parallel:
+class Strategy:
+    """A strategy decides the per-sample teacher weights (`weights`, [B, K]); `targets` mixes the
+    teachers with them. Token-level runs use `weights` alone: their loss sums per-teacher top-k
+    terms with these weights (tokens.sparse_kl), which has the gradient of the mixed target's."""
+
+    mix_space = "prob"
+
+    def weights(self, teacher_logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, epoch: int = 0):
+        raise NotImplementedError
+
+    def targets(self, teacher_logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, epoch: int = 0):
+        """(p_mix [B, C] at temperature T, weights [B, K])."""
+        w = self.weights(teacher_logits, labels, temperature, epoch)
+        return mix(teacher_logits, w, temperature, self.mix_space), w
+
+
+class Parallel(Strategy):
     """Every teacher at every step, mixed with a weighting rule."""
 
     def __init__(self, teacher_names: Sequence[str], weighting: str = "uniform", mix_space: str = "prob", **rule_args):
         self.rule = WEIGHTINGS[weighting](teacher_names, **rule_args)
         self.mix_space = mix_space
 
-    def targets(self, teacher_logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, epoch: int = 0):
-        """(p_mix [B, C] at temperature T, weights [B, K])."""
-        w = self.rule(teacher_logits, labels, temperature)
-        return mix(teacher_logits, w, temperature, self.mix_space), w
+    def weights(self, teacher_logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, epoch: int = 0):
+        """[B, K], rows summing to 1."""
+        return self.rule(teacher_logits, labels, temperature)
 
 
 def _scatter(w_active: torch.Tensor, active: list[int], k: int) -> torch.Tensor:
@@ -165,7 +180,7 @@ def teacher_order(teacher_names: Sequence[str], order: str, val_accuracy: dict[s
     return sorted(idx, key=lambda i: acc[i], reverse=(order == "descending_accuracy"))
 
 
-class Sequential:
+class Sequential(Strategy):
     """One teacher per stage (or, cumulative, the teachers so far), each for a stage of epochs.
 
     The student, its optimizer state and the DeepSpeed engine simply carry on from stage to stage:
@@ -194,11 +209,10 @@ class Sequential:
         return " -> ".join("+".join(self.names[i] for i in act) + f" ({end - start} ep)"
                            for act, start, end in zip(self.active, starts, self.ends))
 
-    def targets(self, teacher_logits, labels, temperature, epoch: int = 0):
+    def weights(self, teacher_logits, labels, temperature, epoch: int = 0):
         s = self.stage(epoch)
         active = self.active[s]
-        w = _scatter(self.rules[s](teacher_logits[:, active], labels, temperature), active, self.k)
-        return mix(teacher_logits, w, temperature, self.mix_space), w
+        return _scatter(self.rules[s](teacher_logits[:, active], labels, temperature), active, self.k)
 
 
 def _subset_static(rule_args: dict, teacher_names: Sequence[str], active: list[int]) -> dict:
@@ -209,7 +223,7 @@ def _subset_static(rule_args: dict, teacher_names: Sequence[str], active: list[i
     return {**rule_args, "weights": {teacher_names[i]: weights[teacher_names[i]] for i in active}}
 
 
-class Assistant:
+class Assistant(Strategy):
     """TAKD (Mirzadeh et al. 2020), one level of the chain: the targets come from the assistant
     of the level above, blended with a share `ensemble_blend` (beta) of the ensemble:
 
@@ -232,14 +246,14 @@ class Assistant:
         if self.rule is None:
             self.beta = 0.0  # only the assistant is there to teach
 
-    def targets(self, teacher_logits, labels, temperature, epoch: int = 0):
+    def weights(self, teacher_logits, labels, temperature, epoch: int = 0):
         w = teacher_logits.new_zeros((teacher_logits.shape[0], self.k), dtype=torch.float32)
         if self.rule is not None:
             share = 1.0 if self.assistant is None else self.beta
             w = _scatter(self.rule(teacher_logits[:, self.ensemble], labels, temperature), self.ensemble, self.k) * share
         if self.assistant is not None:
             w[:, self.assistant] = 1.0 - self.beta
-        return mix(teacher_logits, w, temperature, self.mix_space), w
+        return w
 
 
 STRATEGIES: dict[str, type] = {"parallel": Parallel, "sequential": Sequential, "assistant": Assistant}

@@ -184,10 +184,11 @@ def test_run_submitted_to_a_ray_cluster(tmp_path, digits_dir):
 
 def test_runtime_env_pip_is_the_project_dependencies():
     """What cluster/runtime_env.yaml installs is pyproject.toml's dependencies less Ray (the cluster's own
-    version must be used), plus the s3 extra."""
+    version must be used), plus the s3 and lm extras."""
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = [d for d in project["dependencies"] if not d.startswith("ray")] + project["optional-dependencies"]["s3"]
+    wanted = [d for d in project["dependencies"] if not d.startswith("ray")] + project["optional-dependencies"]["s3"] \
+        + project["optional-dependencies"]["lm"]
     assert yaml.safe_load((REPO / "cluster" / "runtime_env.yaml").read_text())["pip"] == wanted
 
 

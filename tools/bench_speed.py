@@ -37,7 +37,6 @@ import argparse
 import itertools
 import json
 import math
-import platform
 import shutil
 import socket
 import statistics
@@ -835,22 +834,9 @@ def machine() -> dict[str, Any]:
     import deepspeed
     import ray
     import torch
+    from bench_common import machine as basics
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError):
-        mem = 0.0
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem, "date": time.strftime("%Y-%m-%d %H:%M"),
-            "python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
-            "deepspeed": deepspeed.__version__, "pyarrow": pa.__version__, "load_average_at_start": os.getloadavg()}
+    return basics(torch=torch.__version__, ray=ray.__version__, deepspeed=deepspeed.__version__, pyarrow=pa.__version__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -917,13 +903,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     res["minutes"] = (time.perf_counter() - start) / 60
+    from bench_common import write_results
+
     rows = table_rows(res)
-    res["rows"] = rows
-    text = markdown(res, rows)
-    (out / "speed.md").write_text(text)
-    (out / "speed.json").write_text(json.dumps(res, indent=1, default=str))
-    print(text)
-    print(f"wrote {out / 'speed.md'}, {out / 'speed.json'}")
+    write_results(out, "speed", res, rows, markdown(res, rows))
     return 0
 
 
