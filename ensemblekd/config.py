@@ -84,6 +84,8 @@ class StoreConfig(_Section):
     dtype: Literal["float16", "float32"] = "float16"
     top_k: int = Field(default=32, ge=1, description="task token: log-probs kept per token (plus the tail mass); "
                        ">= the vocabulary keeps the full distribution")
+    compression_level: int = Field(default=3, ge=1, le=22, description="task token: zstd level of the token "
+                                   "shards; 19 is ~11% smaller and ~30x slower to write")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for the store's protocol, e.g. {endpoint_url: ...}"
     )

@@ -100,7 +100,7 @@ def label_shard(model, inputs, cfg: Config, teacher, device: str, where: str) ->
             raise UserError(f"teacher '{teacher.name}' produced NaN/Inf logits on {where}; fix the teacher or its checkpoint")
         parts.append(topk_targets(flat, k))
     logp, idx, tail = (np.concatenate(p) for p in zip(*parts))
-    data, entry = encode_token_shard(ids, lengths - 1, logp, idx, tail)
+    data, entry = encode_token_shard(ids, lengths - 1, logp, idx, tail, level=cfg.store.compression_level)
     return data, {**entry, "num_classes": vocab, "dtype": "float16"}
 
 

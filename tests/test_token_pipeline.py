@@ -218,3 +218,53 @@ def test_tiny_lm_run_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "ensemblekd", "distill", str(again)], capture_output=True, text=True,
                           cwd=tmp_path, timeout=300)
     assert proc.returncode != 0 and "labelled with vocab_size 512, the config gives 520" in proc.stderr
+
+
+# -- Hugging Face teachers from local directories --------------------------------------------
+def _save_hf_teacher(path: Path, vocab: dict[str, int], n_layer: int) -> None:
+    """A tiny GPT-2 saved with save_pretrained, with a WordLevel tokenizer of `vocab` beside it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_gpt2(VOCAB, n_layer=n_layer, n_embd=16, n_head=2).lm.save_pretrained(path)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(path)
+
+
+def test_pretrained_teachers_share_a_tokenizer_or_are_refused(tmp_path, ray_local):
+    """Two Hugging Face teachers from local directories label the store, which records their shared
+    tokenizer's hash; a teacher with another tokenizer is refused before anything is labelled."""
+    from ensemblekd.label import label
+    from ensemblekd.lm import vocab_hash
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"[UNK]": VOCAB - 1}
+    _save_hf_teacher(tmp_path / "a", vocab, 1)
+    _save_hf_teacher(tmp_path / "b", vocab, 2)
+    _save_hf_teacher(tmp_path / "c", {**vocab, "w7": VOCAB, "[UNK]": 7}, 1)  # another tokenizer: ids moved
+    rng = np.random.default_rng(0)
+    for split in ("train", "val", "test"):
+        write_token_split(str(tmp_path / "data" / split), [rng.integers(0, VOCAB, 12) for _ in range(6)], shard_rows=3)
+
+    def config(teachers: list[str], tokenizer: str):
+        raw = yaml.safe_load((ROOT / "configs" / "tiny_lm.yaml").read_text())
+        raw["data"].update({s: str(tmp_path / "data" / s) for s in ("train", "val", "test")})
+        raw["data"].update(prepare=None, vocab_size=VOCAB, tokenizer=tokenizer)
+        raw["teachers"] = [{"name": n, "pretrained": str(tmp_path / n), "batch_size": 4} for n in teachers]
+        raw["store"]["uri"] = str(tmp_path / f"store-{''.join(teachers)}")
+        raw["ray"] = {"num_cpus": 2}
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return load_config(path)
+
+    cfg = config(["a", "b"], "teachers")
+    result = label(cfg, progress=False)
+    assert result["shards"] == 2 * 6
+    store = Store.open(cfg.store.uri)
+    assert store.m["vocab_hash"] == vocab_hash(str(tmp_path / "a")) != vocab_hash(VOCAB)
+    assert store.m["teachers"]["a"]["spec"] == {"pretrained": str(tmp_path / "a")}
+    with pytest.raises(UserError, match="the teachers' tokenizers differ"):
+        label(config(["a", "c"], "teachers"), progress=False)
+    with pytest.raises(UserError, match="is not data.tokenizer's"):
+        label(config(["c"], str(tmp_path / "a")), progress=False)
+    assert not (tmp_path / "store-ac" / "manifest.json").exists()
