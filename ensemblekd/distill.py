@@ -66,7 +66,7 @@ def worker_segments(shard_rows: list[int], num_workers: int, rank: int, seed: in
 def read_rows(cfg: Config, store: Store, split: str, shard: int, teachers: list[str]):
     """(x [N, F], y [N], teacher logits [N, K, C]) of one input shard, alignment checked by id."""
     d = cfg.data
-    ids, x, y = read_shard(InputShard(**store.inputs(split)[shard]), d.features, d.label, d.id)
+    ids, x, y = read_shard(InputShard(**store.inputs(split)[shard]), d.features, d.label, d.id, writable=False)
     stacked = []
     for name in teachers:
         t_ids, logits = store.read(split, name, shard)
@@ -110,7 +110,12 @@ def iter_batches(cfg: Config, store: Store, split: str, teachers: list[str], seg
 
 
 def _tensors(x, y, z):
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y)), torch.from_numpy(z.astype(np.float32))
+    """Tensors of one batch: views where the batch is a writable contiguous slice (the shuffled
+    shard), a copy otherwise (an unshuffled slice of Arrow's read-only buffer)."""
+    def own(a: np.ndarray) -> np.ndarray:
+        return a if a.flags.writeable and a.flags.c_contiguous else np.array(a)
+
+    return torch.from_numpy(own(x)), torch.from_numpy(own(y)), torch.from_numpy(z.astype(np.float32))
 
 
 def strategy_for(cfg: Config, store: Store, ensemble: bool = False):
