@@ -77,6 +77,9 @@ class TeacherConfig(_Section):
     num_cpus: float = Field(default=0.5, ge=0)
     num_gpus: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=1024, ge=1)
+    group: str | None = Field(default=None, description="label: teachers with the same group share each actor "
+                              "(one read of every input shard for all of them); they must share replicas, "
+                              "num_cpus and num_gpus")
 
 
 class StoreConfig(_Section):
@@ -239,6 +242,12 @@ class Config(_Section):
                 raise ValueError(
                     f"teachers.{i}.checkpoint: teacher '{t.name}' needs a checkpoint URI or a fit block"
                 )
+        groups: dict[str, TeacherConfig] = {}
+        for t in self.teachers:
+            first = groups.setdefault(t.group, t) if t.group else t
+            if (t.replicas, t.num_cpus, t.num_gpus) != (first.replicas, first.num_cpus, first.num_gpus):
+                raise ValueError(f"teachers: '{t.name}' and '{first.name}' share group '{t.group}' (one actor pool) "
+                                 "but not replicas/num_cpus/num_gpus; give them the same values")
         self._task_checks()
         return self
 

@@ -49,39 +49,48 @@ def read_inputs(cfg: Config, shard: dict[str, Any]) -> tuple[np.ndarray, ...]:
 
 
 class TeacherWorker:
-    """Hosts one teacher; `label` turns one input shard into one committed-ready label shard."""
+    """Hosts one teacher, or every teacher of a `teachers.group`: `label` reads an input shard once
+    and writes one label shard for each hosted teacher that still needs it."""
 
-    def __init__(self, cfg: Config, teacher_index: int):
+    def __init__(self, cfg: Config, teacher_indices: list[int]):
         storage.configure_for(cfg)
-        torch.set_num_threads(max(1, int(cfg.teachers[teacher_index].num_cpus)))
+        first = cfg.teachers[teacher_indices[0]]
+        torch.set_num_threads(max(1, int(first.num_cpus)))
         self.cfg = cfg
-        self.t = cfg.teachers[teacher_index]
-        self.device = "cuda" if self.t.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        try:
-            self.model, self.error = load_teacher(cfg, self.t).to(self.device), None
-        except UserError as exc:  # raised from `label`, where the driver sees it as itself
-            self.model, self.error = None, exc
+        self.device = "cuda" if first.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.hosted: dict[str, tuple[Any, Any, UserError | None]] = {}  # name -> (config, model, load error)
+        for i in teacher_indices:
+            t = cfg.teachers[i]
+            try:
+                self.hosted[t.name] = (t, load_teacher(cfg, t).to(self.device), None)
+            except UserError as exc:  # raised from `label`, where the driver sees it as itself
+                self.hosted[t.name] = (t, None, exc)
 
-    def label(self, shard: dict[str, Any], out_uri: str, where: str) -> dict[str, Any]:
-        if self.error:
-            raise self.error
+    def label(self, shard: dict[str, Any], jobs: list[tuple[str, str]], where: str) -> list[dict[str, Any]]:
+        """jobs: (teacher name, label shard URI); returns their manifest entries in that order."""
+        for name, _ in jobs:
+            if self.hosted[name][2]:
+                raise self.hosted[name][2]
         inputs = read_inputs(self.cfg, shard)
+        return [self._label_one(*self.hosted[name][:2], inputs, out_uri, where) for name, out_uri in jobs]
+
+    def _label_one(self, t, model, inputs, out_uri: str, where: str) -> dict[str, Any]:
         if self.cfg.task == "token":
             from ensemblekd.token_pipeline import label_shard
 
-            data, entry = label_shard(self.model, inputs, self.cfg, self.t, self.device, where)
+            data, entry = label_shard(model, inputs, self.cfg, t, self.device, where)
             storage.write_bytes_atomic(out_uri, data)
             return entry
         ids, x = inputs
         try:
-            logits = predict(self.model, x, self.t.batch_size, self.device)
+            logits = predict(model, x, t.batch_size, self.device)
         except RuntimeError as exc:
-            raise UserError(f"teacher '{self.t.name}' failed on {where} ({str(exc).splitlines()[0]}); "
+            raise UserError(f"teacher '{t.name}' failed on {where} ({str(exc).splitlines()[0]}); "
                             "check data.features matches the model's input") from None
         if logits.ndim != 2 or len(logits) != len(ids):
-            raise UserError(f"teacher '{self.t.name}' returned shape {tuple(logits.shape)} on {where}; expected [rows, classes]")
+            raise UserError(f"teacher '{t.name}' returned shape {tuple(logits.shape)} on {where}; expected [rows, classes]")
         if not np.isfinite(logits).all():
-            raise UserError(f"teacher '{self.t.name}' produced NaN/Inf logits on {where}; fix the teacher or its checkpoint")
+            raise UserError(f"teacher '{t.name}' produced NaN/Inf logits on {where}; fix the teacher or its checkpoint")
         data, entry = encode_shard(ids, logits, self.cfg.store.dtype)
         storage.write_bytes_atomic(out_uri, data)
         return {**entry, "num_classes": int(logits.shape[1]), "dtype": self.cfg.store.dtype}
@@ -146,50 +155,57 @@ def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = Fals
 
 
 def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progress: bool) -> dict[str, Any]:
-    """One actor pool per teacher with work; each actor kept busy with IN_FLIGHT_PER_ACTOR shards."""
+    """One actor pool per teacher, or per `teachers.group` (its teachers share each actor and each
+    read of an input shard); each actor kept busy with IN_FLIGHT_PER_ACTOR shards."""
     from tqdm import tqdm
 
     ensure_ray(cfg.ray)
     start = time.perf_counter()
+    missing = set(todo)
+    groups: dict[str, list[int]] = {}
+    for i, t in enumerate(cfg.teachers):
+        if any(name == t.name for _, name, _ in todo):
+            groups.setdefault(t.group or t.name, []).append(i)
     queues: dict[str, deque] = {}
-    for split, name, i in todo:
-        queues.setdefault(name, deque()).append((split, i))
-    for t in cfg.teachers:
-        if t.name in queues:
-            require(f"teacher '{t.name}' (num_cpus/num_gpus)", t.num_cpus, t.num_gpus)
+    for key, members in groups.items():
+        names = {cfg.teachers[i].name for i in members}
+        queues[key] = deque(dict.fromkeys((split, i) for split, name, i in todo if name in names))
     actor_cls = ray.remote(TeacherWorker)
     actors: dict[str, list] = {}
-    for ti, t in enumerate(cfg.teachers):
-        if t.name in queues:
-            opts = dict(num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_restarts=-1, max_task_retries=3)
-            actors[t.name] = [actor_cls.options(**opts).remote(cfg, ti) for _ in range(t.replicas)]
+    for key, members in groups.items():
+        t = cfg.teachers[members[0]]  # a group's members share replicas and resources (checked by the config)
+        require(f"teacher '{t.name}' (num_cpus/num_gpus)", t.num_cpus, t.num_gpus)
+        opts = dict(num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_restarts=-1, max_task_retries=3)
+        actors[key] = [actor_cls.options(**opts).remote(cfg, members) for _ in range(t.replicas)]
 
-    in_flight: dict[Any, tuple[str, str, int, Any]] = {}
+    in_flight: dict[Any, tuple[str, int, list[str], str, Any]] = {}
 
-    def submit(name: str, actor) -> None:
-        if not queues[name]:
+    def submit(key: str, actor) -> None:
+        if not queues[key]:
             return
-        split, i = queues[name].popleft()
+        split, i = queues[key].popleft()
+        names = [cfg.teachers[m].name for m in groups[key] if (split, cfg.teachers[m].name, i) in missing]
         shard = store.inputs(split)[i]
-        ref = actor.label.remote(shard, store.shard_uri(split, name, i), f"{split} shard {i} ({shard['uri']})")
-        in_flight[ref] = (split, name, i, actor)
+        jobs = [(name, store.shard_uri(split, name, i)) for name in names]
+        ref = actor.label.remote(shard, jobs, f"{split} shard {i} ({shard['uri']})")
+        in_flight[ref] = (split, i, names, key, actor)
 
-    for name, pool in actors.items():
+    for key, pool in actors.items():
         for _ in range(IN_FLIGHT_PER_ACTOR):
             for actor in pool:
-                submit(name, actor)
+                submit(key, actor)
 
     rows, last_save = 0, time.monotonic()
     try:
         with tqdm(total=len(todo), desc="label", unit="shard", disable=not progress) as bar:
             while in_flight:
                 done, _ = ray.wait(list(in_flight), num_returns=1)
-                split, name, i, actor = in_flight.pop(done[0])
-                entry = unwrap(ray.get, done[0])
-                store.commit(split, name, i, entry)
-                rows += entry["rows"]
-                submit(name, actor)
-                bar.update()
+                split, i, names, key, actor = in_flight.pop(done[0])
+                for name, entry in zip(names, unwrap(ray.get, done[0])):
+                    store.commit(split, name, i, entry)
+                    rows += entry["rows"]
+                submit(key, actor)
+                bar.update(len(names))
                 bar.set_postfix_str(f"{rows / (time.perf_counter() - start):,.0f} rows/s")
                 if time.monotonic() - last_save > 1.0:
                     store.save()

@@ -126,3 +126,32 @@ def test_resources_no_node_has_are_refused_instead_of_hanging(tmp_path, digits_d
     with pytest.raises(UserError, match=r"teacher 'mlp_b' \(num_cpus/num_gpus\): asks for 0.5 CPU and 1 GPU"):
         label_stage(loaded, progress=False)
     assert Store.open(loaded.store.uri).missing("train", "mlp_a") == []   # nothing already written is lost
+
+
+def test_grouped_teachers_share_actors_and_write_the_same_store(tmp_path, digits_dir, ray_local, labelled):
+    """teachers.group: one actor pool hosts both teachers (one read per input shard); the store's
+    shards are byte for byte those of one pool per teacher, and a resume redoes only what is missing."""
+    raw = tiny_config(tmp_path, digits_dir)
+    for t, ref in zip(raw["teachers"], labelled[0].teachers):
+        t.update(group="both", checkpoint=ref.checkpoint, replicas=2)
+        t.pop("fit", None)
+    cfg = load_config(write_config(tmp_path, raw))
+    result = label(cfg, progress=False)
+    ref = Store.open(labelled[0].store.uri)
+    store = Store.open(cfg.store.uri)
+    assert result["shards"] == sum(len(store.inputs(s)) for s in ("train", "val", "test")) * 2
+    for split, teachers in ref.m["shards"].items():
+        for name, entries in teachers.items():
+            assert {k: e["sha256"] for k, e in entries.items()} == \
+                   {k: e["sha256"] for k, e in store.m["shards"][split][name].items()}
+    del store.m["shards"]["train"]["mlp_b"]["1"]
+    store.save()
+    assert label(cfg, progress=False)["shards"] == 1
+
+
+def test_grouped_teachers_must_share_resources(tmp_path, digits_dir):
+    raw = tiny_config(tmp_path, digits_dir)
+    raw["teachers"][0].update(group="g", num_cpus=0.5)
+    raw["teachers"][1].update(group="g", num_cpus=0.25)
+    with pytest.raises(UserError, match="share group 'g' .* but not replicas/num_cpus/num_gpus"):
+        load_config(write_config(tmp_path, raw), check=False)
