@@ -29,7 +29,13 @@ from ensemblekd.data import input_shards, read_shard
 from ensemblekd.errors import UserError
 from ensemblekd.ray_session import ensure_ray, require
 from ensemblekd.store import Store, StoreLock, encode_shard
-from ensemblekd.teachers import load_teacher, predict, spec_of, teacher_fingerprint, unwrap
+from ensemblekd.teachers import (
+    load_teacher,
+    predict,
+    spec_of,
+    teacher_fingerprint,
+    unwrap,
+)
 
 SPLITS = ("train", "val", "test")
 IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: the actor never waits on the driver

@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import tiny_config, write_config
+
 from ensemblekd.config import load_config
 from ensemblekd.errors import UserError
 from ensemblekd.label import label
