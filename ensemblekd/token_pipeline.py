@@ -53,7 +53,7 @@ def vocabulary(cfg: Config) -> dict[str, Any]:
         digest = vocab_hash(d.tokenizer if d.tokenizer else d.vocab_size)
     for t in cfg.teachers:
         if t.pretrained and d.tokenizer and d.tokenizer != "teachers" and vocab_hash(t.pretrained) != digest:
-            raise UserError(f"teachers '{t.name}': its tokenizer (hash {vocab_hash(t.pretrained)}) is not "
+            raise UserError(f"teacher '{t.name}': its tokenizer (hash {vocab_hash(t.pretrained)}) is not "
                             f"data.tokenizer's (hash {digest}); all teachers and the student must share one")
     return {"vocab_size": d.vocab_size, "vocab_hash": digest, "top_k": min(cfg.store.top_k, d.vocab_size)}
 
