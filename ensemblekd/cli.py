@@ -1,7 +1,8 @@
 """The `ensemblekd` command line: run | label | distill | evaluate | compare | export | validate | inspect | prepare.
 
-Exit 0 on success. Bad input exits 2 with one line on stderr naming the problem and the fix
-(`--debug` shows the traceback instead).
+A thin layer over the public API (ensemblekd.api): parse, call, print. Exit 0 on success. Bad
+input exits 2 with one line on stderr naming the problem and the fix (`--debug` shows the
+traceback instead).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="teachers, splits, shards, rows, bytes of a store; verifies checksums")
     ins.add_argument("store", help="store URI")
     ins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-    pre = sub.add_parser("prepare", help="write a built-in scikit-learn data set as Parquet splits")
-    pre.add_argument("name", help="digits | breast_cancer | wine | iris")
+    pre = sub.add_parser("prepare", help="write a built-in data set as Parquet splits")
+    pre.add_argument("name", help="digits | breast_cancer | wine | iris | markov")
     pre.add_argument("out", help="output directory (any fsspec URI)")
     pre.add_argument("--shard-rows", type=int, default=256, help="rows per Parquet shard (default 256)")
     pre.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
@@ -60,99 +61,72 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _load(args, check: bool = True):
-    from ensemblekd.config import load_config
-
-    return load_config(args.config, args.overrides, check=check)
-
-
 def cmd_run(args) -> int:
-    from ensemblekd.pipeline import run
+    from ensemblekd import api
 
-    cfg = _load(args, check=False)
-    result = run(cfg, progress=not args.no_progress)
+    result = api.run(args.config, args.overrides, progress=not args.no_progress)
     print()
-    print(result["table"])
+    print(result.table)
     print()
-    print(f"MLflow run: {result['run_id']}  ({result['tracking_uri']})")
-    print(f"student: {result['student']}   store: {result['store']}   wall time: {result['seconds']:.1f} s")
+    print(f"MLflow run: {result.run_id}  ({result.tracking_uri})")
+    print(f"student: {result.student}   store: {result.store}   wall time: {result.seconds:.1f} s")
     return 0
 
 
 def cmd_label(args) -> int:
-    from ensemblekd.pipeline import label_stage
-    from ensemblekd.ray_session import ray_session
+    from ensemblekd import api
 
-    cfg = _load(args, check=False)
-    with ray_session():
-        result = label_stage(cfg, progress=not args.no_progress, repair=args.repair)
-    for shard in result["repaired"]:
+    result = api.label(args.config, args.overrides, progress=not args.no_progress, repair=args.repair)
+    for shard in result.repaired:
         print(f"repaired {shard}")
-    print(f"labelled {result['shards']} shard(s), {result['rows']:,} rows in {result['seconds']:.1f} s into {cfg.store.uri}")
+    print(f"labelled {result.shards} shard(s), {result.rows:,} rows in {result.seconds:.1f} s into {result.store}")
     return 0
 
 
 def cmd_distill(args) -> int:
-    from ensemblekd import tracking
-    from ensemblekd.distill import preflight
-    from ensemblekd.pipeline import distill_stage
-    from ensemblekd.ray_session import ray_session
+    from ensemblekd import api
 
-    cfg = _load(args)
-    preflight(cfg)
-    with ray_session(), tracking.mlflow_run(cfg, "distill") as info:
-        result = distill_stage(cfg, info, progress=not args.no_progress)
-        tracking.log_student(cfg, result["student"])
-    m = result["metrics"]
-    print(f"student: {result['student']}  val accuracy {100 * m['val_accuracy']:.2f}%  "
-          f"({result['seconds']:.1f} s)  MLflow run {info['run_id']}")
+    result = api.distill(args.config, args.overrides, progress=not args.no_progress)
+    print(f"student: {result.student}  val accuracy {100 * result.metrics['val_accuracy']:.2f}%  "
+          f"({result.seconds:.1f} s)  MLflow run {result.run_id}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from ensemblekd import tracking
-    from ensemblekd.evaluate import evaluate, format_report
-    from ensemblekd.pipeline import log_report, student_path
+    from ensemblekd import api
 
-    cfg = _load(args)
-    with tracking.mlflow_run(cfg, "evaluate") as info:
-        assistants = [a.name for a in cfg.distill.assistants] if cfg.distill.strategy == "assistant" else []
-        report = evaluate(cfg, args.student or student_path(cfg), assistants, warmup=args.warmup, repeats=args.repeats)
-        log_report(cfg, report)
-    print(format_report(report))
-    print(f"MLflow run: {info['run_id']}")
+    result = api.evaluate(args.config, args.overrides, student=args.student, warmup=args.warmup, repeats=args.repeats)
+    print(result.table)
+    print(f"MLflow run: {result.run_id}")
     return 0
 
 
 def cmd_validate(args) -> int:
-    cfg = _load(args, check=False)
-    from ensemblekd.config import check_inputs
+    from ensemblekd import api
 
-    check_inputs(cfg, check_data=True)
+    cfg = api.load_config(args.config, args.overrides)
     print(f"{args.config}: ok ({len(cfg.teachers)} teachers, strategy {cfg.distill.strategy}/{cfg.distill.weighting}, "
           f"{cfg.trainer.num_workers} workers, ZeRO-{cfg.trainer.zero_stage})")
     return 0
 
 
 def cmd_inspect(args) -> int:
-    from ensemblekd.storage import check_reachable
-    from ensemblekd.store import Store
+    from ensemblekd import api
     from ensemblekd.tables import human_bytes
 
-    check_reachable(args.store, "STORE_URI")  # endpoint and credentials from AWS_* variables
-    store = Store.open(args.store)
-    m = store.m
-    if m.get("task") == "token":
+    store = api.open_store(args.store)  # endpoint and credentials from AWS_* variables
+    m = store.manifest
+    if m.get("vocab_size"):
         per_token = store.bytes_per_token()
-        print(f"store {store.uri}: schema v{m['schema_version']}, task token, vocabulary {m['vocab_size']} "
+        print(f"store {store.uri}: schema v{m['schema_version']}, task {m.get('task')}, vocabulary {m['vocab_size']} "
               f"(hash {m['vocab_hash']}), top-{m['top_k']} float16 + tail"
               + (f", {per_token:.1f} bytes/token" if per_token else ""))
     else:
         print(f"store {store.uri}: schema v{m['schema_version']}, {m['num_classes']} classes, {m['dtype']}")
     for name, t in sorted(m["teachers"].items()):
-        acc = t.get("val_accuracy")
-        print(f"  teacher {name}: fingerprint {t['fingerprint']}  {t['spec'].get('model') or t['spec'].get('pretrained')}"
-              + (f"  val acc {100 * acc:.2f}%" if acc is not None else ""))
+        acc, spec = t.get("val_accuracy"), t["spec"]
+        print(f"  teacher {name}: fingerprint {t['fingerprint']}  {spec.get('model') or spec.get('pretrained')}"
+              + (f" ({spec['kind']})" if spec.get("kind") else "") + (f"  val acc {100 * acc:.2f}%" if acc is not None else ""))
     checks = store.verify()
     bad = [c for c in checks if not c[3]]
     for split, inputs in sorted(m["inputs"].items()):
@@ -170,17 +144,16 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from ensemblekd.config import resolve_uri
-    from ensemblekd.data import prepare
+    from ensemblekd.data.builtin import prepare
+    from ensemblekd.io.fs import resolve_uri
 
-    out = resolve_uri(args.out)
-    paths = prepare(args.name, out, shard_rows=args.shard_rows)
+    paths = prepare(args.name, resolve_uri(args.out), shard_rows=args.shard_rows)
     print(f"wrote {args.name}: " + ", ".join(f"{k} -> {v}" for k, v in paths.items()))
     return 0
 
 
 def cmd_compare(args) -> int:
-    from ensemblekd.compare import compare, render
+    from ensemblekd.stages.compare import compare, render
 
     rows = compare(args.experiment, args.tracking_uri, args.sort, args.desc)
     print(render(rows, args.format))
@@ -190,21 +163,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ensemblekd.errors import UserError
-    from ensemblekd.export import export_config, export_run, serve_command
+    from ensemblekd import api
 
-    if (args.run_id is None) == (args.config is None):
-        raise UserError("export: give either RUN_ID or --config CONFIG")
-    if args.config:
-        cfg = _load(args)
-        if args.tracking_uri:
-            cfg.tracking.uri = args.tracking_uri
-        result = export_config(cfg, args.name)
-    else:
-        result = export_run(args.run_id, args.name, args.tracking_uri)
+    result = api.export(args.run_id, args.config, args.overrides, args.name, args.tracking_uri)
     print(f"registered '{result['name']}' version {result['version']} from MLflow run {result['run_id']} "
           f"({result['tracking_uri']})")
-    print(f"serve it:  {serve_command(result)}")
+    print(f"serve it:  {result['serve']}")
     return 0
 
 

@@ -1,14 +1,16 @@
 """Typed run configuration, checked at load time.
 
-A YAML file is read, `--set key.path=value` overrides are applied to the raw mapping, and the
-result is validated by pydantic models with `extra="forbid"`. Cross-field checks (teacher names,
-import paths, files that must exist, static weights) run right after, so every mistake is an
-error before any work starts, reported on one line that names the key and the fix.
+A YAML file (or a mapping) is read, `--set key.path=value` overrides are applied to the raw
+mapping, and the result is validated by pydantic models with `extra="forbid"` and cross-field
+checks (teacher names, groups, static weights, sequential stages), each error one line that names
+the key and the fix. What only an extension point knows (a task's keys, a teacher kind's fields,
+a weighting rule's name) is checked by that extension when the config is loaded through
+`ensemblekd.load_config` (stages.validate), so every mistake is still an error before any work.
 """
 
 from __future__ import annotations
 
-import importlib
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -23,15 +25,10 @@ from pydantic import (
     model_validator,
 )
 
+from ensemblekd.data.builtin import DATASETS
 from ensemblekd.errors import UserError
-from ensemblekd.storage import (
-    check_reachable,
-    configure_for,
-    exists,
-    is_remote,
-    resolve_uri,
-)
-from ensemblekd.weighting import STRATEGIES, WEIGHTINGS
+from ensemblekd.io.fs import check_reachable, configure_for, exists, is_remote, resolve_uri
+from ensemblekd.plugins import import_callable
 
 
 class _Section(BaseModel):
@@ -52,9 +49,8 @@ class DataConfig(_Section):
                                    "logits padded past it are cut to it")
     tokenizer: str | None = Field(default=None, description="task token: local tokenizer directory, or 'teachers' "
                                   "(each pretrained teacher's own); its vocabulary hash is kept in the store")
-    prepare: Literal["digits", "breast_cancer", "wine", "iris", "markov"] | None = Field(
-        default=None, description="write this built-in data set to the split paths when missing"
-    )
+    prepare: str | None = Field(default=None, description="write this built-in data set to the split paths when "
+                                "missing: " + ", ".join(DATASETS))
 
 
 class FitConfig(_Section):
@@ -66,12 +62,21 @@ class FitConfig(_Section):
 
 
 class TeacherConfig(_Section):
+    """One teacher. `kind` chooses the class that loads, fingerprints and fits it (ensemblekd.teachers);
+    which of the other keys it needs is that kind's to say."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    model: str | None = Field(default=None, description="'module:callable' returning a torch.nn.Module")
+    kind: str | None = Field(default=None, description="torch | huggingface | sklearn; default: huggingface when "
+                             "pretrained is set, else torch")
+    model: str | None = Field(default=None, description="'module:callable' building the model: a torch.nn.Module "
+                              "(kind torch) or a scikit-learn estimator (kind sklearn)")
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    pretrained: str | None = Field(default=None, description="task token: a local Hugging Face model directory "
-                                   "(from_pretrained; nothing is downloaded), instead of model + checkpoint")
-    checkpoint: str | None = None
+    pretrained: str | None = Field(default=None, description="kind huggingface: a local Hugging Face model directory "
+                                   "(from_pretrained; nothing is downloaded)")
+    checkpoint: str | None = Field(default=None, description="the saved model: a state dict (torch) or a skops file "
+                                   "(sklearn); where `fit` writes it")
+    trusted: list[str] = Field(default_factory=list, description="kind sklearn: types a saved estimator may hold "
+                               "beyond scikit-learn's and numpy's own (module.Class), once you have reviewed them")
     fit: FitConfig | None = None
     replicas: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=0.5, ge=0)
@@ -130,8 +135,11 @@ class AssistantConfig(_Section):
 
 
 class DistillConfig(_Section):
-    strategy: str = "parallel"
-    weighting: str = "uniform"
+    strategy: str = Field(default="parallel", description="parallel | sequential | assistant, or 'module:callable'")
+    strategy_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to a 'module:callable' strategy")
+    weighting: str = Field(default="uniform", description="uniform | static | accuracy | entropy | ca_mkd, or "
+                           "'module:callable'")
+    weighting_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the weighting rule")
     weights: dict[str, float] | None = Field(
         default=None, description="per-teacher weights for weighting: static"
     )
@@ -178,8 +186,8 @@ class RayConfig(_Section):
 
 
 class Config(_Section):
-    task: Literal["classification", "token"] = Field(
-        default="classification", description="token: causal LMs distilled token by token from top-k targets")
+    task: str = Field(default="classification", description="classification | token (causal LMs distilled token by "
+                      "token from top-k targets)")
     data: DataConfig
     teachers: list[TeacherConfig] = Field(min_length=1)
     store: StoreConfig
@@ -195,14 +203,6 @@ class Config(_Section):
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"teachers: the name '{name}' is used twice; give each teacher a unique name")
-        if self.distill.strategy not in STRATEGIES:
-            raise ValueError(
-                f"distill.strategy: unknown '{self.distill.strategy}'; choose one of {sorted(STRATEGIES)}"
-            )
-        if self.distill.weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"distill.weighting: unknown '{self.distill.weighting}'; choose one of {sorted(WEIGHTINGS)}"
-            )
         if self.distill.weighting == "static":
             given = set(self.distill.weights or {})
             if given != set(names):
@@ -232,61 +232,21 @@ class Config(_Section):
                 f"trainer.batch_size: {self.trainer.batch_size} does not split evenly over "
                 f"{self.trainer.num_workers} workers; use a multiple of trainer.num_workers"
             )
-        for i, t in enumerate(self.teachers):
-            if (t.model is None) == (t.pretrained is None):
-                raise ValueError(f"teachers.{i}: teacher '{t.name}' needs either model (+ checkpoint or fit) or pretrained")
-            if t.pretrained and (t.checkpoint or t.fit or t.kwargs):
-                raise ValueError(f"teachers.{i}.pretrained: a pretrained directory brings its own weights; "
-                                 "remove checkpoint, fit and kwargs")
-            if t.model and t.checkpoint is None and t.fit is None:
-                raise ValueError(
-                    f"teachers.{i}.checkpoint: teacher '{t.name}' needs a checkpoint URI or a fit block"
-                )
         groups: dict[str, TeacherConfig] = {}
         for t in self.teachers:
             first = groups.setdefault(t.group, t) if t.group else t
             if (t.replicas, t.num_cpus, t.num_gpus) != (first.replicas, first.num_cpus, first.num_gpus):
                 raise ValueError(f"teachers: '{t.name}' and '{first.name}' share group '{t.group}' (one actor pool) "
                                  "but not replicas/num_cpus/num_gpus; give them the same values")
-        self._task_checks()
+        if self.data.prepare and DATASETS.get(self.data.prepare, self.task) != self.task:
+            raise ValueError(f"data.prepare: '{self.data.prepare}' is a data set for task {DATASETS[self.data.prepare]}; "
+                             f"this config has task {self.task}")
+        if self.data.prepare and self.data.prepare not in DATASETS:
+            raise ValueError(f"data.prepare: unknown data set '{self.data.prepare}'; choose one of {', '.join(DATASETS)}")
         return self
-
-    def _task_checks(self) -> None:
-        d, token = self.data, self.task == "token"
-        if token and d.vocab_size is None:
-            raise ValueError("data.vocab_size: task token needs the shared vocabulary size (e.g. 32000)")
-        if token and self.distill.mix_space == "logit":
-            raise ValueError("distill.mix_space: task token mixes per-teacher top-k targets in probability space; "
-                             "use mix_space: prob")
-        if d.prepare and (d.prepare == "markov") != token:
-            raise ValueError(f"data.prepare: '{d.prepare}' is a data set for task "
-                             f"{'token' if d.prepare == 'markov' else 'classification'}; this config has task {self.task}")
-        if not token and (d.vocab_size or d.tokenizer or any(t.pretrained for t in self.teachers)):
-            raise ValueError("data.vocab_size/tokenizer and teachers.pretrained: only used with task: token")
-        if d.tokenizer == "teachers" and not any(t.pretrained for t in self.teachers):
-            raise ValueError("data.tokenizer: 'teachers' needs pretrained teachers; give a tokenizer directory or null")
-
-    def teacher_checkpoint(self, teacher: TeacherConfig) -> str:
-        """Where a teacher's weights live: its checkpoint, or the default place `fit` writes to."""
-        return teacher.checkpoint or os.path.join(self.trainer.output_dir, "teachers", f"{teacher.name}.pt")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
-
-
-def import_callable(path: str, key: str):
-    """Resolve 'module:callable'; a UserError that names the key when it does not resolve."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise UserError(f"{key}: '{path}' is not of the form 'module:callable' (e.g. ensemblekd.models:mlp)")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"{key}: cannot import module '{module_name}' ({exc}); check the path or install it") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise UserError(f"{key}: module '{module_name}' has no callable '{attr}'")
-    return fn
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -343,18 +303,10 @@ def _absolute_paths(cfg: Config) -> None:
 
 
 def check_inputs(cfg: Config, check_data: bool = True) -> None:
-    """The checks that touch the outside world: import paths, files that must exist, the store's
-    object store (endpoint, credentials, bucket)."""
+    """The checks of this schema that touch the outside world: the store's object store (endpoint,
+    credentials, bucket), the student's and assistants' import paths, the data files. (The
+    teachers' files are their kind's to check: stages.validate.)"""
     check_reachable(cfg.store.uri, "store.uri")
-    for i, t in enumerate(cfg.teachers):
-        if t.pretrained:
-            if not exists(os.path.join(t.pretrained, "config.json")):
-                raise UserError(f"teachers.{i}.pretrained: '{t.pretrained}' is not a Hugging Face model directory "
-                                "(no config.json); save one with save_pretrained")
-            continue
-        import_callable(t.model, f"teachers.{i}.model")
-        if t.fit is None and not exists(cfg.teacher_checkpoint(t)):
-            raise UserError(f"teachers.{i}.checkpoint: '{t.checkpoint}' does not exist; fix the path or add a fit block")
     import_callable(cfg.student.model, "student.model")
     for i, a in enumerate(cfg.distill.assistants):
         import_callable(a.model, f"distill.assistants.{i}.model")
@@ -365,25 +317,33 @@ def check_inputs(cfg: Config, check_data: bool = True) -> None:
                 raise UserError(f"data.{split}: '{uri}' does not exist; fix the path or set data.prepare")
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] | None = None, check: bool = True) -> Config:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file '{path}' not found; pass the path of a YAML file such as configs/digits.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    if not isinstance(raw, dict):
-        raise UserError(f"{path}: the top level must be a mapping of sections (data, teachers, ...)")
+def parse_config(source: str | os.PathLike | dict[str, Any] | Config, overrides: list[str] | None = None) -> Config:
+    """A validated Config from a YAML file, a mapping or a Config, with `key.path=value` overrides;
+    local paths made absolute. Touches nothing outside (see check_inputs)."""
+    where = "config"
+    if isinstance(source, Config):
+        raw = source.to_dict()
+        raw["store"]["storage_options"] = copy.deepcopy(source.store.storage_options)  # to_dict redacts credentials
+    elif isinstance(source, dict):
+        raw = yaml.safe_load(yaml.safe_dump(source))  # a deep copy: overrides never change the caller's mapping
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise UserError(f"config file '{path}' not found; pass the path of a YAML file such as configs/digits.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{path}: the top level must be a mapping of sections (data, teachers, ...)")
     raw = apply_overrides(raw, overrides or [])
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{path}: {_format_error(exc)}") from None
+        raise UserError(f"{where}: {_format_error(exc)}") from None
     _absolute_paths(cfg)
     configure_for(cfg)
-    if check:
-        check_inputs(cfg)
     return cfg
 
 

@@ -1,14 +1,10 @@
-"""Causal language models for token-level distillation, and a synthetic language to fit them on.
+"""Causal language models for token-level distillation.
 
 Models are referenced from configs as 'ensemblekd.lm:NAME' with kwargs, like ensemblekd.models.
 Every builder returns a `CausalLM`: forward(input_ids [B, L] long, attention_mask=None) gives
 logits [B, L, V] as a plain tensor, so callers never deal with Hugging Face output objects.
 The tiny builders make the model from a transformers config in code: nothing is downloaded.
-
-`markov_corpus` is a fixed random sparse Markov chain over a Zipf-distributed vocabulary: models
-fitted on it predict peaked next-token distributions, as real LMs do (most of the mass in a few
-dozen tokens), which is what compressed top-k soft targets rely on: at V = 512 a tiny GPT-2 fitted
-for seconds keeps about 0.97 of its mass in its top 32 (tools/results/lm_store.md).
+The synthetic language they are fitted on in the demo is ensemblekd.data.builtin.markov_corpus.
 """
 
 from __future__ import annotations
@@ -16,16 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 from torch import nn
 
-from ensemblekd import storage
 from ensemblekd.errors import UserError
+from ensemblekd.fitting import fit_module
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -140,128 +134,27 @@ def _load_tokenizer(path: str):
         raise UserError(f"vocab_hash: cannot load a tokenizer from '{path}' ({first})") from None
 
 
-# -- a synthetic language -------------------------------------------------------------------
-def _zipf(n: int, exponent: float) -> np.ndarray:
-    p = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** exponent
-    return p / p.sum()
-
-
-def markov_chain(vocab_size: int, branching: int = 8, seed: int = 0, unigram_exponent: float = 1.1,
-                 successor_exponent: float = 1.5, modes: int = 2) -> dict[str, np.ndarray]:
-    """The chain behind markov_corpus, deterministic by seed.
-
-    Token frequencies follow a Zipf law over a random permutation of the ids (a few tokens are
-    common, most are rare, as in text). Each token has `branching` successors drawn from that
-    unigram, ranked with Zipf probabilities; the token before it picks one of `modes` rotations
-    of the ranking (second-order context: a model that only sees the last token is less sure).
-    """
-    if vocab_size < 2 or branching < 1 or modes < 1:
-        raise ValueError("markov_chain needs vocab_size >= 2, branching >= 1 and modes >= 1")
-    rng = np.random.default_rng([seed, 0])
-    rank_to_token = rng.permutation(vocab_size)
-    unigram = _zipf(vocab_size, unigram_exponent)
-    cdf = np.cumsum(unigram)
-    draws = np.minimum(np.searchsorted(cdf, rng.random((vocab_size, branching))), vocab_size - 1)
-    successors = rank_to_token[draws]  # duplicates (rare but for the commonest tokens) just merge
-    shift = rng.integers(0, modes, vocab_size) * max(branching // modes, 1)
-    return {"successors": successors.astype(np.int64), "shift": shift,
-            "successor_probs": _zipf(branching, successor_exponent), "start": rank_to_token, "start_cdf": cdf}
-
-
-def markov_corpus(vocab_size: int, num_sequences: int, seq_len: int, branching: int = 8, seed: int = 0,
-                  sample_seed: int | None = None, **chain_kwargs) -> np.ndarray:
-    """[num_sequences, seq_len] int32 token ids sampled from markov_chain(vocab_size, branching, seed).
-
-    The chain depends on `seed` only; `sample_seed` (default: seed) draws the sequences, so
-    held-out text from the same language is another sample_seed.
-    """
-    chain = markov_chain(vocab_size, branching, seed, **chain_kwargs)
-    rng = np.random.default_rng([seed if sample_seed is None else sample_seed, 1])
-    out = np.empty((num_sequences, seq_len), dtype=np.int64)
-    if seq_len == 0 or num_sequences == 0:
-        return out.astype(np.int32)
-    start = np.minimum(np.searchsorted(chain["start_cdf"], rng.random(num_sequences)), vocab_size - 1)
-    out[:, 0] = chain["start"][start]
-    prev = out[:, 0]  # at t = 1 the "token before" is the first token itself
-    for t in range(1, seq_len):
-        cur = out[:, t - 1]
-        j = (rng.choice(branching, size=num_sequences, p=chain["successor_probs"]) + chain["shift"][prev]) % branching
-        out[:, t] = chain["successors"][cur, j]
-        prev = cur
-    return out.astype(np.int32)
-
-
-def write_token_split(out_dir: str, tokens: np.ndarray | Sequence[np.ndarray], shard_rows: int = 256,
-                      first_id: int = 0) -> list[str]:
-    """Sequences as out_dir/part-NNNNN.parquet: id int64, tokens list<int32>, loss_mask list<bool>.
-
-    loss_mask[t] says whether token t is a training target (predicted from the tokens before
-    it): all true but the first token, which has no context. Rows may differ in length. (In
-    ensemblekd.tokens position j predicts token j + 1, so position j counts where loss_mask[j + 1].)
-    """
-    if shard_rows < 1:
-        raise UserError("shard_rows must be at least 1")
-    rows = [np.asarray(r, dtype=np.int32).reshape(-1) for r in tokens]
-    paths = []
-    for i, start in enumerate(range(0, len(rows), shard_rows)):
-        part = rows[start:start + shard_rows]
-        lengths = np.array([len(r) for r in part], dtype=np.int32)
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-        values = np.concatenate(part) if part else np.zeros(0, np.int32)
-        mask = np.ones(len(values), dtype=bool)
-        mask[offsets.to_numpy()[:-1][lengths > 0]] = False
-        table = pa.table({
-            "id": pa.array(np.arange(first_id + start, first_id + start + len(part), dtype=np.int64)),
-            "tokens": pa.ListArray.from_arrays(offsets, pa.array(values, pa.int32())),
-            "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(mask, pa.bool_())),
-        })
-        path = storage.join(out_dir, f"part-{i:05d}.parquet")
-        storage.write_bytes_atomic(path, storage.table_to_parquet_bytes(table))
-        paths.append(path)
-    return paths
-
-
-def prepare_markov(out: str, vocab_size: int = 512, seq_len: int = 64, train: int = 2048, val: int = 256,
-                   test: int = 256, shard_rows: int = 256, seed: int = 0) -> dict[str, str]:
-    """The token demo's data: markov_corpus sequences as out/{train,val,test}/part-NNNNN.parquet.
-
-    One language (chain seed), three independent samples of it; ids are unique across splits.
-    """
-    paths, first_id = {}, 0
-    for i, (split, n) in enumerate((("train", train), ("val", val), ("test", test))):
-        tokens = markov_corpus(vocab_size, n, seq_len, seed=seed, sample_seed=seed * 3 + i + 1)
-        split_dir = storage.join(out, split)
-        write_token_split(split_dir, tokens, shard_rows, first_id)
-        paths[split] = split_dir
-        first_id += n
-    return paths
-
-
 # -- fit and predict ------------------------------------------------------------------------
+def next_token_loss(model: nn.Module, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of each position predicting the next token; mask [B, L] (optional) marks the
+    tokens that are targets (padding and the first token never are)."""
+    logits = logits_of(model(tokens))[:, :-1]
+    target, keep = tokens[:, 1:], None if mask is None else mask[:, 1:]
+    if keep is None:
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+    return nn.functional.cross_entropy(logits[keep], target[keep])
+
+
 def fit_lm(model: nn.Module, tokens: np.ndarray, epochs: int = 1, lr: float = 3e-3, batch_size: int = 32,
-           seed: int = 0, weight_decay: float = 0.0) -> nn.Module:
-    """Next-token cross-entropy on [N, L] sequences (AdamW, cosine decay per step): fits the
-    synthetic-corpus teachers and students in seconds on a CPU."""
-    torch.manual_seed(seed)
+           seed: int = 0, weight_decay: float = 0.0, mask: np.ndarray | None = None) -> nn.Module:
+    """Next-token cross-entropy on [N, L] sequences (fitting.fit_module): fits the synthetic-corpus
+    teachers and students in seconds on a CPU."""
     x = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
     if x.ndim != 2 or x.shape[1] < 2:
         raise ValueError(f"fit_lm needs tokens [N, L] with L >= 2, got shape {tuple(x.shape)}")
-    steps = max(epochs * -(-len(x) // batch_size), 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-    g = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x), generator=g)
-        for i in range(0, len(x), batch_size):
-            batch = x[perm[i:i + batch_size]]
-            logits = logits_of(model(batch))[:, :-1]
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+    m = None if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.bool)
+    return fit_module(model, len(x), lambda idx: next_token_loss(model, x[idx], None if m is None else m[idx]),
+                      epochs, lr, batch_size, seed, weight_decay)
 
 
 @torch.no_grad()

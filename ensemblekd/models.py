@@ -1,4 +1,5 @@
-"""Small built-in models, referenced from configs as 'ensemblekd.models:NAME'.
+"""Small built-in models, referenced from configs as 'ensemblekd.models:NAME', and the helpers that
+build any 'module:callable' torch model from a config and load or save its weights.
 
 Any 'module:callable' returning a torch.nn.Module that maps a float batch [B, F] to logits [B, C]
 works as a teacher or student; these are the ones the demo and tests use.
@@ -6,9 +7,16 @@ works as a teacher or student; these are the ones the demo and tests use.
 
 from __future__ import annotations
 
+import io
 import math
+from typing import Any
 
+import torch
 from torch import nn
+
+from ensemblekd.errors import UserError
+from ensemblekd.io import fs
+from ensemblekd.plugins import import_callable
 
 
 def mlp(in_features: int, num_classes: int, hidden: list[int] | tuple[int, ...] = (128,), dropout: float = 0.0) -> nn.Module:
@@ -48,5 +56,48 @@ def cnn(in_features: int, num_classes: int, channels: list[int] | tuple[int, ...
     return nn.Sequential(*layers)
 
 
+# -- any torch model from a config ------------------------------------------------------------
+def build_module(model: str, kwargs: dict[str, Any], key: str = "model") -> nn.Module:
+    """Call the 'module:callable' `model` with kwargs; a UserError naming `key` if that fails or
+    returns something other than a torch.nn.Module."""
+    try:
+        module = import_callable(model, key)(**kwargs)
+    except TypeError as exc:
+        raise UserError(f"{key}: {model}(**kwargs) failed ({exc}); fix the kwargs") from None
+    if not isinstance(module, nn.Module):
+        raise UserError(f"{key}: {model} returned {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def load_state(module: nn.Module, uri: str, who: str) -> nn.Module:
+    """Load a state dict (weights only: torch.load never runs code from it) into module; eval mode."""
+    try:
+        state = torch.load(io.BytesIO(fs.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"{who}: checkpoint '{uri}' does not exist") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise UserError(f"{who}: '{uri}' is not a torch state dict ({type(exc).__name__})") from None
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise UserError(f"{who}: checkpoint '{uri}' does not match the model ({first})") from None
+    return module.eval()
+
+
+def save_state(module: nn.Module, uri: str) -> None:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in module.state_dict().items()}, buf)
+    fs.write_bytes_atomic(uri, buf.getvalue())
+
+
+def load_student(student_cfg, uri: str) -> nn.Module:
+    """The student (config section `student`) with the weights at `uri`: for evaluation and serving."""
+    return load_state(build_module(student_cfg.model, student_cfg.kwargs, "student.model"), uri, "student")
+
+
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Trainable numbers in a model; a module that wraps another framework's model (a scikit-learn
+    teacher) says how many it has with a `num_parameters` attribute."""
+    own = getattr(model, "num_parameters", None)
+    return int(own) if own is not None else sum(p.numel() for p in model.parameters())

@@ -1,5 +1,6 @@
 """Ray, started on first use: a run with no Ray work to do (a complete store, a bad config)
-never pays for, or prints, a Ray start."""
+never pays for, or prints, a Ray start. Also: resource requests no node can meet are refused, and
+a UserError raised inside a Ray task or actor comes back to the driver as itself."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ensemblekd.errors import UserError
+
 
 def ensure_ray(ray_cfg) -> None:
     """Join ray.address (or RAY_ADDRESS), or start a local Ray with ray.num_cpus, unless connected.
@@ -19,8 +22,6 @@ def ensure_ray(ray_cfg) -> None:
     or whose cluster refuses us (token authentication), is a one-line UserError.
     """
     import ray
-
-    from ensemblekd.errors import UserError
 
     if ray.is_initialized():
         return
@@ -47,8 +48,6 @@ def ensure_ray(ray_cfg) -> None:
 
 def _check_listening(address: str, where: str) -> None:
     """ray.init retries a host:port where nothing listens for minutes; a TCP connect fails at once."""
-    from ensemblekd.errors import UserError
-
     host, _, port = address.rpartition(":")
     if "://" in address or not host or not port.isdigit():  # "auto", ray://...: left to Ray
         return
@@ -77,11 +76,22 @@ def require(what: str, cpus: float, gpus: float = 0.0) -> None:
     otherwise wait for it forever). Resources other work holds for a while are not counted."""
     import ray
 
-    from ensemblekd.errors import UserError
-
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
         return
     biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
     raise UserError(f"{what}: asks for {cpus:g} CPU and {gpus:g} GPU per process, but the largest Ray node has "
                     f"{biggest.get('CPU', 0):g} CPU and {biggest.get('GPU', 0):g} GPU; lower it or add such a node")
+
+
+def unwrap(fn, *args, **kwargs):
+    """Call fn (ray.get, ...); a UserError raised inside a Ray task or actor comes back as itself."""
+    import ray
+
+    try:
+        return fn(*args, **kwargs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, UserError):
+            raise UserError(str(cause)) from None
+        raise

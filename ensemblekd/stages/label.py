@@ -1,4 +1,5 @@
-"""The label stage: one Ray actor pool per teacher writes raw logits into the store.
+"""The label stage: one Ray actor pool per teacher (or per `teachers.group`) writes the teachers'
+soft targets into the store, encoded by the task (raw logits, or top-k log-probs for task token).
 
 The unit of work is (split, teacher, input shard). An actor reads the input shard, runs its
 teacher, and writes the label shard straight into the store (the data never passes through
@@ -19,39 +20,20 @@ import time
 from collections import deque
 from typing import Any
 
-import numpy as np
 import ray
 import torch
 
-from ensemblekd import storage
 from ensemblekd.config import Config
-from ensemblekd.data import input_shards, read_shard
+from ensemblekd.data.inputs import input_shards
 from ensemblekd.errors import UserError
-from ensemblekd.ray_session import ensure_ray, require
-from ensemblekd.store import Store, StoreLock, encode_shard
-from ensemblekd.teachers import (
-    load_teacher,
-    predict,
-    spec_of,
-    teacher_fingerprint,
-    unwrap,
-)
+from ensemblekd.io import fs
+from ensemblekd.io.ray_session import ensure_ray, require, unwrap
+from ensemblekd.store import Store, StoreLock
+from ensemblekd.tasks import get_task
+from ensemblekd.teachers import kind_of
 
 SPLITS = ("train", "val", "test")
 IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: the actor never waits on the driver
-
-
-def read_inputs(cfg: Config, shard: dict[str, Any]) -> tuple[np.ndarray, ...]:
-    """(ids, features) of one input shard; task token: (ids, tokens, lengths)."""
-    from ensemblekd.data import InputShard
-
-    storage.configure_for(cfg)
-    if cfg.task == "token":
-        from ensemblekd.token_pipeline import read_inputs as read_token_inputs
-
-        return read_token_inputs(cfg, shard)
-    ids, x, _ = read_shard(InputShard(**shard), cfg.data.features, None, cfg.data.id)
-    return ids, x
 
 
 class TeacherWorker:
@@ -59,16 +41,16 @@ class TeacherWorker:
     and writes one label shard for each hosted teacher that still needs it."""
 
     def __init__(self, cfg: Config, teacher_indices: list[int]):
-        storage.configure_for(cfg)
+        fs.configure_for(cfg)
         first = cfg.teachers[teacher_indices[0]]
         torch.set_num_threads(max(1, int(first.num_cpus)))
-        self.cfg = cfg
+        self.cfg, self.task = cfg, get_task(cfg.task)
         self.device = "cuda" if first.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.hosted: dict[str, tuple[Any, Any, UserError | None]] = {}  # name -> (config, model, load error)
         for i in teacher_indices:
             t = cfg.teachers[i]
             try:
-                self.hosted[t.name] = (t, load_teacher(cfg, t).to(self.device), None)
+                self.hosted[t.name] = (t, kind_of(t).load(cfg, t).to(self.device), None)
             except UserError as exc:  # raised from `label`, where the driver sees it as itself
                 self.hosted[t.name] = (t, None, exc)
 
@@ -77,61 +59,35 @@ class TeacherWorker:
         for name, _ in jobs:
             if self.hosted[name][2]:
                 raise self.hosted[name][2]
-        inputs = read_inputs(self.cfg, shard)
-        return [self._label_one(*self.hosted[name][:2], inputs, out_uri, where) for name, out_uri in jobs]
-
-    def _label_one(self, t, model, inputs, out_uri: str, where: str) -> dict[str, Any]:
-        if self.cfg.task == "token":
-            from ensemblekd.token_pipeline import label_shard
-
-            data, entry = label_shard(model, inputs, self.cfg, t, self.device, where)
-            storage.write_bytes_atomic(out_uri, data)
-            return entry
-        ids, x = inputs
-        try:
-            logits = predict(model, x, t.batch_size, self.device)
-        except RuntimeError as exc:
-            raise UserError(f"teacher '{t.name}' failed on {where} ({str(exc).splitlines()[0]}); "
-                            "check data.features matches the model's input") from None
-        if logits.ndim != 2 or len(logits) != len(ids):
-            raise UserError(f"teacher '{t.name}' returned shape {tuple(logits.shape)} on {where}; expected [rows, classes]")
-        if not np.isfinite(logits).all():
-            raise UserError(f"teacher '{t.name}' produced NaN/Inf logits on {where}; fix the teacher or its checkpoint")
-        data, entry = encode_shard(ids, logits, self.cfg.store.dtype)
-        storage.write_bytes_atomic(out_uri, data)
-        return {**entry, "num_classes": int(logits.shape[1]), "dtype": self.cfg.store.dtype}
+        inputs = self.task.read_inputs(self.cfg, shard)
+        results = []
+        for name, out_uri in jobs:
+            t, model, _ = self.hosted[name]
+            data, entry = self.task.label_shard(model, inputs, self.cfg, t, self.device, where)
+            fs.write_bytes_atomic(out_uri, data)
+            results.append(entry)
+        return results
 
 
 def plan(cfg: Config, store: Store, splits=SPLITS) -> list[tuple[str, str, int]]:
     """Record inputs and fingerprints in the store; return the (split, teacher, index) still to do."""
     for split in splits:
         store.set_inputs(split, [s.signature() for s in input_shards(getattr(cfg.data, split))])
-    if cfg.task == "token":
-        from ensemblekd.token_pipeline import vocabulary
-
-        store.set_vocabulary(vocabulary(cfg))
+    store.set_task(cfg.task, get_task(cfg.task).store_info(cfg))
     for t in cfg.teachers:
-        store.set_teacher(t.name, teacher_fingerprint(cfg, t), spec_of(t))
+        kind = kind_of(t)
+        store.set_teacher(t.name, kind.fingerprint(cfg, t), kind.spec(t))
     return [(split, t.name, i) for t in cfg.teachers for split in splits for i in store.missing(split, t.name)]
 
 
 def record_val_accuracy(cfg: Config, store: Store) -> None:
-    from ensemblekd.data import read_split
-
-    if cfg.task == "token":
-        from ensemblekd.token_pipeline import stored_accuracy
-
-        for t in cfg.teachers:
-            store.m["teachers"][t.name]["val_accuracy"] = stored_accuracy(cfg, store, "val", t.name)
-        store.m["bytes_per_token"] = store.bytes_per_token()
-        return
-    if not cfg.data.label:
-        return
-    from ensemblekd.evaluate import accuracy
-
-    ids, _, y = read_split(cfg.data.val, cfg.data.features, cfg.data.label, cfg.data.id)
+    """Each teacher's validation accuracy, from its stored targets, into the manifest."""
+    task = get_task(cfg.task)
     for t in cfg.teachers:
-        store.m["teachers"][t.name]["val_accuracy"] = accuracy(store.read_split("val", t.name, ids).argmax(1), y)
+        store.manifest["teachers"][t.name]["val_accuracy"] = task.stored_accuracy(cfg, store, "val", t.name)
+    per_token = store.bytes_per_token()
+    if per_token is not None:
+        store.manifest["bytes_per_token"] = per_token
 
 
 def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = False) -> dict[str, Any]:
@@ -153,7 +109,7 @@ def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = Fals
         store.save()
         result = run_pools(cfg, store, todo, progress) if todo else {"shards": 0, "rows": 0, "seconds": 0.0}
         result["repaired"] = [f"{split}/{teacher}/shard {index} ({why})" for split, teacher, index, why in repaired]
-        teachers = store.m["teachers"]
+        teachers = store.manifest["teachers"]
         if "val" in splits and (todo or any(teachers[t.name].get("val_accuracy") is None for t in cfg.teachers)):
             record_val_accuracy(cfg, store)
             store.save()

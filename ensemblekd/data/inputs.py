@@ -1,13 +1,12 @@
-"""Input data: Parquet shards with an id, a feature column and an optional label column.
+"""Input shards: Parquet files with an id, a feature (or token) column and an optional label column.
 
-`prepare` writes a built-in scikit-learn data set as sharded train/val/test Parquet, so the
-project runs with nothing downloaded. `input_shards` lists a split's shards with their row
-counts (from the Parquet footers, no data read); `read_shard` turns one into numpy arrays.
+`input_shards` lists a split's shards with their row counts (from the Parquet footers, no data
+read); `read_shard` turns a classification shard into numpy arrays, `read_token_shard` a shard of
+token sequences.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -15,13 +14,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ensemblekd import storage
 from ensemblekd.errors import UserError
+from ensemblekd.io import fs
 from ensemblekd.losses import IGNORE
-
-BUILTIN = ("digits", "breast_cancer", "wine", "iris")
-TOKEN_BUILTIN = ("markov",)  # task token: ensemblekd.lm.prepare_markov
-
 
 @dataclass(frozen=True)
 class InputShard:
@@ -37,15 +32,15 @@ class InputShard:
 
 
 def input_shards(uri: str) -> list[InputShard]:
-    files = storage.list_parquet(uri)
+    files = fs.list_parquet(uri)
     if not files:
         raise UserError(f"no Parquet files at '{uri}'; point data.train/val/test at a .parquet file or a directory of them")
     shards, offset = [], 0
     for f in files:
-        fs, path = storage.filesystem(f)
-        with fs.open(path, "rb") as fh:
+        filesystem, path = fs.filesystem(f)
+        with filesystem.open(path, "rb") as fh:
             rows = pq.ParquetFile(fh).metadata.num_rows
-        shards.append(InputShard(f, rows, storage.file_size(f), offset))
+        shards.append(InputShard(f, rows, fs.file_size(f), offset))
         offset += rows
     return shards
 
@@ -77,7 +72,7 @@ def read_shard(shard: InputShard, features: str, label: str | None, id_col: str,
                in_features: int | None = None, writable: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids int64 [N], x float32 [N, F], y int64 [N] with IGNORE where unlabelled); x is read-only
     unless writable (see features_to_numpy)."""
-    table = storage.read_parquet(shard.uri)
+    table = fs.read_parquet(shard.uri)
     names = table.column_names
     if features not in names:
         raise UserError(f"{shard.uri}: no feature column '{features}' (columns: {names}); set data.features")
@@ -101,7 +96,7 @@ def read_token_shard(shard: InputShard, d) -> tuple[np.ndarray, np.ndarray, np.n
     the file has it (else every token), never the first token (nothing predicts it) nor padding.
     Right padding is safe for causal models: no real position attends to a later one.
     """
-    table = storage.read_parquet(shard.uri)
+    table = fs.read_parquet(shard.uri)
     names = table.column_names
     if d.features not in names:
         raise UserError(f"{shard.uri}: no token column '{d.features}' (columns: {names}); set data.features")
@@ -136,72 +131,10 @@ def read_split(uri: str, features: str, label: str | None, id_col: str):
     return tuple(np.concatenate(p) for p in zip(*parts))
 
 
-def _load_builtin(name: str):
-    from sklearn import datasets
-
-    loader = {"digits": datasets.load_digits, "breast_cancer": datasets.load_breast_cancer,
-              "wine": datasets.load_wine, "iris": datasets.load_iris}[name]
-    d = loader()
-    return d.data.astype(np.float32), d.target.astype(np.int64)
-
-
-def prepare(name: str, out: str, shard_rows: int = 256, seed: int = 0,
-            fractions: tuple[float, float, float] = (0.6, 0.2, 0.2)) -> dict[str, str]:
-    """Write a built-in data set as out/{train,val,test}/part-NNNNN.parquet (stratified split).
-
-    Features are scaled with statistics of the train split only (digits: pixel / 16).
-    """
-    if name not in BUILTIN + TOKEN_BUILTIN:
-        raise UserError(f"unknown data set '{name}'; choose one of {', '.join(BUILTIN + TOKEN_BUILTIN)}")
-    if shard_rows < 1:
-        raise UserError("--shard-rows must be at least 1")
-    if name == "markov":  # token sequences over 512 ids, for task: token
-        from ensemblekd.lm import prepare_markov
-
-        return prepare_markov(out, shard_rows=shard_rows)
-    from sklearn.model_selection import train_test_split
-
-    x, y = _load_builtin(name)
-    ids = np.arange(len(y), dtype=np.int64)
-    idx_train, idx_rest = train_test_split(ids, train_size=fractions[0], stratify=y, random_state=seed)
-    val_share = fractions[1] / (fractions[1] + fractions[2])
-    idx_val, idx_test = train_test_split(idx_rest, train_size=val_share, stratify=y[idx_rest], random_state=seed)
-    if name == "digits":
-        x = x / 16.0
-    else:
-        mean, std = x[idx_train].mean(0), x[idx_train].std(0) + 1e-6
-        x = (x - mean) / std
-    paths = {}
-    for split, idx in (("train", idx_train), ("val", idx_val), ("test", idx_test)):
-        split_dir = storage.join(out, split)
-        for i, start in enumerate(range(0, len(idx), shard_rows)):
-            part = np.sort(idx[start:start + shard_rows])
-            table = pa.table({
-                "id": pa.array(part),
-                "x": pa.FixedSizeListArray.from_arrays(pa.array(x[part].reshape(-1), pa.float32()), x.shape[1]),
-                "y": pa.array(y[part]),
-            })
-            storage.write_bytes_atomic(storage.join(split_dir, f"part-{i:05d}.parquet"),
-                                       storage.table_to_parquet_bytes(table))
-        paths[split] = split_dir
-    return paths
-
-
-def prepared(cfg_data) -> bool:
-    return all(storage.list_parquet(getattr(cfg_data, s)) for s in ("train", "val", "test"))
-
-
-def prepare_for_config(cfg_data) -> None:
-    """The demo path: write data.prepare's built-in set where the config expects it, when missing."""
-    if cfg_data.prepare is None or prepared(cfg_data):
-        return
-    parents = {os.path.dirname(getattr(cfg_data, s).rstrip("/")) for s in ("train", "val", "test")}
-    names = [os.path.basename(getattr(cfg_data, s).rstrip("/")) for s in ("train", "val", "test")]
-    if len(parents) != 1 or names != ["train", "val", "test"]:
-        raise UserError("data.prepare: the split paths must be DIR/train, DIR/val and DIR/test to be prepared")
-    if cfg_data.prepare == "markov":
-        from ensemblekd.lm import prepare_markov
-
-        prepare_markov(parents.pop(), vocab_size=cfg_data.vocab_size)
-        return
-    prepare(cfg_data.prepare, parents.pop())
+def labelled_split(cfg_data, split: str, who: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of a split's labelled rows, for fitting a teacher; a UserError if there are none."""
+    _, x, y = read_split(getattr(cfg_data, split), cfg_data.features, cfg_data.label, cfg_data.id)
+    keep = y >= 0
+    if not keep.any():
+        raise UserError(f"{who}: fit needs labels, but the {split} split has none in column '{cfg_data.label}'")
+    return x[keep], y[keep]

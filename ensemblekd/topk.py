@@ -22,21 +22,14 @@ Its gradient, computed chunk by chunk in the forward (no [N, V] activation is ke
     dL_kd/dz_j = Σ_k w_k (s_j − q̃_kj) / T / max(1, Σ mask),
     q̃_kj = q_j for j in teacher k's top-k,  q_tail · s_j / s_tail otherwise
 
-Storage: one Parquet shard per input shard, a row per sequence: id int64, topk_logprobs
-list<fixed_size_list<halffloat>[k]>, topk_indices list<fixed_size_list<uintN>[k]> (the narrowest
-unsigned type for V), tail_logprob list<halffloat>; position j of a row predicts token j + 1.
+How these targets are stored is the token task's codec (ensemblekd.tasks.token).
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import math
-from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -220,66 +213,3 @@ def dense_from_topk(logp, idx, tail, vocab_size: int) -> torch.Tensor:
     fill = tl.exp() / (vocab_size - k) if k < vocab_size else torch.zeros_like(tl)
     dense = fill.unsqueeze(-1).expand(lp.shape[0], vocab_size).clone()
     return dense.scatter_(-1, ix, lp.exp())
-
-
-# -- the store ---------------------------------------------------------------------------------
-# Writer settings by measurement (B/token, k = 32, V = 32k, Zipf-like LM targets; float16 + int32
-# would be 192, float16 + uint16 130): snappy with dictionaries (pyarrow's default) 129; zstd
-# without dictionaries (no value repeats enough to pay) 114; + byte-stream-split, which groups the
-# values' high bytes (the sorted log-probs' exponents, the ids' mostly small or zero upper bytes)
-# 88; zstd level ≥ 17 (its optimal parser) 82.5. Level 3 (88.7) is the default: on the tiny LM
-# teachers' real targets it wrote 824k tokens/s a core against 26k at level 19, for 58.3 against
-# 51.7 B/token; at 19 the writer, not the teacher, set the label stage's pace
-# (store.compression_level chooses). Reading speed does not depend on the level.
-# Data pages v2 leave the nested lists' repetition levels uncompressed (+10); DELTA_BINARY_PACKED
-# ids +16; brotli 11 −3% but 7× slower to write and 2× slower to read; statistics are useless here.
-ZSTD_LEVEL = 3
-_SPLIT = ["topk_logprobs.list.element.list.element", "topk_indices.list.element.list.element",
-          "tail_logprob.list.element"]
-
-
-def parquet_options(level: int = ZSTD_LEVEL) -> dict[str, Any]:
-    """pyarrow.parquet.write_table options for a token shard (lossless: values are stored as given)."""
-    return {"compression": "zstd", "compression_level": level, "use_dictionary": False,
-            "use_byte_stream_split": _SPLIT, "write_statistics": False, "data_page_version": "1.0"}
-
-
-def encode_token_shard(ids: np.ndarray, lengths: np.ndarray, logp: np.ndarray, idx: np.ndarray,
-                       tail: np.ndarray, level: int = ZSTD_LEVEL) -> tuple[bytes, dict[str, Any]]:
-    """Parquet bytes of one token shard (row r: sequence ids[r], lengths[r] positions) and its
-    manifest entry: rows, tokens, bytes, sha256. idx keeps its dtype (index_dtype(V) from topk_targets)."""
-    n, k = logp.shape
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) != len(ids) or lengths.sum() != n or idx.shape != (n, k) or tail.shape != (n,):
-        raise ValueError(f"{len(ids)} rows of {lengths.sum()} positions for logp {logp.shape}, idx {idx.shape}, "
-                         f"tail {tail.shape}")
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
-
-    def per_row(values: np.ndarray, arrow_type=None) -> pa.ListArray:
-        flat = pa.array(np.ascontiguousarray(values).reshape(-1), arrow_type)
-        tokens = pa.FixedSizeListArray.from_arrays(flat, k) if values.ndim == 2 else flat
-        return pa.ListArray.from_arrays(offsets, tokens)
-
-    table = pa.table({"id": pa.array(np.asarray(ids), pa.int64()),
-                      "topk_logprobs": per_row(logp.astype(np.float16, copy=False), pa.float16()),
-                      "topk_indices": per_row(idx),
-                      "tail_logprob": per_row(tail.astype(np.float16, copy=False), pa.float16())})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, **parquet_options(level))
-    data = buf.getvalue()
-    return data, {"rows": len(ids), "tokens": int(n), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def decode_token_shard(data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(ids [R], lengths [R], logp float16 [N, k], idx [N, k] as stored, tail float16 [N]); the
-    value arrays are views of the Arrow buffers."""
-    table = pq.read_table(io.BytesIO(data))
-
-    def tokens(name: str) -> pa.Array:
-        return table[name].combine_chunks().flatten()           # the positions of every row, in order
-
-    logp, idx = tokens("topk_logprobs"), tokens("topk_indices")
-    k = logp.type.list_size
-    lengths = table["tail_logprob"].combine_chunks().value_lengths().to_numpy().astype(np.int64)
-    return (table["id"].to_numpy().astype(np.int64), lengths, logp.flatten().to_numpy().reshape(-1, k),
-            idx.flatten().to_numpy().reshape(-1, k), tokens("tail_logprob").to_numpy())

@@ -1,0 +1,223 @@
+"""The public Python API: what `import ensemblekd` exports, and what the CLI calls.
+
+Every function takes a config as a YAML path, a mapping or a Config, with optional `key.path=value`
+overrides, and returns a typed result. `run` is the pipeline: prepare, fit, label, distill,
+evaluate in one Ray session and one MLflow run.
+
+    import ensemblekd as ekd
+    result = ekd.run("configs/digits.yaml", overrides=["trainer.epochs=5"])
+    print(result.table, result.run_id)
+    logits = ekd.open_store(result.store).logits("wide_mlp", "test")
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ensemblekd import tracking
+from ensemblekd.config import Config, parse_config
+from ensemblekd.data.builtin import prepare_for_config
+from ensemblekd.io import fs
+from ensemblekd.io.ray_session import ray_session
+from ensemblekd.stages import chain, report
+from ensemblekd.stages.distill import preflight
+from ensemblekd.stages.evaluate import LATENCY_KEYS
+from ensemblekd.stages.evaluate import evaluate as evaluate_models
+from ensemblekd.stages.export import export_config, export_run, log_student, serve_command
+from ensemblekd.stages.fit import fit_teachers
+from ensemblekd.stages.label import label as label_store
+from ensemblekd.stages.train import STUDENT_FILE
+from ensemblekd.stages.validate import validate
+from ensemblekd.store import Store
+
+ConfigSource = str | os.PathLike | dict | Config
+
+
+# -- results -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LabelResult:
+    store: str                                  # the store's URI
+    shards: int                                 # label shards written by this call (0: the store was complete)
+    rows: int
+    seconds: float
+    fitted: list[dict[str, Any]] = field(default_factory=list)   # teachers fitted first: name, val_accuracy, seconds
+    repaired: list[str] = field(default_factory=list)            # shards found corrupt and relabelled (repair=True)
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    student: str                                # trainer.output_dir/student.pt
+    metrics: dict[str, Any]                     # the last epoch's: val_accuracy, train_loss, teacher_weight.<name>, ...
+    seconds: float
+    run_id: str | None = None                   # the MLflow run (None when called inside `run`'s run)
+    tracking_uri: str | None = None
+    chain: list[dict[str, Any]] = field(default_factory=list)    # TAKD levels: name, student, val_accuracy
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One model of an evaluation (accuracies are fractions; latency in ms on one CPU thread)."""
+
+    model: str
+    role: str                                   # teacher | ensemble | assistant | student
+    accuracy: float | None
+    fidelity: float | None                      # top-1 agreement with the ensemble
+    kl: float | None                            # mean KL(ensemble || model), nats
+    ece: float | None
+    params: int
+    bytes: int
+    p50_ms_b1: float | None = None
+    p99_ms_b1: float | None = None
+    p50_ms_b64: float | None = None
+    p99_ms_b64: float | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    rows: list[ModelRow]
+    summary: dict[str, float | None]            # speedup_b1, speedup_b64, size_reduction, param_reduction, accuracy_gap
+    report: dict[str, Any]                      # everything, as written to report/report.json
+    run_id: str | None = None
+
+    @classmethod
+    def of(cls, report_: dict[str, Any], run_id: str | None = None) -> Evaluation:
+        keys = ("model", "role", "accuracy", "fidelity", "kl", "ece", "params", "bytes", *LATENCY_KEYS)
+        rows = [ModelRow(**{k: r.get(k) for k in keys}) for r in report_["rows"]]
+        return cls(rows, report_["summary"], report_, run_id)
+
+    def row(self, model: str) -> ModelRow:
+        return next(r for r in self.rows if r.model == model)
+
+    @property
+    def table(self) -> str:
+        """The plain-text tables `ensemblekd run` prints."""
+        return report.format_report(self.report)
+
+    @property
+    def markdown(self) -> str:
+        return report.format_markdown(self.report)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_id: str
+    tracking_uri: str
+    student: str
+    store: str
+    evaluation: Evaluation
+    seconds: float
+    distill: DistillResult | None = None
+
+    @property
+    def table(self) -> str:
+        return self.evaluation.table
+
+
+# -- the functions -------------------------------------------------------------------------------
+def load_config(config: ConfigSource, overrides: list[str] | None = None, check: bool = True) -> Config:
+    """A validated Config. Every static mistake is a one-line UserError; with check, also what needs
+    the outside world (import paths, teacher files, the data, the store's object store)."""
+    return validate(parse_config(config, overrides), touch=check)
+
+
+def label(config: ConfigSource, overrides: list[str] | None = None, progress: bool = True,
+          repair: bool = False) -> LabelResult:
+    """Prepare the built-in data if asked, fit the teachers that need it, and label every missing
+    shard of the store (repair: first verify every committed shard and relabel corrupt ones)."""
+    cfg = load_config(config, overrides, check=False)
+    with ray_session():
+        fitted = _prepare_and_fit(cfg, progress)
+        result = label_store(cfg, progress=progress, repair=repair)
+    return LabelResult(cfg.store.uri, result["shards"], result["rows"], result["seconds"], fitted, result["repaired"])
+
+
+def distill(config: ConfigSource, overrides: list[str] | None = None, progress: bool = True) -> DistillResult:
+    """Train the student from the store, in a new MLflow run that also logs the served student."""
+    cfg = load_config(config, overrides)
+    strategy = preflight(cfg)  # before the MLflow run: a store that cannot be trained from makes no run
+    with ray_session(), tracking.mlflow_run(cfg, "distill") as info:
+        result = chain.distill_chain(cfg, info, progress, strategy)
+        log_student(cfg, result["student"])
+    return DistillResult(result["student"], result["metrics"], result["seconds"], info["run_id"],
+                         info["tracking_uri"], result["chain"])
+
+
+def evaluate(config: ConfigSource, overrides: list[str] | None = None, student: str | None = None,
+             warmup: int = 20, repeats: int = 200) -> Evaluation:
+    """Teachers, ensemble, assistants and student on the test split, in a new MLflow run. `student`:
+    a state dict (default trainer.output_dir/student.pt); repeats=0 skips the latency timing."""
+    cfg = load_config(config, overrides)
+    with tracking.mlflow_run(cfg, "evaluate") as info:
+        found = evaluate_models(cfg, student or student_path(cfg), warmup=warmup, repeats=repeats)
+        report.log_report(cfg, found)
+    return Evaluation.of(found, info["run_id"])
+
+
+def run(config: ConfigSource, overrides: list[str] | None = None, progress: bool = True) -> RunResult:
+    """All stages: prepare, fit, label, distill, evaluate; everything lands in one MLflow run."""
+    cfg = load_config(config, overrides, check=False)
+    start = time.perf_counter()
+    with tracking.mlflow_run(cfg, "run") as info:
+        with ray_session():  # a Ray started here is shut down before evaluate times the models
+            _prepare_and_fit(cfg, progress)
+            labelled = label_store(cfg, progress=progress)
+            store = Store.open(cfg.store.uri)
+            tracking.log_metrics({f"label_{k}": labelled[k] for k in ("shards", "rows", "seconds")})
+            tracking.log_metrics({f"teacher_val_accuracy.{t.name}": store.teacher(t.name).get("val_accuracy")
+                                  for t in cfg.teachers})
+            tracking.log_json(store.manifest, "store/manifest.json")
+            trained = chain.distill_chain(cfg, info, progress)
+        tracking.log_metrics({"distill_seconds": trained["seconds"]})
+        found = evaluate_models(cfg, trained["student"])
+        report.log_report(cfg, found)
+        log_student(cfg, trained["student"])
+        seconds = time.perf_counter() - start
+        tracking.log_metrics({"pipeline_seconds": seconds})
+    distilled = DistillResult(trained["student"], trained["metrics"], trained["seconds"], chain=trained["chain"])
+    return RunResult(info["run_id"], info["tracking_uri"], trained["student"], cfg.store.uri,
+                     Evaluation.of(found, info["run_id"]), seconds, distilled)
+
+
+def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> Store:
+    """A soft-target store, to read: `teachers`, `splits`, `table(teacher, split)` (pyarrow),
+    `logits(teacher, split)` (numpy, classification), `verify()`. storage_options: fsspec options
+    for an object store (else AWS_* variables)."""
+    uri = fs.resolve_uri(uri)
+    if storage_options:
+        fs.configure(uri.split("://", 1)[0], storage_options)
+    fs.check_reachable(uri, "STORE_URI")
+    return Store.open(uri)
+
+
+def export(run_id: str | None = None, config: ConfigSource | None = None, overrides: list[str] | None = None,
+           name: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+    """Register a run's student (or a config's trainer.output_dir/student.pt, logged in a new run)
+    in the MLflow Model Registry; returns name, version, run_id, model_id, tracking_uri and `serve`,
+    the `mlflow models serve` command line."""
+    from ensemblekd.errors import UserError
+
+    if (run_id is None) == (config is None):
+        raise UserError("export: give either RUN_ID or --config CONFIG")
+    if config is not None:
+        cfg = load_config(config, overrides)
+        if tracking_uri:
+            cfg.tracking.uri = tracking_uri
+        result = export_config(cfg, name)
+    else:
+        result = export_run(run_id, name, tracking_uri)
+    return {**result, "serve": serve_command(result)}
+
+
+def student_path(cfg: Config) -> str:
+    return fs.join(cfg.trainer.output_dir, STUDENT_FILE)
+
+
+def _prepare_and_fit(cfg: Config, progress: bool) -> list[dict[str, Any]]:
+    """The optional first stages: write data.prepare's data set, then check everything that touches
+    the outside world, then fit the teachers with a fit block."""
+    prepare_for_config(cfg.data)
+    validate(cfg, touch=True)
+    return fit_teachers(cfg, progress)

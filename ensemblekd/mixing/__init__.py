@@ -1,0 +1,69 @@
+"""How the teachers' targets are mixed: weighting rules (mixing.rules) and strategies (mixing.strategies).
+
+`distill.weighting` and `distill.strategy` name a built-in (WEIGHTINGS, STRATEGIES) or give any
+'module:callable' in the same form, so a user's own rule or strategy needs no change to the package:
+a rule gets `distill.weighting_kwargs`, a strategy `distill.strategy_kwargs`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import partial
+
+from ensemblekd.errors import UserError
+from ensemblekd.mixing.rules import CAMKD, Accuracy, Entropy, Static, Uniform, WeightingRule
+from ensemblekd.mixing.strategies import Assistant, Parallel, RuleMaker, Sequential, Strategy, mix
+from ensemblekd.plugins import import_callable, is_import_path
+
+WEIGHTINGS: dict[str, type] = {"uniform": Uniform, "static": Static, "accuracy": Accuracy, "entropy": Entropy,
+                               "ca_mkd": CAMKD}
+STRATEGIES: dict[str, type[Strategy]] = {"parallel": Parallel, "sequential": Sequential, "assistant": Assistant}
+
+
+def _resolve(name: str, registry: dict, key: str):
+    if name in registry:
+        return registry[name]
+    if is_import_path(name):
+        return import_callable(name, key)
+    raise UserError(f"{key}: unknown '{name}'; choose one of {sorted(registry)} or give 'module:callable'")
+
+
+def check_names(distill_cfg, resolve: bool = True) -> None:
+    """The configured rule and strategy exist: a built-in name or 'module:callable' (resolved when
+    `resolve`, which imports the user's module)."""
+    for name, registry, key in ((distill_cfg.weighting, WEIGHTINGS, "distill.weighting"),
+                                (distill_cfg.strategy, STRATEGIES, "distill.strategy")):
+        if resolve or not is_import_path(name):
+            _resolve(name, registry, key)
+
+
+def rule_maker(weighting: str = "uniform", val_accuracy: dict[str, float | None] | None = None, **kwargs) -> RuleMaker:
+    """names -> the rule `weighting` over those teachers. Built-ins get val_accuracy and their own
+    keys (weights, gamma); every rule gets kwargs."""
+    factory = _resolve(weighting, WEIGHTINGS, "distill.weighting")
+    return partial(factory, val_accuracy=val_accuracy, **kwargs)
+
+
+def build_strategy(distill_cfg, teacher_names: Sequence[str], val_accuracy: dict[str, float | None] | None = None,
+                   epochs: int = 1, ensemble: bool = False) -> Strategy:
+    """The strategy of a `distill` config section over these teachers.
+
+    ensemble=True: every teacher at once with the configured rule (parallel), whatever the strategy:
+    the ensemble a staged run compresses, for evaluation.
+    """
+    d = distill_cfg
+    rule_kwargs = {"weights": d.weights, "gamma": d.gamma} if d.weighting in WEIGHTINGS else {}
+    make_rule = rule_maker(d.weighting, val_accuracy, **rule_kwargs, **d.weighting_kwargs)
+    name = "parallel" if ensemble else d.strategy
+    factory = _resolve(name, STRATEGIES, "distill.strategy")
+    kwargs = factory.config_kwargs(d) if name in STRATEGIES else dict(d.strategy_kwargs)
+    strategy = factory(list(teacher_names), rule=make_rule, mix_space=d.mix_space, val_accuracy=val_accuracy,
+                       epochs=epochs, **kwargs)
+    if not isinstance(strategy, Strategy):
+        raise UserError(f"distill.strategy: {name} returned {type(strategy).__name__}, not an ensemblekd.Strategy; "
+                        "subclass ensemblekd.mixing.Strategy")
+    return strategy
+
+
+__all__ = ["STRATEGIES", "WEIGHTINGS", "Assistant", "CAMKD", "Accuracy", "Entropy", "Parallel", "Sequential",
+           "Static", "Strategy", "Uniform", "WeightingRule", "build_strategy", "check_names", "mix", "rule_maker"]

@@ -1,0 +1,173 @@
+"""Strategies: which teachers teach when, and their targets mixed into one distribution per row.
+
+A strategy is built once per run by `ensemblekd.mixing.build_strategy` as
+`Strategy(teacher_names, rule=make_rule, mix_space=..., val_accuracy=..., epochs=..., **kwargs)`,
+where `make_rule(names)` gives the configured weighting rule over any subset of the teachers.
+`weights` gives the per-sample teacher weights [B, K] of a batch at an epoch; `targets` mixes the
+teachers with them. `stage` and `describe` say what a staged strategy (sequential) does when;
+they are None for the others. Subclass Strategy for your own (docs/strategies.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ensemblekd.mixing.rules import Uniform, WeightingRule, require_accuracy
+
+RuleMaker = Callable[[Sequence[str]], WeightingRule]
+
+
+def mix(teacher_logits: torch.Tensor, weights: torch.Tensor, temperature: float, space: str = "prob") -> torch.Tensor:
+    """The mixed soft target p_mix [B, C] from raw logits [B, K, C] and weights [B, K].
+
+    prob:  p_mix = sum_k w_k softmax(z_k / T)      (default)
+    logit: p_mix = softmax(sum_k w_k z_k / T)
+    """
+    z = teacher_logits.float()
+    w = weights.unsqueeze(-1)
+    if space == "prob":
+        return (w * torch.softmax(z / temperature, dim=-1)).sum(dim=1)
+    if space == "logit":
+        return torch.softmax((w * z).sum(dim=1) / temperature, dim=-1)
+    raise ValueError(f"unknown mix space '{space}'")
+
+
+class Strategy:
+    """The base of every strategy: subclasses implement `weights`. Token-level runs use `weights`
+    alone: their loss sums per-teacher top-k terms with these weights (topk.sparse_kl), which has
+    the gradient of the mixed target's."""
+
+    mix_space = "prob"
+
+    @classmethod
+    def config_kwargs(cls, distill_cfg) -> dict:
+        """The keywords a built-in strategy takes from its own `distill` keys (user strategies get
+        distill.strategy_kwargs instead)."""
+        return {}
+
+    def weights(self, teacher_logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, epoch: int = 0):
+        """[B, K], rows summing to 1 (or less, for a teacher that does not teach this epoch)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement weights()")
+
+    def targets(self, teacher_logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, epoch: int = 0):
+        """(p_mix [B, C] at temperature T, weights [B, K])."""
+        w = self.weights(teacher_logits, labels, temperature, epoch)
+        return mix(teacher_logits, w, temperature, self.mix_space), w
+
+    def stage(self, epoch: int) -> int | None:
+        """The stage an epoch belongs to, for a staged strategy; None otherwise."""
+        return None
+
+    def describe(self) -> str | None:
+        """The plan of a staged strategy, e.g. 'a (3 ep) -> b (3 ep)' (MLflow tag ensemblekd.stages)."""
+        return None
+
+
+class Parallel(Strategy):
+    """Every teacher at every step, mixed with a weighting rule."""
+
+    def __init__(self, teacher_names: Sequence[str], rule: RuleMaker = Uniform, mix_space: str = "prob", **_):
+        self.rule = rule(teacher_names)
+        self.mix_space = mix_space
+
+    def weights(self, teacher_logits: torch.Tensor, labels: torch.Tensor | None, temperature: float, epoch: int = 0):
+        """[B, K], rows summing to 1."""
+        return self.rule(teacher_logits, labels, temperature)
+
+
+def _scatter(w_active: torch.Tensor, active: list[int], k: int) -> torch.Tensor:
+    w = w_active.new_zeros((w_active.shape[0], k))
+    w[:, active] = w_active
+    return w
+
+
+def stage_epochs(num_stages: int, epochs: int, given: list[int] | None = None) -> list[int]:
+    """Epochs per stage: as given, or `epochs` split evenly (the last stages take the remainder)."""
+    if given:
+        return list(given)
+    base, extra = divmod(epochs, num_stages)
+    return [base + (1 if s >= num_stages - extra else 0) for s in range(num_stages)]
+
+
+def teacher_order(teacher_names: Sequence[str], order: str, val_accuracy: dict[str, float | None] | None) -> list[int]:
+    """Indices of the teachers in stage order: config order, or by validation accuracy."""
+    idx = list(range(len(teacher_names)))
+    if order == "config":
+        return idx
+    by_name = require_accuracy(val_accuracy, teacher_names, f"order '{order}'")
+    acc = [by_name[teacher_names[i]] for i in idx]
+    return sorted(idx, key=lambda i: acc[i], reverse=(order == "descending_accuracy"))
+
+
+class Sequential(Strategy):
+    """One teacher per stage (or, cumulative, the teachers so far), each for a stage of epochs.
+
+    The student, its optimizer state and the DeepSpeed engine simply carry on from stage to stage:
+    only the targets change. Within a stage the weighting rule runs over the active teachers.
+    """
+
+    def __init__(self, teacher_names: Sequence[str], rule: RuleMaker = Uniform, mix_space: str = "prob",
+                 order: str = "config", cumulative: bool = False, epochs: int = 1, stage_epochs_given=None,
+                 val_accuracy=None, **_):
+        self.k, self.mix_space = len(teacher_names), mix_space
+        self.order = teacher_order(teacher_names, order, val_accuracy)
+        self.active = [self.order[: s + 1] if cumulative else [self.order[s]] for s in range(self.k)]
+        self.rules = [rule([teacher_names[i] for i in act]) for act in self.active]
+        self.ends = torch.tensor(stage_epochs(self.k, epochs, stage_epochs_given)).cumsum(0).tolist()
+        self.names = list(teacher_names)
+
+    @classmethod
+    def config_kwargs(cls, d) -> dict:
+        return {"order": d.order, "cumulative": d.cumulative, "stage_epochs_given": d.stage_epochs}
+
+    def stage(self, epoch: int) -> int:
+        return next((s for s, end in enumerate(self.ends) if epoch < end), self.k - 1)
+
+    def describe(self) -> str:
+        """e.g. 'a (3 ep) -> a+b (3 ep)': what MLflow shows as the ensemblekd.stages tag."""
+        starts = [0, *self.ends[:-1]]
+        return " -> ".join("+".join(self.names[i] for i in act) + f" ({end - start} ep)"
+                           for act, start, end in zip(self.active, starts, self.ends))
+
+    def weights(self, teacher_logits, labels, temperature, epoch: int = 0):
+        s = self.stage(epoch)
+        active = self.active[s]
+        return _scatter(self.rules[s](teacher_logits[:, active], labels, temperature), active, self.k)
+
+
+class Assistant(Strategy):
+    """TAKD (Mirzadeh et al. 2020), one level of the chain: the targets come from the assistant
+    of the level above, blended with a share `ensemble_blend` (beta) of the ensemble:
+
+        p = beta * p_ensemble + (1 - beta) * p_assistant
+
+    With no assistant among the teachers (the first level: the ensemble teaches), this is parallel.
+    """
+
+    def __init__(self, teacher_names: Sequence[str], rule: RuleMaker = Uniform, mix_space: str = "prob",
+                 assistant_names: Sequence[str] = (), ensemble_blend: float = 0.0, **_):
+        self.k, self.mix_space, self.beta = len(teacher_names), mix_space, ensemble_blend
+        found = [i for i, n in enumerate(teacher_names) if n in set(assistant_names)]
+        if len(found) > 1:
+            raise ValueError(f"one assistant per level, got {[teacher_names[i] for i in found]}")
+        self.assistant = found[0] if found else None
+        self.ensemble = [i for i in range(self.k) if i != self.assistant]
+        names = [teacher_names[i] for i in self.ensemble]
+        self.rule = rule(names) if names else None
+        if self.rule is None:
+            self.beta = 0.0  # only the assistant is there to teach
+
+    @classmethod
+    def config_kwargs(cls, d) -> dict:
+        return {"assistant_names": [a.name for a in d.assistants], "ensemble_blend": d.ensemble_blend}
+
+    def weights(self, teacher_logits, labels, temperature, epoch: int = 0):
+        w = teacher_logits.new_zeros((teacher_logits.shape[0], self.k), dtype=torch.float32)
+        if self.rule is not None:
+            share = 1.0 if self.assistant is None else self.beta
+            w = _scatter(self.rule(teacher_logits[:, self.ensemble], labels, temperature), self.ensemble, self.k) * share
+        if self.assistant is not None:
+            w[:, self.assistant] = 1.0 - self.beta
+        return w

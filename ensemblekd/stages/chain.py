@@ -1,0 +1,67 @@
+"""Teacher-assistant chains (TAKD, Mirzadeh et al. 2020): ensemble -> assistant 1 -> ... -> student.
+
+With `distill.assistants`, distillation runs once per level: level i distils assistant i (the
+last level: the student) from the ensemble teachers plus assistant i-1, whose checkpoint is the
+level above's student.pt and which is labelled into the store like any teacher (kind torch)
+before level i starts. Each level is a nested MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from typing import Any
+
+from ensemblekd import tracking
+from ensemblekd.config import Config, StudentConfig, TeacherConfig
+from ensemblekd.io import fs
+from ensemblekd.mixing import Strategy
+from ensemblekd.stages.distill import distill
+from ensemblekd.stages.label import label
+from ensemblekd.stages.train import STUDENT_FILE
+
+
+def level_configs(cfg: Config) -> list[tuple[str, Config]]:
+    """The chain as one config per level (name, config), the last one the student's."""
+    levels, previous = [], None
+    for a in [*cfg.distill.assistants, None]:
+        name = a.name if a else "student"
+        out = cfg.trainer.output_dir if a is None else fs.join(cfg.trainer.output_dir, "assistants", name)
+        teachers = list(cfg.teachers)
+        if previous is not None:
+            teachers.append(TeacherConfig(
+                name=previous.name, model=previous.model, kwargs=previous.kwargs, replicas=previous.replicas,
+                num_cpus=previous.num_cpus, num_gpus=previous.num_gpus, batch_size=previous.batch_size,
+                checkpoint=fs.join(cfg.trainer.output_dir, "assistants", previous.name, STUDENT_FILE)))
+        student = cfg.student if a is None else StudentConfig(model=a.model, kwargs=a.kwargs)
+        trainer = cfg.trainer.model_copy(update={"output_dir": out})
+        levels.append((name, cfg.model_copy(update={"teachers": teachers, "student": student, "trainer": trainer})))
+        previous = a
+    return levels
+
+
+def assistant_teachers(cfg: Config) -> list[TeacherConfig]:
+    """Each assistant as the teacher it becomes for the level below (for evaluation)."""
+    levels = level_configs(cfg)
+    return [level.teachers[-1] for _, level in levels[1:]]
+
+
+def distill_chain(cfg: Config, info: dict[str, str] | None, progress: bool = True,
+                  strategy: Strategy | None = None) -> dict[str, Any]:
+    """Distil the student; with assistants, each level of the chain in its nested run. Returns
+    distill's result for the student plus `chain`: each level's name, student path and val accuracy."""
+    if not cfg.distill.assistants:
+        return {**distill(cfg, info, progress, strategy), "chain": []}
+    levels = level_configs(cfg)
+    chain, seconds = [], 0.0
+    for i, (name, level_cfg) in enumerate(levels):
+        params = {"level": i, "model": level_cfg.student.model,
+                  "kwargs": json.dumps(level_cfg.student.kwargs, sort_keys=True),
+                  "teachers": ",".join(t.name for t in level_cfg.teachers)}
+        with tracking.nested_run(info, name, params) if info else nullcontext(None) as level_info:
+            result = distill(level_cfg, level_info, progress)
+            if i + 1 < len(levels):  # an assistant: label it into the store for the next level
+                label(levels[i + 1][1], progress=progress)
+        seconds += result["seconds"]
+        chain.append({"name": name, "student": result["student"], "val_accuracy": result["metrics"]["val_accuracy"]})
+    return {**result, "seconds": seconds, "chain": chain}

@@ -1,0 +1,128 @@
+"""The distill stage, driver side: check in the driver what can be checked, then run the Ray Train
+job (stages.train.train_loop on every worker) and copy the student to trainer.output_dir.
+
+Workers never write MLflow: each report reaches the driver's run through a Ray Train callback on
+the driver's node (MlflowLogger).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from ray.train import UserCallback
+
+from ensemblekd.config import Config
+from ensemblekd.errors import UserError
+from ensemblekd.io import fs
+from ensemblekd.io.ray_session import ensure_ray, require
+from ensemblekd.mixing import Strategy, build_strategy
+from ensemblekd.models import build_module
+from ensemblekd.store import Store
+from ensemblekd.stages.train import STEP_METRICS, STUDENT_FILE, train_loop
+from ensemblekd.tasks import get_task
+
+
+def preflight(cfg: Config) -> Strategy:
+    """Everything distill can check in the driver, before any worker starts: the store is complete
+    and intact for the configured teachers, the strategy builds, and the student builds and runs on
+    the data and fits the stored targets. Returns the strategy."""
+    store = Store.open(cfg.store.uri)
+    names = [t.name for t in cfg.teachers]
+    for split in ("train", "val"):
+        store.check_complete(split, names)
+        store.check_sizes(split, names)
+    strategy = build_strategy(cfg.distill, names, store.val_accuracy(names), cfg.trainer.epochs)
+    student = build_module(cfg.student.model, cfg.student.kwargs, "student.model")
+    get_task(cfg.task).preflight(cfg, store, student)
+    return strategy
+
+
+class MlflowLogger(UserCallback):
+    """Logs each epoch's report into the driver's MLflow run, from Ray Train's controller.
+
+    The controller runs on the driver's node, so tracking never depends on a worker's disk or
+    network, and it sees a report only once every worker has made it and its checkpoint is
+    persisted: an epoch re-run after a worker failure was never reported, so no epoch is logged
+    twice. Rank 0 sends its per-step curve along in the report ("steps").
+    """
+
+    def __init__(self, mlflow_info: dict[str, str]):
+        self.info = mlflow_info
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        report = dict(metrics[0])
+        steps, epoch, now = report.pop("steps", {}), report.pop("epoch"), int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, int(epoch)) for k, v in report.items() if v is not None]
+        for i, step in enumerate(steps.get("step", [])):
+            batch += [Metric(k, float(steps[k][i]), now, int(step)) for k in STEP_METRICS[1:]]
+        client = MlflowClient(self.info["tracking_uri"])
+        for i in range(0, len(batch), 1000):
+            client.log_batch(self.info["run_id"], metrics=batch[i:i + 1000])
+
+
+def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bool = True,
+            strategy: Strategy | None = None) -> dict[str, Any]:
+    """Train the student; returns the final metrics, the student's path and the seconds. `strategy`
+    is preflight's, when the caller ran it already."""
+    strategy = strategy or preflight(cfg)
+    plan = strategy.describe()
+    if mlflow_info and plan:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(mlflow_info["tracking_uri"]).set_tag(mlflow_info["run_id"], "ensemblekd.stages", plan)
+    ensure_ray(cfg.ray)
+    tr = cfg.trainer
+    require("trainer.cpus_per_worker/use_gpu", tr.cpus_per_worker, 1.0 if tr.use_gpu else 0.0)
+    start = time.perf_counter()
+    result = _fit(_trainer(cfg, mlflow_info, progress))
+    seconds = time.perf_counter() - start
+    student_uri = fs.join(tr.output_dir, STUDENT_FILE)
+    with result.checkpoint.as_directory() as d:
+        fs.write_bytes_atomic(student_uri, open(os.path.join(d, STUDENT_FILE), "rb").read())
+    metrics = {k: v for k, v in result.metrics.items() if k != "steps"}
+    return {"metrics": metrics, "student": student_uri, "seconds": seconds}
+
+
+def _trainer(cfg: Config, mlflow_info: dict[str, str] | None, progress: bool):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    tr = cfg.trainer
+    # Ray Train's controller consumes reports once per health check (default 2 s): with a short
+    # epoch that, not training, would set the pace. RAY_TRAIN_* variables reach the workers.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg, "progress": progress},
+        scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={
+            "CPU": tr.cpus_per_worker, **({"GPU": 1} if tr.use_gpu else {})}),
+        run_config=ray.train.RunConfig(
+            name=f"distill-{int(time.time())}",
+            storage_path=fs.join(tr.output_dir, "ray_train"),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=tr.max_failures),
+            callbacks=[MlflowLogger(mlflow_info)] if mlflow_info else None,
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not tr.use_gpu else None,
+        ),
+    )
+
+
+def _fit(trainer):
+    """trainer.fit(); a bad input a worker found stays a one-line error."""
+    import ray.train
+
+    try:
+        return trainer.fit()
+    except ray.train.WorkerGroupError as exc:
+        for failure in exc.worker_failures.values():
+            cause = getattr(failure, "cause", failure)
+            if isinstance(cause, UserError):
+                raise UserError(str(cause)) from None
+        raise

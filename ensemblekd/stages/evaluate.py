@@ -1,0 +1,117 @@
+"""The evaluate stage: teachers, their ensemble, any TAKD assistants and the student on the test split.
+
+Quality comes from the task (task.quality): the teachers' and assistants' stored test targets (no
+teacher is run again), the ensemble mixed from them as the run mixes it (at T = 1, without
+labels), the student run here; every model measured against the ensemble (ensemblekd.metrics).
+
+Cost comes from the models themselves: each is loaded by its teacher kind and timed in this
+process, on CPU with one thread, one model after another, after a warm-up. The ensemble's forward
+is every teacher in sequence plus the mix: what serving the ensemble costs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+from ensemblekd.config import Config
+from ensemblekd.io import fs
+from ensemblekd.mixing import build_strategy
+from ensemblekd.models import count_parameters, load_student
+from ensemblekd.stages.chain import assistant_teachers
+from ensemblekd.store import Store
+from ensemblekd.tasks import get_task
+from ensemblekd.teachers import kind_of
+
+LATENCY_BATCHES = (1, 64)
+LATENCY_KEYS = [f"p{q}_ms_b{b}" for b in LATENCY_BATCHES for q in (50, 99)]
+
+
+@contextmanager
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def measure_latency(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, batch: int, warmup: int = 20,
+                    repeats: int = 200) -> tuple[float, float]:
+    """(p50, p99) milliseconds of forward() on `batch` rows of x (repeated if x has fewer), after
+    `warmup` untimed calls. Threads are the caller's choice (evaluate uses one)."""
+    xb = x.repeat(-(-batch // len(x)), *([1] * (x.dim() - 1)))[:batch]
+    for _ in range(warmup):
+        forward(xb)
+    times = np.empty(repeats)
+    for i in range(repeats):
+        start = time.perf_counter()
+        forward(xb)
+        times[i] = time.perf_counter() - start
+    p50, p99 = np.percentile(times * 1000, [50, 99])
+    return float(p50), float(p99)
+
+
+def evaluate(cfg: Config, student_uri: str, warmup: int = 20, repeats: int = 200) -> dict[str, Any]:
+    """Rows for each teacher, the ensemble, each TAKD assistant and the student: accuracy, fidelity,
+    KL, ECE, parameters, bytes, and p50/p99 latency at batch 1 and 64 (None with repeats=0); plus
+    the student-against-ensemble summary (speed-up, size reduction, accuracy gap)."""
+    task = get_task(cfg.task)
+    names = [t.name for t in cfg.teachers]
+    assistants = assistant_teachers(cfg) if cfg.distill.assistants else []
+    store = Store.open(cfg.store.uri)
+    store.check_complete("test", [*names, *(a.name for a in assistants)])
+    strategy = build_strategy(cfg.distill, names, store.val_accuracy(names), cfg.trainer.epochs, ensemble=True)
+    student = load_student(cfg.student, student_uri)
+    quality, targets = task.quality(cfg, store, names, [a.name for a in assistants], student, strategy)
+
+    teachers = [kind_of(t).load(cfg, t) for t in cfg.teachers]
+    rows = [_row(t.name, "teacher", quality, kind_of(t).num_parameters(m), kind_of(t).artifact_bytes(cfg, t))
+            for t, m in zip(cfg.teachers, teachers)]
+    rows.append(_row("ensemble", "ensemble", quality, sum(r["params"] for r in rows), sum(r["bytes"] for r in rows)))
+    models = [*teachers, None]
+    for a in assistants:
+        module = kind_of(a).load(cfg, a)
+        rows.append(_row(a.name, "assistant", quality, count_parameters(module), kind_of(a).artifact_bytes(cfg, a)))
+        models.append(module)
+    rows.append(_row("student", "student", quality, count_parameters(student), fs.file_size(student_uri)))
+    models.append(student)
+
+    def ensemble_forward(xb: torch.Tensor) -> torch.Tensor:
+        z = torch.stack([task.logits(teacher, xb, cfg) for teacher in teachers], dim=-2)
+        return strategy.targets(z.reshape(-1, *z.shape[-2:]).float(), None, 1.0)[0]
+
+    x, unit = task.latency_inputs(cfg)
+    with one_thread():
+        for row, model in zip(rows, models):  # one model after another, in the rows' order
+            for b in LATENCY_BATCHES:
+                p50, p99 = measure_latency(model or ensemble_forward, x, b, warmup, repeats) if repeats else (None, None)
+                row.update({f"p50_ms_b{b}": p50, f"p99_ms_b{b}": p99})
+    latency = {"threads": 1, "warmup": warmup, "repeats": repeats, "batches": list(LATENCY_BATCHES)}
+    if unit:
+        latency["unit"] = unit
+    return {"rows": rows, "test_rows": targets, "summary": summarise(rows), "latency": latency}
+
+
+def _row(name: str, role: str, quality: dict[str, dict[str, Any]], params: int, size: int) -> dict[str, Any]:
+    return {"model": name, "role": role, **quality[name], "params": params, "bytes": size}
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The student against running the whole ensemble: p50 speed-up, size and parameter reduction, accuracy gap."""
+    ens = next(r for r in rows if r["role"] == "ensemble")
+    st = next(r for r in rows if r["role"] == "student")
+
+    def ratio(key: str) -> float | None:
+        return ens[key] / st[key] if ens[key] is not None and st[key] else None
+
+    gap = ens["accuracy"] - st["accuracy"] if None not in (ens["accuracy"], st["accuracy"]) else None
+    return {**{f"speedup_b{b}": ratio(f"p50_ms_b{b}") for b in LATENCY_BATCHES},
+            "size_reduction": ratio("bytes"), "param_reduction": ratio("params"), "accuracy_gap": gap}

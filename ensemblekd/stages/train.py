@@ -1,0 +1,232 @@
+"""The Ray Train worker loop of the distill stage: one DeepSpeed engine per worker.
+
+Each worker streams its own share of the train split (worker_segments: inputs and every teacher's
+targets, read shard by shard, aligned by id), lets the strategy weigh the teachers, and trains
+with the task's loss (task.train_step). Every epoch it validates, saves a DeepSpeed checkpoint and
+reports it to Ray Train; the last report also carries the student's full fp32 state dict as
+STUDENT_FILE, which the driver copies to trainer.output_dir. A worker that dies is replaced
+(trainer.max_failures) and training resumes from the last reported checkpoint. The loop never
+branches on the task or the strategy: both are looked up once.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from ensemblekd.config import Config
+from ensemblekd.errors import UserError
+from ensemblekd.io import fs
+from ensemblekd.mixing import build_strategy
+from ensemblekd.models import build_module
+from ensemblekd.store import Store
+from ensemblekd.tasks import get_task, worker_segments
+
+STUDENT_FILE = "student.pt"
+STEP_METRICS = ("step", "loss", "ce_loss", "kd_loss", "lr", "samples_per_s")  # rank 0's per-step curve
+
+
+# -- DeepSpeed -----------------------------------------------------------------------------------
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def deepspeed_config(trainer) -> dict[str, Any]:
+    """The generated DeepSpeed config, with trainer.deepspeed merged over it (user keys win)."""
+    generated = {
+        "train_batch_size": trainer.batch_size,
+        "train_micro_batch_size_per_gpu": trainer.batch_size // trainer.num_workers,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": trainer.zero_stage},
+        "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0: a silent clip, a norm and a second all-reduce per step
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return merge(generated, trainer.deepspeed)
+
+
+def build_engine(cfg: Config, total_steps: int):
+    """The student in a DeepSpeed engine: AdamW and a per-step cosine decay unless trainer.deepspeed
+    brings its own optimizer or scheduler."""
+    import deepspeed
+
+    tr = cfg.trainer
+    model = build_module(cfg.student.model, cfg.student.kwargs, "student.model")
+    ds_config = deepspeed_config(tr)
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
+    scheduler = None if "scheduler" in ds_config else (lambda opt: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer,
+                                           lr_scheduler=scheduler, config=ds_config)
+    return engine
+
+
+def all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
+    """Sum over workers; the tensor travels on the engine's device (NCCL needs CUDA tensors)."""
+    import torch.distributed as dist
+
+    t = t.to(device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The student's full fp32 weights on CPU (gathered from all ranks under ZeRO-3)."""
+    import deepspeed
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+# -- one epoch -------------------------------------------------------------------------------------
+class Worker:
+    """What one Ray Train worker holds for the whole run."""
+
+    def __init__(self, cfg: Config, rank: int, world: int):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.task = get_task(cfg.task)
+        self.names = [t.name for t in cfg.teachers]
+        self.store = Store.open(cfg.store.uri)
+        self.strategy = build_strategy(cfg.distill, self.names, self.store.val_accuracy(self.names), cfg.trainer.epochs)
+        self.shard_rows = [s["rows"] for s in self.store.inputs("train")]
+        self.micro = cfg.trainer.batch_size // cfg.trainer.num_workers
+        self.steps_per_epoch = math.ceil((sum(self.shard_rows) // world) / self.micro)
+        if self.steps_per_epoch == 0:
+            raise UserError(f"the train split has {sum(self.shard_rows)} rows, fewer than the {world} workers")
+
+    def train_epoch(self, engine, epoch: int, bar) -> tuple[torch.Tensor, dict[str, list[float]]]:
+        """Sums over this worker's steps (loss, ce, kd, rows, then each teacher's weight) and rank 0's
+        per-step curve."""
+        tr = self.cfg.trainer
+        engine.train()
+        rng = np.random.default_rng([tr.seed, epoch, self.rank])
+        segments = worker_segments(self.shard_rows, self.world, self.rank, tr.seed, epoch)
+        sums = torch.zeros(4 + len(self.names), dtype=torch.float64)
+        steps: dict[str, list[float]] = {k: [] for k in STEP_METRICS}
+        batches = self.task.batches(self.cfg, self.store, "train", self.names, segments, self.micro, rng)
+        for step, batch in enumerate(batches):
+            tic = time.perf_counter()
+            out, weights, n = self.task.train_step(engine, batch, self.strategy, self.cfg, epoch)
+            engine.backward(out.loss)
+            engine.step()
+            sums += torch.cat([torch.tensor([out.loss.item() * n, out.ce.item() * n, out.kd.item() * n, n]),
+                               weights.sum(0).detach().cpu()]).double()
+            if self.rank == 0:
+                for key, value in zip(STEP_METRICS, (epoch * self.steps_per_epoch + step, out.loss.item(), out.ce.item(),
+                                                     out.kd.item(), engine.get_lr()[0],
+                                                     n * self.world / max(time.perf_counter() - tic, 1e-9))):
+                    steps[key].append(value)
+            if bar:
+                bar.update(1)
+        return all_reduce_sum(sums, engine.device), steps
+
+    @torch.no_grad()
+    def accuracy(self, engine, split: str) -> float:
+        """Top-1 accuracy over the whole split, each worker on its own slice, counts all-reduced.
+
+        Every worker runs the same number of forward passes, padding with a forward on the split's
+        first row whose result is not counted, since a ZeRO-3 forward is a collective.
+        """
+        engine.eval()
+        rows = [s["rows"] for s in self.store.inputs(split)]
+        slices = [worker_segments(rows, self.world, r, 0, 0, shuffle=False, drop_remainder=False)
+                  for r in range(self.world)]
+        steps = max(math.ceil(sum(stop - start for _, start, stop in s) / self.micro) for s in slices)
+        batches = self.task.batches(self.cfg, self.store, split, [], slices[self.rank], self.micro, None)
+        counts = torch.zeros(2, dtype=torch.float64)
+        for _ in range(steps):
+            batch = next(batches, None)
+            if batch is None:
+                self.task.count_correct(engine, self._first_row(split), self.cfg)
+                continue
+            counts += torch.tensor(self.task.count_correct(engine, batch, self.cfg), dtype=torch.float64)
+        counts = all_reduce_sum(counts, engine.device)
+        return counts[0].item() / max(counts[1].item(), 1.0)
+
+    def _first_row(self, split: str):
+        return next(self.task.batches(self.cfg, self.store, split, [], [(0, 0, 1)], 1, None))
+
+    def metrics(self, epoch: int, sums: torch.Tensor, val_accuracy: float, seconds: float) -> dict[str, Any]:
+        n = sums[3].item()
+        metrics = {"epoch": epoch, "train_loss": sums[0].item() / n, "train_ce": sums[1].item() / n,
+                   "train_kd": sums[2].item() / n, "val_accuracy": val_accuracy, "epoch_seconds": seconds,
+                   **{f"teacher_weight.{name}": sums[4 + k].item() / n for k, name in enumerate(self.names)}}
+        stage = self.strategy.stage(epoch)
+        if stage is not None:
+            metrics["stage"] = stage
+        return metrics
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs (config: {"cfg": Config, "progress": bool})."""
+    import ray.train
+
+    cfg: Config = config["cfg"]
+    tr = cfg.trainer
+    fs.configure_for(cfg)
+    _quiet_report_log()
+    ctx = ray.train.get_context()
+    torch.set_num_threads(max(1, int(tr.cpus_per_worker)))
+    torch.manual_seed(tr.seed)
+    worker = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size())
+    engine = build_engine(cfg, worker.steps_per_epoch * tr.epochs)
+
+    start_epoch = 0
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as d:
+            _, state = engine.load_checkpoint(os.path.join(d, "deepspeed"))
+            start_epoch = int(state["epoch"]) + 1
+
+    bar = _progress(worker.rank, worker.steps_per_epoch * (tr.epochs - start_epoch)) if config.get("progress", True) else None
+    for epoch in range(start_epoch, tr.epochs):
+        t0 = time.perf_counter()
+        sums, steps = worker.train_epoch(engine, epoch, bar)
+        metrics = worker.metrics(epoch, sums, worker.accuracy(engine, "val"), time.perf_counter() - t0)
+        if epoch == start_epoch and resume is not None:
+            metrics["resumed_from_epoch"] = start_epoch
+        if worker.rank == 0:
+            metrics["steps"] = steps
+        state = full_state_dict(engine) if epoch == tr.epochs - 1 else None  # collective under ZeRO-3: every rank joins
+        with tempfile.TemporaryDirectory() as tmp:
+            engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag=f"epoch-{epoch}", client_state={"epoch": epoch})
+            if worker.rank == 0 and state is not None:
+                torch.save(state, os.path.join(tmp, STUDENT_FILE))
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    if bar:
+        bar.close()
+
+
+def _quiet_report_log() -> None:
+    """Ray Train logs every report at INFO, rank-0 step curve included, through a logger named
+    after its file (so ray.train.LoggingConfig does not reach it): keep it to warnings."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray layout: the lines are only noise
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def _progress(rank: int, total: int):
+    if rank != 0:
+        return None
+    from ray.experimental.tqdm_ray import tqdm
+
+    return tqdm(total=total, desc="distill", unit="step")

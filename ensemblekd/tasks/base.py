@@ -1,0 +1,181 @@
+"""What every task provides (the Task base class), and the parts all tasks share: each worker's
+share of a split, batches that carry across shard boundaries, teacher shards read aligned with
+their inputs, and the student's first run on the data.
+
+A task is what the rows are and what is learnt from them: `classification` (a feature row, one
+label, C logits) or `token` (a sequence of token ids, a next token at every position, top-k
+targets). The stages never branch on it: they call the Task methods below, and the task decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from ensemblekd.config import Config
+from ensemblekd.errors import UserError
+from ensemblekd.losses import KDLoss
+from ensemblekd.store import Store
+
+
+class Served(NamedTuple):
+    """What the served model is: the module MLflow logs, an input example and its signature."""
+
+    module: torch.nn.Module
+    example: np.ndarray
+    signature: Any                 # mlflow.models.ModelSignature
+    torchscript: bool              # also save a TorchScript trace (fixed shapes break an LM, so not for every task)
+
+
+class Task:
+    """A task. Subclass it, set `name`, implement the methods, and add an instance to tasks.TASKS."""
+
+    name = "base"
+
+    # -- config and store ------------------------------------------------------------------
+    def check_config(self, cfg: Config) -> None:
+        """Static checks of the keys the task reads (no I/O); a UserError naming the key."""
+
+    def store_info(self, cfg: Config) -> dict[str, Any]:
+        """What the manifest records beside the task, which every label run must agree on."""
+        return {}
+
+    # -- label -------------------------------------------------------------------------------
+    def read_inputs(self, cfg: Config, shard: dict[str, Any]):
+        """One input shard, as label_shard takes it."""
+        raise NotImplementedError
+
+    def label_shard(self, model: torch.nn.Module, inputs, cfg: Config, teacher, device: str,
+                    where: str) -> tuple[bytes, dict[str, Any]]:
+        """A teacher over one input shard -> the encoded label shard and its manifest entry."""
+        raise NotImplementedError
+
+    def stored_accuracy(self, cfg: Config, store: Store, split: str, teacher: str) -> float | None:
+        """A teacher's accuracy on a split from its stored targets (None without labels)."""
+        raise NotImplementedError
+
+    # -- fit a teacher -------------------------------------------------------------------------
+    def fit(self, model: torch.nn.Module, cfg: Config, teacher) -> None:
+        """Train a torch teacher from scratch on the train split (fitting.fit_module, the task's loss)."""
+        raise NotImplementedError
+
+    def accuracy(self, model: torch.nn.Module, cfg: Config, split: str) -> float | None:
+        """A model's top-1 accuracy on a split (None without labels)."""
+        raise NotImplementedError
+
+    # -- distill -------------------------------------------------------------------------------
+    def preflight(self, cfg: Config, store: Store, student: torch.nn.Module) -> None:
+        """In the driver, before any worker: the student runs on the data and fits the stored targets."""
+        raise NotImplementedError
+
+    def batches(self, cfg: Config, store: Store, split: str, teachers: list[str], segments, batch_size: int,
+                rng: np.random.Generator | None) -> Iterator:
+        """Micro-batches of a worker's segments with the named teachers' targets (see row_batches)."""
+        raise NotImplementedError
+
+    def train_step(self, engine, batch, strategy, cfg: Config, epoch: int) -> tuple[KDLoss, torch.Tensor, int]:
+        """(the loss of one micro-batch, not yet stepped; teacher weights [N, K]; N rows or tokens)."""
+        raise NotImplementedError
+
+    def count_correct(self, engine, batch, cfg: Config) -> tuple[int, int]:
+        """(top-1 hits, targets) of the student on one evaluation batch."""
+        raise NotImplementedError
+
+    # -- evaluate and serve --------------------------------------------------------------------
+    def quality(self, cfg: Config, store: Store, teachers: list[str], others: list[str], student: torch.nn.Module,
+                strategy) -> tuple[dict[str, dict[str, float | None]], int]:
+        """On the test split: {model: {accuracy, fidelity, kl, ece}} for each teacher, "ensemble", each
+        of `others` (assistants: from the store) and "student", and the number of targets."""
+        raise NotImplementedError
+
+    def latency_inputs(self, cfg: Config) -> tuple[torch.Tensor, str | None]:
+        """The test inputs that latency is timed on (batches are cut from them), and what one input
+        is when a row is not the obvious unit."""
+        raise NotImplementedError
+
+    def logits(self, model: torch.nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+        """A model's logits [..., C] on a batch of inputs, as the ensemble mixes them."""
+        return model(x)
+
+    def served(self, cfg: Config, student: torch.nn.Module) -> Served:
+        raise NotImplementedError
+
+
+# -- shared parts --------------------------------------------------------------------------------
+def worker_segments(shard_rows: list[int], num_workers: int, rank: int, seed: int, epoch: int,
+                    shuffle: bool = True, drop_remainder: bool = True) -> list[tuple[int, int, int]]:
+    """This worker's rows of an epoch as (shard, start, stop) segments.
+
+    Shards are put in a seeded order for the epoch and their rows concatenated; worker r takes
+    the r-th contiguous slice, so workers never overlap and each reads only the shards its
+    slice touches. With drop_remainder every worker gets floor(N / W) rows (equal step counts,
+    which data-parallel training needs); the few rows left over differ from epoch to epoch.
+    """
+    order = list(range(len(shard_rows)))
+    if shuffle:
+        np.random.default_rng([seed, epoch]).shuffle(order)
+    total = sum(shard_rows)
+    if drop_remainder:
+        per = total // num_workers
+        lo, hi = rank * per, (rank + 1) * per
+    else:
+        lo, hi = rank * total // num_workers, (rank + 1) * total // num_workers
+    segments, pos = [], 0
+    for s in order:
+        start, stop = max(lo, pos), min(hi, pos + shard_rows[s])
+        if start < stop:
+            segments.append((s, start - pos, stop - pos))
+        pos += shard_rows[s]
+    return segments
+
+
+def row_batches(segments, read_shard: Callable[[int], Any], batch_size: int,
+                rng: np.random.Generator | None) -> Iterator[list[tuple[Any, np.ndarray]]]:
+    """Batches over segments as lists of (shard data, row indices) pieces: rows of one shard, or of
+    two where a batch spans a shard boundary (the short rest of one shard is carried into the
+    next); the last batch may be short. Rows are shuffled within each segment when rng is given.
+    Memory: one shard plus one batch."""
+    pending: list[tuple[Any, np.ndarray]] = []
+    count = 0
+    for shard, start, stop in segments:
+        data = read_shard(shard)
+        rows = np.arange(start, stop)
+        if rng is not None:
+            rows = rng.permutation(rows)
+        pos = 0
+        while pos < len(rows):
+            take = rows[pos:pos + batch_size - count]
+            pos += len(take)
+            pending.append((data, take))
+            count += len(take)
+            if count == batch_size:
+                yield pending
+                pending, count = [], 0
+    if pending:
+        yield pending
+
+
+def read_aligned(store: Store, split: str, shard: int, teachers: list[str], decode: Callable, ids: np.ndarray,
+                 same: Callable[[Any], bool] = lambda targets: True) -> list:
+    """Each teacher's decoded shard, refused unless it carries the input's ids (and `same` holds):
+    an input that changed since labelling must not meet stale targets."""
+    out = []
+    for name in teachers:
+        targets = decode(store.read_table(split, name, shard))
+        if not np.array_equal(targets.ids, ids) or not same(targets):
+            raise UserError(f"{store.uri}: {split} shard {shard} of teacher '{name}' is not aligned with its input "
+                            "(ids differ); the input changed since labelling: re-run label")
+        out.append(targets)
+    return out
+
+
+def run_student(student: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """The student's output on a little of the data, or a one-line UserError if it cannot run on it."""
+    try:
+        with torch.no_grad():
+            return student(inputs)
+    except (RuntimeError, IndexError) as exc:
+        raise UserError(f"student.model: fails on the data ({str(exc).splitlines()[0]}); check its kwargs") from None

@@ -1,0 +1,183 @@
+"""task: classification — a row of features, one label, C logits per teacher.
+
+Label shards hold raw logits (not softened: temperature is a training choice): `id` int64 and
+`logits` fixed_size_list<float16|float32>[C], row-aligned with the input shard. The student
+trains on `losses.kd_loss` against the strategy's mixed target; evaluation reads the teachers'
+test logits from the store and runs the student.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from ensemblekd.config import Config
+from ensemblekd.data.inputs import InputShard, labelled_split, read_shard, read_split
+from ensemblekd.errors import UserError
+from ensemblekd.fitting import fit_module
+from ensemblekd.losses import kd_loss
+from ensemblekd.metrics import accuracy, expected_calibration_error, mean_kl
+from ensemblekd.store import Store, pack
+from ensemblekd.tasks.base import Served, Task, read_aligned, row_batches, run_student
+
+
+class Logits(NamedTuple):
+    ids: np.ndarray      # int64 [N]
+    logits: np.ndarray   # [N, C] as stored (float16 or float32)
+
+
+def encode(ids: np.ndarray, logits: np.ndarray, dtype: str) -> tuple[bytes, dict[str, Any]]:
+    """Parquet bytes of one label shard and its manifest entry (rows, bytes, sha256)."""
+    arrow_type = pa.float16() if dtype == "float16" else pa.float32()
+    values = pa.array(logits.astype(np.dtype(dtype), copy=False).reshape(-1), type=arrow_type)
+    return pack(pa.table({"id": pa.array(ids, pa.int64()),
+                          "logits": pa.FixedSizeListArray.from_arrays(values, logits.shape[1])}))
+
+
+def decode(table: pa.Table) -> Logits:
+    col = table["logits"].combine_chunks()
+    logits = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    return Logits(table["id"].to_numpy().astype(np.int64), logits)
+
+
+@torch.no_grad()
+def predict(module: torch.nn.Module, x: np.ndarray, batch_size: int = 1024, device: str = "cpu") -> np.ndarray:
+    """float32 logits [N, C] of a model over features [N, F], batch_size rows at a time."""
+    out = [module(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
+
+class Rows(NamedTuple):
+    """One input shard for training: features, labels (IGNORE where none) and the teachers' logits."""
+
+    x: np.ndarray        # [N, F] float32, read-only (a view of Arrow's buffer)
+    y: np.ndarray        # [N] int64
+    z: np.ndarray        # [N, K, C] as stored
+
+
+class Classification(Task):
+    name = "classification"
+
+    def check_config(self, cfg: Config) -> None:
+        d = cfg.data
+        if d.vocab_size or d.tokenizer:
+            raise UserError("data.vocab_size/tokenizer: only used with task: token")
+
+    # -- label -------------------------------------------------------------------------------
+    def read_inputs(self, cfg: Config, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        ids, x, _ = read_shard(InputShard(**shard), cfg.data.features, None, cfg.data.id)
+        return ids, x
+
+    def label_shard(self, model, inputs, cfg: Config, teacher, device: str, where: str):
+        ids, x = inputs
+        try:
+            logits = predict(model, x, teacher.batch_size, device)
+        except RuntimeError as exc:
+            raise UserError(f"teacher '{teacher.name}' failed on {where} ({str(exc).splitlines()[0]}); "
+                            "check data.features matches the model's input") from None
+        if logits.ndim != 2 or len(logits) != len(ids):
+            raise UserError(f"teacher '{teacher.name}' returned shape {tuple(logits.shape)} on {where}; "
+                            "expected [rows, classes]")
+        if not np.isfinite(logits).all():
+            raise UserError(f"teacher '{teacher.name}' produced NaN/Inf logits on {where}; fix the teacher or its "
+                            "checkpoint")
+        data, entry = encode(ids, logits, cfg.store.dtype)
+        return data, {**entry, "num_classes": int(logits.shape[1]), "dtype": cfg.store.dtype}
+
+    def split_logits(self, cfg: Config, store: Store, split: str, teacher: str, ids: np.ndarray) -> np.ndarray:
+        """A teacher's float32 logits for a whole (small) split, checked against the input ids."""
+        parts = [decode(store.read_table(split, teacher, i)) for i in range(len(store.inputs(split)))]
+        if not np.array_equal(np.concatenate([p.ids for p in parts]), ids):
+            raise UserError(f"{store.uri}: {split} logits of '{teacher}' are not aligned with the data; re-run label")
+        return np.concatenate([p.logits for p in parts]).astype(np.float32)
+
+    def stored_accuracy(self, cfg: Config, store: Store, split: str, teacher: str) -> float | None:
+        if not cfg.data.label:
+            return None
+        ids, _, y = read_split(getattr(cfg.data, split), cfg.data.features, cfg.data.label, cfg.data.id)
+        return accuracy(self.split_logits(cfg, store, split, teacher, ids).argmax(1), y)
+
+    # -- fit a teacher -------------------------------------------------------------------------
+    def fit(self, model, cfg: Config, teacher) -> None:
+        x, y = (torch.from_numpy(a) for a in labelled_split(cfg.data, "train", f"teacher '{teacher.name}'"))
+        f = teacher.fit
+        fit_module(model, len(y), lambda idx: F.cross_entropy(model(x[idx]), y[idx]), f.epochs, f.lr, f.batch_size,
+                   f.seed, f.weight_decay)
+
+    def accuracy(self, model, cfg: Config, split: str) -> float | None:
+        _, x, y = read_split(getattr(cfg.data, split), cfg.data.features, cfg.data.label, cfg.data.id)
+        return accuracy(predict(model, x).argmax(1), y)
+
+    # -- distill -------------------------------------------------------------------------------
+    def preflight(self, cfg: Config, store: Store, student) -> None:
+        _, x, _ = read_shard(InputShard(**store.inputs("val")[0]), cfg.data.features, None, cfg.data.id)
+        out = run_student(student, torch.from_numpy(x[:2]))
+        if out.shape[-1] != store.num_classes:
+            raise UserError(f"student.model: outputs {out.shape[-1]} classes but the teachers have {store.num_classes}; "
+                            "fix student.kwargs")
+
+    def read_rows(self, cfg: Config, store: Store, split: str, shard: int, teachers: list[str]) -> Rows:
+        """One input shard and its teachers' logits, alignment checked by id."""
+        d = cfg.data
+        ids, x, y = read_shard(InputShard(**store.inputs(split)[shard]), d.features, d.label, d.id, writable=False)
+        stacked = [t.logits for t in read_aligned(store, split, shard, teachers, decode, ids)]
+        return Rows(x, y, np.stack(stacked, axis=1) if stacked else np.zeros((len(y), 0, 0), np.float32))
+
+    def batches(self, cfg: Config, store: Store, split: str, teachers: list[str], segments, batch_size: int, rng):
+        """(x, y, teacher logits float32) tensors per micro-batch."""
+        for pieces in row_batches(segments, lambda s: self.read_rows(cfg, store, split, s, teachers), batch_size, rng):
+            yield tuple(torch.from_numpy(np.concatenate([getattr(rows, f)[idx] for rows, idx in pieces]))
+                        for f in ("x", "y")) + (torch.from_numpy(
+                            np.concatenate([rows.z[idx] for rows, idx in pieces]).astype(np.float32)),)
+
+    def train_step(self, engine, batch, strategy, cfg: Config, epoch: int):
+        x, y, z = (t.to(engine.device) for t in batch)
+        targets, weights = strategy.targets(z, y, cfg.distill.temperature, epoch)
+        return kd_loss(engine(x), targets, y, cfg.distill.temperature, cfg.distill.alpha), weights, len(y)
+
+    def count_correct(self, engine, batch, cfg: Config) -> tuple[int, int]:
+        x, y, _ = batch
+        pred = engine(x.to(engine.device)).argmax(-1).cpu()
+        keep = y >= 0
+        return int((pred[keep] == y[keep]).sum()), int(keep.sum())
+
+    # -- evaluate and serve --------------------------------------------------------------------
+    def quality(self, cfg: Config, store: Store, teachers: list[str], others: list[str], student, strategy):
+        d = cfg.data
+        ids, x, y = read_split(d.test, d.features, d.label, d.id)
+        logits = {n: self.split_logits(cfg, store, "test", n, ids) for n in [*teachers, *others]}
+        p_ens = strategy.targets(torch.from_numpy(np.stack([logits[n] for n in teachers], axis=1)), None, 1.0)[0].numpy()
+        logits["student"] = predict(student, x)
+
+        def measure(z: np.ndarray) -> dict[str, float | None]:
+            return {"accuracy": accuracy(z.argmax(1), y), "fidelity": float((z.argmax(1) == p_ens.argmax(1)).mean()),
+                    "kl": mean_kl(p_ens, z),
+                    "ece": expected_calibration_error(torch.softmax(torch.from_numpy(z), -1).numpy(), y)}
+
+        out = {name: measure(z) for name, z in logits.items()}
+        out["ensemble"] = {"accuracy": accuracy(p_ens.argmax(1), y), "fidelity": 1.0, "kl": 0.0,
+                           "ece": expected_calibration_error(p_ens, y)}
+        return out, len(y)
+
+    def latency_inputs(self, cfg: Config) -> tuple[torch.Tensor, str | None]:
+        d = cfg.data
+        return torch.from_numpy(read_split(d.test, d.features, d.label, d.id)[1]), None
+
+    def served(self, cfg: Config, student) -> Served:
+        """softmax(student(x)) at T = 1 (the temperature only softens training targets): float32
+        [-1, F] -> class probabilities [-1, C]; 4 validation rows as the example."""
+        from mlflow.models import infer_signature
+
+        model = torch.nn.Sequential(student, torch.nn.Softmax(dim=-1)).eval()
+        _, x, _ = read_split(cfg.data.val, cfg.data.features, None, cfg.data.id)
+        example = x[:4]
+        with torch.no_grad():
+            signature = infer_signature(example, model(torch.from_numpy(example)).numpy())
+        return Served(model, example, signature, torchscript=True)
+
+
+__all__ = ["Classification", "decode", "encode", "predict"]

@@ -1,0 +1,400 @@
+"""task: token — causal LMs distilled token by token from compressed top-k targets.
+
+Rows are sequences of token ids. A teacher's logits at position j predict token j + 1, so a
+sequence of L tokens gives L − 1 stored positions: per position the top-k log-probs of the full
+softmax, their ids and the tail mass (ensemblekd.topk). The student trains on every position
+whose next token is a target (data.loss_mask, padding excluded) with topk.token_loss; the
+strategy's per-token teacher weights come from the same rules as for classification, fed the
+sparse targets through topk.rule_inputs. Teachers, student and the store share one vocabulary
+(data.vocab_size) and its tokenizer hash (ensemblekd.lm.vocab_hash), recorded in the manifest.
+
+Label shards (the codec below): one Parquet shard per input shard, a row per sequence: id int64,
+topk_logprobs list<fixed_size_list<halffloat>[k]>, topk_indices list<fixed_size_list<uintN>[k]>
+(the narrowest unsigned type for V), tail_logprob list<halffloat>; position j predicts token j + 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from ensemblekd.config import Config
+from ensemblekd.data.inputs import InputShard, input_shards, read_token_shard
+from ensemblekd.errors import UserError
+from ensemblekd.lm import fit_lm, logits_of, vocab_hash
+from ensemblekd.store import Store, pack
+from ensemblekd.tasks.base import Served, Task, read_aligned, row_batches, run_student
+from ensemblekd.teachers import kind_of
+from ensemblekd.topk import dense_from_topk, rule_inputs, token_loss, topk_targets
+
+# -- the codec ---------------------------------------------------------------------------------
+# Writer settings by measurement (B/token, k = 32, V = 32k, Zipf-like LM targets; float16 + int32
+# would be 192, float16 + uint16 130): snappy with dictionaries (pyarrow's default) 129; zstd
+# without dictionaries (no value repeats enough to pay) 114; + byte-stream-split, which groups the
+# values' high bytes (the sorted log-probs' exponents, the ids' mostly small or zero upper bytes)
+# 88; zstd level ≥ 17 (its optimal parser) 82.5. Level 3 (88.7) is the default: on the tiny LM
+# teachers' real targets it wrote 824k tokens/s a core against 26k at level 19, for 58.3 against
+# 51.7 B/token; at 19 the writer, not the teacher, set the label stage's pace
+# (store.compression_level chooses). Reading speed does not depend on the level.
+# Data pages v2 leave the nested lists' repetition levels uncompressed (+10); DELTA_BINARY_PACKED
+# ids +16; brotli 11 −3% but 7× slower to write and 2× slower to read; statistics are useless here.
+ZSTD_LEVEL = 3
+_SPLIT = ["topk_logprobs.list.element.list.element", "topk_indices.list.element.list.element",
+          "tail_logprob.list.element"]
+
+
+def parquet_options(level: int = ZSTD_LEVEL) -> dict[str, Any]:
+    """pyarrow.parquet.write_table options for a token shard (lossless: values are stored as given)."""
+    return {"compression": "zstd", "compression_level": level, "use_dictionary": False,
+            "use_byte_stream_split": _SPLIT, "write_statistics": False, "data_page_version": "1.0"}
+
+
+def encode(ids: np.ndarray, lengths: np.ndarray, logp: np.ndarray, idx: np.ndarray, tail: np.ndarray,
+           level: int = ZSTD_LEVEL) -> tuple[bytes, dict[str, Any]]:
+    """Parquet bytes of one token shard (row r: sequence ids[r], lengths[r] positions) and its
+    manifest entry: rows, tokens, bytes, sha256. idx keeps its dtype (index_dtype(V) from topk_targets)."""
+    n, k = logp.shape
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) != len(ids) or lengths.sum() != n or idx.shape != (n, k) or tail.shape != (n,):
+        raise ValueError(f"{len(ids)} rows of {lengths.sum()} positions for logp {logp.shape}, idx {idx.shape}, "
+                         f"tail {tail.shape}")
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
+
+    def per_row(values: np.ndarray, arrow_type=None) -> pa.ListArray:
+        flat = pa.array(np.ascontiguousarray(values).reshape(-1), arrow_type)
+        tokens = pa.FixedSizeListArray.from_arrays(flat, k) if values.ndim == 2 else flat
+        return pa.ListArray.from_arrays(offsets, tokens)
+
+    table = pa.table({"id": pa.array(np.asarray(ids), pa.int64()),
+                      "topk_logprobs": per_row(logp.astype(np.float16, copy=False), pa.float16()),
+                      "topk_indices": per_row(idx),
+                      "tail_logprob": per_row(tail.astype(np.float16, copy=False), pa.float16())})
+    data, entry = pack(table, **parquet_options(level))
+    return data, {**entry, "tokens": int(n)}
+
+
+class TopK(NamedTuple):
+    """A decoded token shard; the value arrays are views of the Arrow buffers."""
+
+    ids: np.ndarray      # [R] int64
+    lengths: np.ndarray  # [R] positions per row (L - 1)
+    logp: np.ndarray     # [N, k] float16
+    idx: np.ndarray      # [N, k] as stored
+    tail: np.ndarray     # [N] float16
+
+
+def decode(table: pa.Table) -> TopK:
+    def tokens(name: str) -> pa.Array:
+        return table[name].combine_chunks().flatten()           # the positions of every row, in order
+
+    logp, idx = tokens("topk_logprobs"), tokens("topk_indices")
+    k = logp.type.list_size
+    lengths = table["tail_logprob"].combine_chunks().value_lengths().to_numpy().astype(np.int64)
+    return TopK(table["id"].to_numpy().astype(np.int64), lengths, logp.flatten().to_numpy().reshape(-1, k),
+                idx.flatten().to_numpy().reshape(-1, k), tokens("tail_logprob").to_numpy())
+
+
+# -- the vocabulary ------------------------------------------------------------------------------
+def vocabulary(cfg: Config) -> dict[str, Any]:
+    """The manifest's record of the shared vocabulary: size, tokenizer hash and top-k.
+
+    data.tokenizer names a local tokenizer directory, or 'teachers': the tokenizers that come with
+    the teachers (kind huggingface), which must all agree. Without one the ids are synthetic and
+    the hash says so.
+    """
+    d = cfg.data
+    own = {t.name: kind_of(t).tokenizer(t) for t in cfg.teachers}
+    own = {name: path for name, path in own.items() if path}
+    if d.tokenizer == "teachers":
+        hashes = {name: vocab_hash(path) for name, path in own.items()}
+        if len(set(hashes.values())) > 1:
+            raise UserError(f"teachers.pretrained: the teachers' tokenizers differ (vocabulary hashes {hashes}); "
+                            "token-level distillation needs one shared tokenizer")
+        digest = next(iter(hashes.values()))
+    else:
+        digest = vocab_hash(d.tokenizer if d.tokenizer else d.vocab_size)
+        for name, path in own.items():
+            if d.tokenizer and vocab_hash(path) != digest:
+                raise UserError(f"teacher '{name}': its tokenizer (hash {vocab_hash(path)}) is not "
+                                f"data.tokenizer's (hash {digest}); all teachers and the student must share one")
+    return {"vocab_size": d.vocab_size, "vocab_hash": digest, "top_k": min(cfg.store.top_k, d.vocab_size)}
+
+
+_warned_padding: set[str] = set()
+
+
+def shared_vocabulary(logits: torch.Tensor, vocab_size: int, who: str) -> torch.Tensor:
+    """Logits cut to the shared vocabulary: a model padded past it (e.g. 152064 rows for a
+    151936-token vocabulary) is truncated with a warning; a smaller one cannot be used."""
+    if logits.shape[-1] < vocab_size:
+        raise UserError(f"{who}: outputs {logits.shape[-1]} logits per token, fewer than data.vocab_size {vocab_size}; "
+                        "it was built for another vocabulary")
+    if logits.shape[-1] > vocab_size and who not in _warned_padding:
+        _warned_padding.add(who)
+        print(f"warning: {who} outputs {logits.shape[-1]} logits per token; using the first {vocab_size} "
+              "(data.vocab_size), the rest is padding", file=sys.stderr, flush=True)
+    return logits[..., :vocab_size]
+
+
+# -- batches -------------------------------------------------------------------------------------
+class TokenBatch(NamedTuple):
+    """A micro-batch of sequences and the N target positions in it."""
+
+    tokens: torch.Tensor        # [B, L] long, right-padded
+    positions: torch.Tensor     # [N] flat index into the student's [B * L] positions
+    labels: torch.Tensor        # [N] the next token at each position
+    logp: torch.Tensor          # [N, K, k] teachers' top-k log-probs (float16)
+    idx: torch.Tensor           # [N, K, k]
+    tail: torch.Tensor          # [N, K] log tail mass (float16)
+
+
+class Sequences(NamedTuple):
+    """One input shard for training: its sequences and, per teacher, (offsets [R + 1], logp, idx, tail)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    mask: np.ndarray
+    targets: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def make_batch(rows: np.ndarray, tokens, lengths, mask, targets) -> TokenBatch:
+    width = int(lengths[rows].max())
+    inside = np.arange(1, width)[None, :] < lengths[rows][:, None]  # padding is never a target, whatever the mask
+    r, j = np.nonzero(mask[rows, 1:width] & inside)     # position j of batch row r predicts token j + 1
+    src = rows[r]
+    labels = tokens[src, j + 1]
+    picked = [(o[src] + j) for o, *_ in targets]
+    stack = (lambda i: np.stack([t[i][p] for t, p in zip(targets, picked)], axis=1)) if targets else None
+    n = len(r)
+    return TokenBatch(torch.from_numpy(np.ascontiguousarray(tokens[rows, :width])), torch.from_numpy(r * width + j),
+                      torch.from_numpy(labels),
+                      torch.from_numpy(stack(1)) if stack else torch.zeros(n, 0, 0, dtype=torch.float16),
+                      torch.from_numpy(stack(2).astype(np.int64)) if stack else torch.zeros(n, 0, 0, dtype=torch.long),
+                      torch.from_numpy(stack(3)) if stack else torch.zeros(n, 0, dtype=torch.float16))
+
+
+def _join(pieces: list[tuple[np.ndarray, tuple]]) -> TokenBatch:
+    """One batch from rows of up to two shards: each piece batched alone, then padded and joined."""
+    if len(pieces) == 1:
+        return make_batch(pieces[0][0], *pieces[0][1])
+    parts = [make_batch(rows, *data) for rows, data in pieces]
+    width = max(p.tokens.shape[1] for p in parts)
+    tokens, positions, offset = [], [], 0
+    for p in parts:
+        b, w = p.tokens.shape
+        tokens.append(torch.nn.functional.pad(p.tokens, (0, width - w)))
+        positions.append(offset + (p.positions // w) * width + p.positions % w)
+        offset += b * width
+    return TokenBatch(torch.cat(tokens), torch.cat(positions), *(torch.cat(f) for f in list(zip(*parts))[2:]))
+
+
+def student_positions(engine, batch: TokenBatch, vocab: int) -> torch.Tensor:
+    """The student's logits [N, V] at the batch's target positions."""
+    logits = shared_vocabulary(logits_of(engine(batch.tokens)), vocab, "student.model")
+    return logits.reshape(-1, vocab)[batch.positions]
+
+
+
+def read_token_split(cfg: Config, uri: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens [R, L] padded, lengths [R], mask [R, L]) of a whole (small) split; shards may differ in width."""
+    parts = [read_token_shard(s, cfg.data)[1:] for s in input_shards(uri)]
+    width = max(p[0].shape[1] for p in parts)
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731
+    return np.concatenate([pad(p[0]) for p in parts]), np.concatenate([p[1] for p in parts]), \
+        np.concatenate([pad(p[2]) for p in parts])
+
+
+@torch.no_grad()
+def model_accuracy(model, tokens: np.ndarray, mask: np.ndarray, vocab: int, batch_size: int = 32) -> float | None:
+    """Top-1 accuracy of next-token predictions over the target tokens (mask)."""
+    hits = total = 0
+    for i in range(0, len(tokens), batch_size):
+        x = torch.from_numpy(tokens[i:i + batch_size])
+        pred = shared_vocabulary(logits_of(model(x)), vocab, "model").argmax(-1)[:, :-1].numpy()
+        m = mask[i:i + batch_size, 1:]
+        hits += int((pred == tokens[i:i + batch_size, 1:])[m].sum())
+        total += int(m.sum())
+    return hits / total if total else None
+
+
+class NextTokenProbabilities(torch.nn.Module):
+    """The served student: token ids [B, L] -> softmax at T = 1 over the shared vocabulary, per position."""
+
+    def __init__(self, student: torch.nn.Module, vocab: int):
+        super().__init__()
+        self.student, self.vocab = student, vocab
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits_of(self.student(input_ids))[..., :self.vocab].float(), dim=-1)
+
+
+# -- the task ------------------------------------------------------------------------------------
+class Token(Task):
+    name = "token"
+
+    def check_config(self, cfg: Config) -> None:
+        d = cfg.data
+        if d.vocab_size is None:
+            raise UserError("data.vocab_size: task token needs the shared vocabulary size (e.g. 32000)")
+        if cfg.distill.mix_space == "logit":
+            raise UserError("distill.mix_space: task token mixes per-teacher top-k targets in probability space; "
+                            "use mix_space: prob")
+        if d.tokenizer == "teachers" and not any(kind_of(t).tokenizer(t) for t in cfg.teachers):
+            raise UserError("data.tokenizer: 'teachers' needs pretrained teachers; give a tokenizer directory or null")
+
+    def store_info(self, cfg: Config) -> dict[str, Any]:
+        return vocabulary(cfg)
+
+    # -- label -------------------------------------------------------------------------------
+    def read_inputs(self, cfg: Config, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        ids, tokens, lengths, _ = read_token_shard(InputShard(**shard), cfg.data)
+        return ids, tokens, lengths
+
+    @torch.inference_mode()
+    def label_shard(self, model, inputs, cfg: Config, teacher, device: str, where: str):
+        ids, tokens, lengths = inputs
+        vocab, k = cfg.data.vocab_size, min(cfg.store.top_k, cfg.data.vocab_size)
+        parts = []
+        for start in range(0, len(ids), teacher.batch_size):
+            batch = torch.from_numpy(np.array(tokens[start:start + teacher.batch_size])).to(device)  # a writable copy
+            try:
+                logits = logits_of(model(batch)).float()
+            except (RuntimeError, IndexError) as exc:
+                raise UserError(f"teacher '{teacher.name}' failed on {where} ({str(exc).splitlines()[0]}); "
+                                "check data.vocab_size and the sequence length against the model") from None
+            logits = shared_vocabulary(logits, vocab, f"teacher '{teacher.name}'")
+            keep = [logits[r, :lengths[start + r] - 1] for r in range(len(batch))]  # position j predicts token j + 1
+            flat = torch.cat(keep).cpu()
+            if not torch.isfinite(flat).all():
+                raise UserError(f"teacher '{teacher.name}' produced NaN/Inf logits on {where}; fix the teacher or its "
+                                "checkpoint")
+            parts.append(topk_targets(flat, k))
+        logp, idx, tail = (np.concatenate(p) for p in zip(*parts))
+        data, entry = encode(ids, lengths - 1, logp, idx, tail, level=cfg.store.compression_level)
+        return data, {**entry, "num_classes": vocab, "dtype": "float16"}
+
+    def stored_accuracy(self, cfg: Config, store: Store, split: str, teacher: str) -> float | None:
+        """Top-1 next-token accuracy from the stored targets (each position's first top-k id)."""
+        hits = total = 0
+        for shard in range(len(store.inputs(split))):
+            rows = self.read_rows(cfg, store, split, shard, [teacher])
+            offsets, _, idx, _ = rows.targets[0]
+            r, j = np.nonzero(rows.mask[:, 1:])
+            hits += int((idx[offsets[r] + j, 0] == rows.tokens[r, j + 1]).sum())
+            total += len(r)
+        return hits / total if total else None
+
+    # -- fit a teacher -------------------------------------------------------------------------
+    def fit(self, model, cfg: Config, teacher) -> None:
+        """Next-token cross-entropy on the train split's target tokens (lm.fit_lm)."""
+        tokens, _, mask = read_token_split(cfg, cfg.data.train)
+        f = teacher.fit
+        fit_lm(model, tokens, epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, seed=f.seed,
+               weight_decay=f.weight_decay, mask=mask)
+
+    def accuracy(self, model, cfg: Config, split: str) -> float | None:
+        tokens, _, mask = read_token_split(cfg, getattr(cfg.data, split))
+        return model_accuracy(model, tokens, mask, cfg.data.vocab_size)
+
+    # -- distill -------------------------------------------------------------------------------
+    def preflight(self, cfg: Config, store: Store, student) -> None:
+        """The store holds this vocabulary; the student runs on a validation sequence and covers it."""
+        store.check_task(self.name, vocabulary(cfg))
+        _, tokens, lengths, _ = read_token_shard(InputShard(**store.inputs("val")[0]), cfg.data)
+        out = logits_of(run_student(student, torch.from_numpy(tokens[:1, :lengths[0]])))
+        shared_vocabulary(out, cfg.data.vocab_size, "student.model")
+
+    def read_rows(self, cfg: Config, store: Store, split: str, shard: int, teachers: list[str]) -> Sequences:
+        """One input shard and its teachers' targets, aligned by id and length."""
+        ids, tokens, lengths, mask = read_token_shard(InputShard(**store.inputs(split)[shard]), cfg.data)
+        found = read_aligned(store, split, shard, teachers, decode, ids,
+                             same=lambda t: np.array_equal(t.lengths, lengths - 1))
+        targets = [(np.concatenate([[0], np.cumsum(t.lengths)]), t.logp, t.idx, t.tail) for t in found]
+        return Sequences(tokens, lengths, mask, targets)
+
+    def batches(self, cfg: Config, store: Store, split: str, teachers: list[str], segments, batch_size: int,
+                rng) -> Iterator[TokenBatch]:
+        """Micro-batches of batch_size sequences (row_batches: a short rest carried into the next shard)."""
+        for pieces in row_batches(segments, lambda s: self.read_rows(cfg, store, split, s, teachers), batch_size, rng):
+            yield _join([(rows, data) for data, rows in pieces])
+
+    def train_step(self, engine, batch: TokenBatch, strategy, cfg: Config, epoch: int):
+        """(KDLoss, per-token teacher weights [N, K], N): the loss of one micro-batch, not yet stepped."""
+        vocab, dc, device = cfg.data.vocab_size, cfg.distill, engine.device
+        batch = TokenBatch(*(t.to(device) for t in batch))
+        buckets, bucket_labels = rule_inputs(batch.logp, batch.idx, batch.tail, batch.labels, vocab)
+        weights = strategy.weights(buckets, bucket_labels, dc.temperature, epoch)
+        z = student_positions(engine, batch, vocab)
+        out = token_loss(z, batch.labels, batch.logp, batch.idx, batch.tail, vocab, dc.temperature, dc.alpha, weights)
+        return out, weights, len(batch.labels)
+
+    def count_correct(self, engine, batch: TokenBatch, cfg: Config) -> tuple[int, int]:
+        batch = TokenBatch(*(t.to(engine.device) for t in batch))
+        pred = student_positions(engine, batch, cfg.data.vocab_size).argmax(-1)
+        return int((pred == batch.labels).sum()), len(batch.labels)
+
+    # -- evaluate and serve --------------------------------------------------------------------
+    @torch.inference_mode()
+    def quality(self, cfg: Config, store: Store, teachers: list[str], others: list[str], student, strategy):
+        """Over every target token of the test split. Teachers are judged from their stored targets
+        (top-1 = their first top-k id), the ensemble is their reconstructed distributions
+        (topk.dense_from_topk: the tail spread evenly) mixed with the configured rule at T = 1, the
+        student is run here. KL is per token; ECE is not computed."""
+        names, vocab = [*teachers, *others], cfg.data.vocab_size
+        stats = torch.zeros(len(names) + 2, 3, dtype=torch.float64)  # per model: correct, agrees with ensemble, KL sum
+        total = 0
+        k_ens = len(teachers)
+        for shard in range(len(store.inputs("test"))):
+            rows = self.read_rows(cfg, store, "test", shard, names)
+            order = np.arange(len(rows.tokens))
+            for start in range(0, len(order), 32):
+                batch = make_batch(order[start:start + 32], *rows)
+                if not len(batch.labels):
+                    continue
+                dense = torch.stack([dense_from_topk(batch.logp[:, k], batch.idx[:, k], batch.tail[:, k], vocab)
+                                     for k in range(len(names))], dim=1)                              # [N, K, V]
+                no_labels = torch.full_like(batch.labels, -100)
+                w = strategy.weights(*rule_inputs(batch.logp[:, :k_ens], batch.idx[:, :k_ens], batch.tail[:, :k_ens],
+                                                  no_labels, vocab), 1.0)
+                p_ens = (w.unsqueeze(-1) * dense[:, :k_ens]).sum(1)
+                log_s = torch.log_softmax(student_positions(student, batch, vocab).float(), -1)
+                log_models = [*(dense[:, k].clamp_min(1e-30).log() for k in range(len(names))),
+                              p_ens.clamp_min(1e-30).log(), log_s]
+                top_ens = p_ens.argmax(-1)
+                for m, log_p in enumerate(log_models):
+                    top = log_p.argmax(-1)
+                    kl = (p_ens * (p_ens.clamp_min(1e-30).log() - log_p)).sum(-1)
+                    stats[m] += torch.tensor([(top == batch.labels).sum().item(), (top == top_ens).sum().item(),
+                                              kl.sum().item()])
+                total += len(batch.labels)
+        out = {}
+        for m, name in enumerate([*names, "ensemble", "student"]):
+            correct, agree, kl = (stats[m] / max(total, 1)).tolist()
+            out[name] = {"accuracy": correct, "fidelity": agree, "kl": kl, "ece": None}
+        return out, total
+
+    def latency_inputs(self, cfg: Config) -> tuple[torch.Tensor, str | None]:
+        x = torch.from_numpy(read_token_split(cfg, cfg.data.test)[0])
+        return x, f"sequences of {x.shape[1]} tokens"
+
+    def logits(self, model, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+        return shared_vocabulary(logits_of(model(x)), cfg.data.vocab_size, "teacher")
+
+    def served(self, cfg: Config, student) -> Served:
+        """Token ids int64 [-1, -1] -> next-token probabilities float32 [-1, -1, V] at every position;
+        4 validation sequences cut to a common length as the example. No TorchScript copy: a trace
+        fixes the shapes of a Hugging Face LM."""
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        tokens, lengths, _ = read_token_split(cfg, cfg.data.val)
+        n = min(4, len(tokens))
+        example = tokens[:n, :int(lengths[:n].min())].copy()
+        signature = ModelSignature(Schema([TensorSpec(np.dtype("int64"), (-1, -1))]),
+                                   Schema([TensorSpec(np.dtype("float32"), (-1, -1, cfg.data.vocab_size))]))
+        return Served(NextTokenProbabilities(student, cfg.data.vocab_size).eval(), example, signature, torchscript=False)

@@ -1,0 +1,45 @@
+"""Kind `torch`: `model: "module:callable"` returning a torch.nn.Module, with `kwargs`, and a state
+dict at `checkpoint` (any fsspec URI), or a `fit` block that trains it from scratch with the task's
+loss (fitting.fit_module)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ensemblekd.config import Config, TeacherConfig
+from ensemblekd.errors import UserError
+from ensemblekd.models import build_module, load_state, save_state
+from ensemblekd.plugins import import_callable
+from ensemblekd.teachers.base import TeacherKind, key_of
+
+
+class TorchKind(TeacherKind):
+    name = "torch"
+    tasks = ("classification", "token")
+    can_fit = True
+
+    def check(self, cfg: Config, t: TeacherConfig) -> None:
+        super().check(cfg, t)
+        key = key_of(cfg, t)
+        if t.model is None or t.pretrained is not None:
+            raise UserError(f"{key}: teacher '{t.name}' needs either model (+ checkpoint or fit) or pretrained")
+        if t.checkpoint is None and t.fit is None:
+            raise UserError(f"{key}.checkpoint: teacher '{t.name}' needs a checkpoint URI or a fit block")
+        if t.trusted:
+            raise UserError(f"{key}.trusted: only used with kind sklearn; remove it")
+
+    def check_files(self, cfg: Config, t: TeacherConfig) -> None:
+        import_callable(t.model, f"{key_of(cfg, t)}.model")
+        super().check_files(cfg, t)
+
+    def load(self, cfg: Config, t: TeacherConfig) -> nn.Module:
+        key = key_of(cfg, t)
+        return load_state(build_module(t.model, t.kwargs, f"{key}.model"), self.artifact(cfg, t), key)
+
+    def train(self, cfg: Config, t: TeacherConfig, task) -> float | None:
+        torch.manual_seed(t.fit.seed)
+        model = build_module(t.model, t.kwargs, f"teacher '{t.name}'.model")
+        task.fit(model, cfg, t)
+        save_state(model, self.artifact(cfg, t))
+        return task.accuracy(model, cfg, "val")
