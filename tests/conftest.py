@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
-    from ensemblekd.data import prepare
+    from ensemblekd.data.builtin import prepare
 
     out = tmp_path_factory.mktemp("digits")
     prepare("digits", str(out), shard_rows=128)
@@ -68,10 +69,76 @@ def ray_local():
 @pytest.fixture(scope="session")
 def labelled(tmp_path_factory, digits_dir, ray_local):
     """A tiny config whose teachers are fitted and labelled into its store (shared, read-only)."""
-    from ensemblekd.config import load_config
-    from ensemblekd.pipeline import label_stage
+    import ensemblekd as ekd
 
     tmp = tmp_path_factory.mktemp("labelled")
-    cfg = load_config(write_config(tmp, tiny_config(tmp, digits_dir)))
-    result = label_stage(cfg, progress=False)
+    cfg = ekd.load_config(write_config(tmp, tiny_config(tmp, digits_dir)))
+    result = ekd.label(cfg, progress=False)
     return cfg, result
+
+
+# -- servers the tests start on 127.0.0.1 and stop by process group ----------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_group(proc) -> None:
+    """SIGTERM to a server's process group (e.g. the mlflow CLI and the uvicorn it runs), SIGKILL after 15 s."""
+    import os
+    import signal
+    import time
+
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            proc.poll()                     # reap the leader, so only live members keep the group
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
+    raise AssertionError(f"process group {proc.pid} survived SIGKILL")
+
+
+@contextmanager
+def served_model(model_uri: str, tracking_uri: str, workdir: Path):
+    """`mlflow models serve -m MODEL_URI --env-manager local` on 127.0.0.1 in its own session; yields
+    its URL once /ping answers; afterwards its whole process group is gone."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    bin_dir = Path(sys.executable).parent  # the venv's bin: `mlflow`, and `uvicorn`, which the server runs
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    log = workdir / f"serve-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([bin_dir / "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                                 "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                cwd=workdir, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no /ping after 120 s:\n{log.read_text()[-3000:]}"
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        stop_group(proc)
