@@ -55,6 +55,10 @@ def mlflow_run(cfg: Config, stage: str) -> Iterator[dict[str, str]]:
     import mlflow
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    # MLflow draws a tqdm bar ("Downloading artifacts") whenever it reads artifacts back, e.g.
+    # when log_model validates the input example by loading the logged model: ours draws the
+    # only bars. Its own switch, read at every use; an explicit setting wins.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     uri = absolute_tracking_uri(cfg.tracking.uri or mlflow.get_tracking_uri())
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(cfg.tracking.experiment)

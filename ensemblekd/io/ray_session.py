@@ -30,6 +30,17 @@ def ensure_ray(ray_cfg) -> None:
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING,
                               "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if address is None:
+        # A fresh one-node Ray. Ray turns token authentication on for it, and logs a WARNING
+        # saying so ("Token authentication is enabled for this Ray cluster. Set
+        # RAY_AUTH_MODE=disabled to opt out") unless RAY_AUTH_MODE is set; it cannot be set
+        # here (Ray reads it when imported: set later to "token", ray.init fails), so that one
+        # logger keeps to errors.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # No node of a one-node Ray is ever drained: Ray Train's preemption watcher would only cost
+        # an actor and log a C++ "E" line (core_worker.cc, ray-project/ray#53727) from its
+        # controller. Read by the controller, which gets the driver's RAY_TRAIN_* variables; a
+        # cluster (ray.address) keeps it, and so does a user who set it.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         kwargs.update(address="local", num_cpus=ray_cfg.num_cpus)
         ray.init(**kwargs)
         return
@@ -95,3 +106,60 @@ def unwrap(fn, *args, **kwargs):
         if isinstance(cause, UserError):
             raise UserError(str(cause)) from None
         raise
+
+
+class StepCounter:
+    """An actor holding a worker's step count, for a progress bar the driver draws (driver_progress)."""
+
+    def __init__(self):
+        self.step = 0
+
+    def set(self, step: int) -> None:
+        self.step = step
+
+    def get(self) -> int:
+        return self.step
+
+
+@contextmanager
+def driver_progress(desc: str, total: int, enabled: bool = True) -> Iterator[Any]:
+    """A tqdm bar drawn by the driver, like every other stage's bar, from a StepCounter actor that a
+    worker updates (`counter.set.remote(step)`); yields the counter (None when not enabled) and
+    kills it on the way out. A bar drawn in a worker reaches the console prefixed "(pid=N)", and
+    once per worker."""
+    import threading
+
+    import ray
+    from tqdm import tqdm
+
+    if not enabled:
+        yield None
+        return
+    counter = ray.remote(num_cpus=0)(StepCounter).remote()
+    stop = threading.Event()
+    bar = tqdm(total=total, desc=desc, unit="step")
+
+    def poll() -> None:
+        while True:
+            last = stop.wait(0.5)
+            try:
+                step = ray.get(counter.get.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - Ray going down under us: the run's own error says why
+                return
+            if step != bar.n:  # lower after a restarted worker group resumes from its last checkpoint
+                bar.update(step - bar.n)
+            if last:
+                return
+
+    poller = threading.Thread(target=poll, name=f"{desc}-progress", daemon=True)
+    poller.start()
+    try:
+        yield counter
+    finally:
+        stop.set()
+        poller.join(timeout=15)
+        bar.close()
+        try:
+            ray.kill(counter)
+        except Exception:  # noqa: BLE001 - Ray already down
+            pass

@@ -16,11 +16,11 @@ from ray.train import UserCallback
 from ensemblekd.config import Config
 from ensemblekd.errors import UserError
 from ensemblekd.io import fs
-from ensemblekd.io.ray_session import ensure_ray, require
+from ensemblekd.io.ray_session import driver_progress, ensure_ray, require
 from ensemblekd.mixing import Strategy, build_strategy
 from ensemblekd.models import build_module
 from ensemblekd.store import Store
-from ensemblekd.stages.train import STEP_METRICS, STUDENT_FILE, train_loop
+from ensemblekd.stages.train import STEP_METRICS, STUDENT_FILE, epoch_steps, train_loop
 from ensemblekd.tasks import get_task
 
 
@@ -79,7 +79,10 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bo
     tr = cfg.trainer
     require("trainer.cpus_per_worker/use_gpu", tr.cpus_per_worker, 1.0 if tr.use_gpu else 0.0)
     start = time.perf_counter()
-    result = _fit(_trainer(cfg, mlflow_info, progress))
+    rows = sum(s["rows"] for s in Store.open(cfg.store.uri).inputs("train"))
+    total = epoch_steps(rows, tr.num_workers, tr.batch_size // tr.num_workers) * tr.epochs
+    with driver_progress("distill", total, progress) as counter:
+        result = _fit(_trainer(cfg, mlflow_info, counter))
     seconds = time.perf_counter() - start
     student_uri = fs.join(tr.output_dir, STUDENT_FILE)
     with result.checkpoint.as_directory() as d:
@@ -88,7 +91,7 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bo
     return {"metrics": metrics, "student": student_uri, "seconds": seconds}
 
 
-def _trainer(cfg: Config, mlflow_info: dict[str, str] | None, progress: bool):
+def _trainer(cfg: Config, mlflow_info: dict[str, str] | None, counter):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -99,7 +102,7 @@ def _trainer(cfg: Config, mlflow_info: dict[str, str] | None, progress: bool):
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg, "progress": progress},
+        train_loop_config={"cfg": cfg, "progress": counter},
         scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={
             "CPU": tr.cpus_per_worker, **({"GPU": 1} if tr.use_gpu else {})}),
         run_config=ray.train.RunConfig(

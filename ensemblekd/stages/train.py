@@ -11,11 +11,15 @@ branches on the task or the strategy: both are looked up once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -68,9 +72,28 @@ def build_engine(cfg: Config, total_steps: int):
         optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
     scheduler = None if "scheduler" in ds_config else (lambda opt: torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer,
-                                           lr_scheduler=scheduler, config=ds_config)
+    with _stdout_shown_on_error():
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer,
+                                               lr_scheduler=scheduler, config=ds_config)
     return engine
+
+
+@contextlib.contextmanager
+def _stdout_shown_on_error() -> Iterator[None]:
+    """Hold back what the block prints to stdout; show it, on stderr, only if the block raises.
+
+    DeepSpeed print()s "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" in
+    every worker's deepspeed.initialize (deepspeed/comm/torch.py, build_shm_op: a bare print that no
+    setting turns off), and Ray forwards each worker's stdout to the user's console. Its logger
+    (warnings) writes to the stream it was given at import, so it is not held back.
+    """
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(held):
+            yield
+    except BaseException:
+        sys.stderr.write(held.getvalue())
+        raise
 
 
 def all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
@@ -94,6 +117,11 @@ def full_state_dict(engine) -> dict[str, torch.Tensor]:
 
 
 # -- one epoch -------------------------------------------------------------------------------------
+def epoch_steps(train_rows: int, world: int, micro: int) -> int:
+    """Steps per epoch: each of `world` workers takes train_rows // world rows in micro-batches."""
+    return math.ceil((train_rows // world) / micro)
+
+
 class Worker:
     """What one Ray Train worker holds for the whole run."""
 
@@ -105,19 +133,20 @@ class Worker:
         self.strategy = build_strategy(cfg.distill, self.names, self.store.val_accuracy(self.names), cfg.trainer.epochs)
         self.shard_rows = [s["rows"] for s in self.store.inputs("train")]
         self.micro = cfg.trainer.batch_size // cfg.trainer.num_workers
-        self.steps_per_epoch = math.ceil((sum(self.shard_rows) // world) / self.micro)
+        self.steps_per_epoch = epoch_steps(sum(self.shard_rows), world, self.micro)
         if self.steps_per_epoch == 0:
             raise UserError(f"the train split has {sum(self.shard_rows)} rows, fewer than the {world} workers")
 
-    def train_epoch(self, engine, epoch: int, bar) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    def train_epoch(self, engine, epoch: int, counter) -> tuple[torch.Tensor, dict[str, list[float]]]:
         """Sums over this worker's steps (loss, ce, kd, rows, then each teacher's weight) and rank 0's
-        per-step curve."""
+        per-step curve; rank 0 tells `counter` (the driver's progress bar) its step twice a second."""
         tr = self.cfg.trainer
         engine.train()
         rng = np.random.default_rng([tr.seed, epoch, self.rank])
         segments = worker_segments(self.shard_rows, self.world, self.rank, tr.seed, epoch)
         sums = torch.zeros(4 + len(self.names), dtype=torch.float64)
         steps: dict[str, list[float]] = {k: [] for k in STEP_METRICS}
+        shown = 0.0
         batches = self.task.batches(self.cfg, self.store, "train", self.names, segments, self.micro, rng)
         for step, batch in enumerate(batches):
             tic = time.perf_counter()
@@ -131,8 +160,9 @@ class Worker:
                                                      out.kd.item(), engine.get_lr()[0],
                                                      n * self.world / max(time.perf_counter() - tic, 1e-9))):
                     steps[key].append(value)
-            if bar:
-                bar.update(1)
+            if counter is not None and (time.monotonic() - shown >= 0.5 or step + 1 == self.steps_per_epoch):
+                counter.set.remote(epoch * self.steps_per_epoch + step + 1)  # not waited for
+                shown = time.monotonic()
         return all_reduce_sum(sums, engine.device), steps
 
     @torch.no_grad()
@@ -173,7 +203,8 @@ class Worker:
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """The function every Ray Train worker runs (config: {"cfg": Config, "progress": bool})."""
+    """The function every Ray Train worker runs (config: {"cfg": Config, "progress": a StepCounter
+    actor of the driver's progress bar, or None})."""
     import ray.train
 
     cfg: Config = config["cfg"]
@@ -193,10 +224,10 @@ def train_loop(config: dict[str, Any]) -> None:
             _, state = engine.load_checkpoint(os.path.join(d, "deepspeed"))
             start_epoch = int(state["epoch"]) + 1
 
-    bar = _progress(worker.rank, worker.steps_per_epoch * (tr.epochs - start_epoch)) if config.get("progress", True) else None
+    counter = config.get("progress") if worker.rank == 0 else None
     for epoch in range(start_epoch, tr.epochs):
         t0 = time.perf_counter()
-        sums, steps = worker.train_epoch(engine, epoch, bar)
+        sums, steps = worker.train_epoch(engine, epoch, counter)
         metrics = worker.metrics(epoch, sums, worker.accuracy(engine, "val"), time.perf_counter() - t0)
         if epoch == start_epoch and resume is not None:
             metrics["resumed_from_epoch"] = start_epoch
@@ -208,8 +239,6 @@ def train_loop(config: dict[str, Any]) -> None:
             if worker.rank == 0 and state is not None:
                 torch.save(state, os.path.join(tmp, STUDENT_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-    if bar:
-        bar.close()
 
 
 def _quiet_report_log() -> None:
@@ -222,11 +251,3 @@ def _quiet_report_log() -> None:
     except ImportError:  # another Ray layout: the lines are only noise
         return
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
-def _progress(rank: int, total: int):
-    if rank != 0:
-        return None
-    from ray.experimental.tqdm_ray import tqdm
-
-    return tqdm(total=total, desc="distill", unit="step")
