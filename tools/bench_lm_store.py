@@ -2,9 +2,9 @@
 """Token-level soft targets: what the top-k store costs per token, and what it keeps.
 
 For `task: token` a teacher stores, per token, its k most likely ids with their log-probs and the
-log of the mass outside them (ensemblekd.tokens). This measures, for k in {8, 32, 128}:
+log of the mass outside them (ensemblekd.topk). This measures, for k in {8, 32, 128}:
 
-  bytes      Parquet bytes per token of encode_token_shard (the shard as written, footer included)
+  bytes      Parquet bytes per token of tasks.token.encode (the shard as written, footer included)
              on the teacher's real top-k, and on the same values with ids drawn uniformly at
              random (no redundancy in the ids to exploit), against full float16 logits (V × 2 B)
              and a plain top-32 float16 + int32 store (192 B/token).
@@ -14,7 +14,7 @@ log of the mass outside them (ensemblekd.tokens). This measures, for k in {8, 32
              (top-k in place, the tail spread evenly), renormalised as the loss's buckets are.
 
 Teachers are tiny causal LMs (ensemblekd.lm) fitted for seconds on a synthetic Zipf/Markov
-language (lm.markov_corpus) and evaluated on held-out sequences of it: three of different depth
+language (data.builtin.markov_corpus) and evaluated on held-out sequences of it: three of different depth
 at a demo vocabulary of 512, one each at 32k and 128k (the vocabulary sizes of real tokenizers,
 where full logits are 64 KB and 256 KB per token). Big-vocabulary teachers are fitted far less
 than a real LM, so they are less peaked than one: their mass figures are pessimistic.
@@ -138,7 +138,9 @@ def measure_teacher(model, seqs: np.ndarray, vocab_size: int, ks: tuple[int, ...
     its bytes, the mass the top-k keeps and KL(full || reconstructed)."""
     import torch
 
-    from ensemblekd import tokens
+    from ensemblekd import topk
+    from ensemblekd.store import unpack
+    from ensemblekd.tasks import token
 
     parts: dict[int, list] = {k: [] for k in ks}
     mass: dict[int, list] = {k: [] for k in ks}
@@ -149,12 +151,12 @@ def measure_teacher(model, seqs: np.ndarray, vocab_size: int, ks: tuple[int, ...
         p = logp_full.exp()
         top = p.topk(max(ks), dim=-1).values.cumsum(-1)
         for k in ks:
-            logp, idx, tail = tokens.topk_targets(logits, k)
+            logp, idx, tail = topk.topk_targets(logits, k)
             parts[k].append((logp, idx, tail))
             kept = top[:, k - 1]
             mass[k].append(kept.numpy())
             tail_gap[k] = max(tail_gap[k], float((kept - (1 - torch.from_numpy(tail).float().exp())).abs().max()))
-            q = tokens.dense_from_topk(logp, idx, tail, vocab_size)
+            q = topk.dense_from_topk(logp, idx, tail, vocab_size)
             log_q = (q / q.sum(-1, keepdim=True)).log()
             kl[k].append(torch.where(p > 0, p * (logp_full - log_q), 0.0).sum(-1).numpy())
             del q, log_q
@@ -166,19 +168,19 @@ def measure_teacher(model, seqs: np.ndarray, vocab_size: int, ks: tuple[int, ...
         logp, idx, tail = (np.concatenate(a) for a in zip(*parts[k]))
         n = len(logp)
         t0 = time.perf_counter()
-        data, entry = tokens.encode_token_shard(ids, lengths, logp, idx, tail)
+        data, entry = token.encode(ids, lengths, logp, idx, tail)
         t1 = time.perf_counter()
-        back = tokens.decode_token_shard(data)
+        back = token.decode(unpack(data))
         t2 = time.perf_counter()
         pairs = ((back[2], logp), (back[4], tail))  # float16 compared bit for bit (NaN, −inf included)
         same_bits = [np.array_equal(a.view(np.uint16), b.view(np.uint16)) for a, b in pairs]
         round_trip = (np.array_equal(back[0], ids) and np.array_equal(back[1], lengths) and all(same_bits)
                       and back[3].dtype == idx.dtype and np.array_equal(back[3], idx))
         t3 = time.perf_counter()
-        smallest = len(tokens.encode_token_shard(ids, lengths, logp, idx, tail, level=19)[0])
+        smallest = len(token.encode(ids, lengths, logp, idx, tail, level=19)[0])
         t4 = time.perf_counter()
         random_idx = rng.integers(0, vocab_size, idx.shape).astype(idx.dtype)
-        random_bytes = len(tokens.encode_token_shard(ids, lengths, logp, random_idx, tail)[0])
+        random_bytes = len(token.encode(ids, lengths, logp, random_idx, tail)[0])
         m, d = np.concatenate(mass[k]), np.concatenate(kl[k])
         out[k] = {"k": k, "tokens": n, "bytes": entry["bytes"], "bytes_per_token": entry["bytes"] / n,
                   "random_ids_bytes_per_token": random_bytes / n, "zstd19_bytes_per_token": smallest / n,
@@ -206,12 +208,12 @@ def label_distill_throughput(quick: bool) -> dict[str, Any] | None:
 
     import ray
 
-    from ensemblekd.config import load_config
-    from ensemblekd.distill import distill
-    from ensemblekd.label import label
-    from ensemblekd.lm import prepare_markov
+    from ensemblekd import load_config
+    from ensemblekd.data.builtin import prepare_markov
+    from ensemblekd.stages.distill import distill
+    from ensemblekd.stages.fit import fit_teachers
+    from ensemblekd.stages.label import label
     from ensemblekd.store import Store
-    from ensemblekd.teachers import fit_teachers
 
     root = Path(__file__).resolve().parents[1]
     out: dict[str, Any] = {"runs": {}}
@@ -230,8 +232,8 @@ def label_distill_throughput(quick: bool) -> dict[str, Any] | None:
                 label_s = time.perf_counter() - t0
                 store = Store.open(cfg.store.uri)
                 input_tokens = sum(e["tokens"] + e["rows"] for s in ("train", "val")
-                                   for e in store.m["shards"][s][cfg.teachers[0].name].values())
-                train_targets = sum(e["tokens"] for e in store.m["shards"]["train"][cfg.teachers[0].name].values())
+                                   for e in store.manifest["shards"][s][cfg.teachers[0].name].values())
+                train_targets = sum(e["tokens"] for e in store.manifest["shards"]["train"][cfg.teachers[0].name].values())
                 result = distill(cfg, None, progress=False)
                 epoch_s = result["metrics"]["epoch_seconds"]
                 out["runs"][str(k)] = {"label_s": label_s, "label_tokens_per_s": input_tokens / label_s,
@@ -247,9 +249,10 @@ def label_distill_throughput(quick: bool) -> dict[str, Any] | None:
 
 def run_vocab(run: VocabRun, seed: int, ks: tuple[int, ...]) -> dict[str, Any]:
     from ensemblekd import lm
+    from ensemblekd.data.builtin import markov_corpus
 
-    train = lm.markov_corpus(run.vocab_size, run.train_seqs, run.seq_len, seed=seed, sample_seed=seed * 3 + 1)
-    held_out = lm.markov_corpus(run.vocab_size, run.eval_seqs, run.seq_len, seed=seed, sample_seed=seed * 3 + 2)
+    train = markov_corpus(run.vocab_size, run.train_seqs, run.seq_len, seed=seed, sample_seed=seed * 3 + 1)
+    held_out = markov_corpus(run.vocab_size, run.eval_seqs, run.seq_len, seed=seed, sample_seed=seed * 3 + 2)
     res: dict[str, Any] = {"vocab_size": run.vocab_size, "vocab_hash": lm.vocab_hash(run.vocab_size),
                            "settings": asdict(run), "teachers": []}
     for i, t in enumerate(run.teachers):
@@ -309,7 +312,7 @@ def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
          f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, pyarrow {m['pyarrow']}, "
          f"numpy {m['numpy']}; load average at start {m['load_average_at_start'][0]:.1f}."),
         "",
-        f"Measured version of `ensemblekd/tokens.py`: sha256 {m['tokens_py_sha256']}.",
+        f"Measured version of `ensemblekd/topk.py` + `ensemblekd/tasks/token.py`: sha256 {m['topk_codec_sha256']}.",
         "",
         ("Teachers (tiny causal LMs from `ensemblekd.lm`, fitted with `fit_lm` on `markov_corpus`, measured on "
         "held-out sequences of the same language; every position of every sequence is one token):"),
@@ -352,18 +355,18 @@ def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         (f"- Anchors: full float16 logits = V × 2 B/token ({anchors}); a plain top-32 float16 + int32 store, "
          f"uncompressed = {ANCHOR_TOP32_B} B/token."),
         ("- Raw = k × (2 B + the id's bytes) + 2 B of tail, before Parquet. Top-k store = "
-         "`tokens.encode_token_shard` (log-probs float16, ids in the narrowest unsigned type, the tail log-mass "
+         "`tasks.token.encode` (log-probs float16, ids in the narrowest unsigned type, the tail log-mass "
          "float16; zstd level 3, the default `store.compression_level`, with byte-stream split; 'at zstd 19': "
          "the smallest setting), the whole Parquet file of all measured tokens divided by their "
-         "count; encode / decode = one encode_token_shard / decode_token_shard call each, one core, on a possibly "
+         "count; encode / decode = one tasks.token.encode / decode (of the Parquet bytes) call each, one core, on a possibly "
          "busy machine (indicative only). 'Same, random ids' replaces the ids with uniform random ones: what ids "
          "with no redundancy cost (the synthetic language's ids are Zipf-distributed, as real text's are, which "
          "the column codec exploits)."),
         ("- Mass kept = Σ of the top-k probabilities of the float32 softmax over the full vocabulary. KL = Σ p "
-         "(log p − log q), q = `tokens.dense_from_topk` renormalised; it is the information lost by keeping only "
+         "(log p − log q), q = `topk.dense_from_topk` renormalised; it is the information lost by keeping only "
          "the top k."),
         throughput_text(tp),
-        ("- Checks: decode_token_shard gives back exactly what was encoded: "
+        ("- Checks: tasks.token.decode gives back exactly what was encoded: "
          f"{'yes' if all(r['round_trip'] for r in rows) else '**no**'}; 1 − exp(tail) matches the mass kept to "
          f"within {max(r['tail_vs_mass_max_abs'] for r in rows):.1e}."),
         "",
@@ -379,11 +382,13 @@ def machine() -> dict[str, Any]:
     import transformers
     from bench_common import machine as basics
 
-    import ensemblekd.tokens
+    import ensemblekd.tasks.token
+    import ensemblekd.topk
 
-    tokens_py = Path(ensemblekd.tokens.__file__).read_bytes()
+    # the measured code: top-k targets and their reconstruction (topk.py), the shard codec (tasks/token.py)
+    code = b"".join(Path(m.__file__).read_bytes() for m in (ensemblekd.topk, ensemblekd.tasks.token))
     return {**basics(torch=torch.__version__, transformers=transformers.__version__, pyarrow=pa.__version__,
-                     numpy=np.__version__), "tokens_py_sha256": hashlib.sha256(tokens_py).hexdigest()[:16]}
+                     numpy=np.__version__), "topk_codec_sha256": hashlib.sha256(code).hexdigest()[:16]}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,12 +32,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import ensemblekd as ekd
 from ensemblekd import tracking
 from ensemblekd.config import Config, RayConfig
-from ensemblekd.data import prepare
-from ensemblekd.evaluate import evaluate
-from ensemblekd.pipeline import distill_stage, label_stage
-from ensemblekd.ray_session import ensure_ray, ray_session
+from ensemblekd.data.builtin import prepare
+from ensemblekd.io.ray_session import ensure_ray, ray_session
+from ensemblekd.stages.chain import distill_chain
+from ensemblekd.stages.evaluate import evaluate
 
 DATASETS = {"digits": (64, 10), "breast_cancer": (30, 2), "wine": (13, 3)}
 
@@ -130,7 +131,7 @@ def run_variant(cfg: Config, tags: dict) -> dict:
         import mlflow
 
         mlflow.set_tags({f"bench.{k}": v for k, v in tags.items()})
-        trained = distill_stage(cfg, info, progress=False)
+        trained = distill_chain(cfg, info, progress=False)
         report = evaluate(cfg, trained["student"])
         tracking.log_metrics({f"test_accuracy.{r['model']}": r["accuracy"] for r in report["rows"]})
     return {r["model"]: r for r in report["rows"]}
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                 mask_labels(full, low, args.low_label_fraction, seed=0)
             for regime, data in (("full", full), ("low", low)):
                 base = base_config(dataset, regime, data, out, epochs, args.hidden)
-                label_stage(Config.model_validate(base), progress=False)  # fits once, labels once per regime
+                ekd.label(Config.model_validate(base), progress=False)  # fits once, labels once per regime
                 extra = sizes if dataset == "digits" else []  # the size chart: digits only
                 plan = [(v, args.hidden) for v in variants] + [(v, h) for h in extra for v in ("alone", "uniform")]
                 for seed in seeds:

@@ -13,7 +13,7 @@ about 50x smaller. Four benchmarks, each the median of --repeats runs:
              store) against online KD (a plain 2-process DDP loop running the three teachers in
              every step), plus the same plain loop on the stored logits and on hard labels only;
              per epoch and end to end (Ray start + label + distill against online).
-  store      the trainer's reader (distill.iter_batches) against a bare pyarrow read of the same
+  store      the trainer's reader (the task's batches) against a bare pyarrow read of the same
              files; label-shard bytes per row against the theoretical size.
   deepspeed  the student's step under DeepSpeed ZeRO-0..3 against plain torch DDP (2 processes,
              gloo, global batch 256).
@@ -102,7 +102,7 @@ def free_port() -> int:
 
 # -- data and teachers -------------------------------------------------------------------------
 def write_split(out: Path, rows: int, shard_rows: int, first_id: int, seed: int) -> list[tuple[str, int]]:
-    """Parquet shards as ensemblekd.data.prepare writes them: id int64, x fixed_size_list<float>, y int64."""
+    """Parquet shards as ensemblekd.data.builtin.prepare writes them: id int64, x fixed_size_list<float>, y int64."""
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     files = []
@@ -193,7 +193,7 @@ def count_rows(files) -> int:
 
 # -- label: three ways ------------------------------------------------------------------------
 def label_ensemblekd(ctx: dict, split: str, tag: str, grouped: bool = False) -> float:
-    from ensemblekd.label import label
+    from ensemblekd.stages.label import label
 
     store = Path(ctx["work"]) / "label" / tag
     shutil.rmtree(store, ignore_errors=True)
@@ -214,10 +214,10 @@ def label_ensemblekd_grouped(ctx: dict, split: str, tag: str) -> float:
 
 def _plain_label_worker(shards: list[tuple[int, str]], teachers: list[dict], out: str) -> None:
     """One process of the plain loop: read each of its shards once, run the three teachers, write
-    each teacher's logits as ensemblekd's label shard (store.encode_shard)."""
+    each teacher's logits as ensemblekd's label shard (tasks.classification.encode)."""
     import torch
 
-    from ensemblekd.store import encode_shard
+    from ensemblekd.tasks.classification import encode
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
@@ -230,7 +230,7 @@ def _plain_label_worker(shards: list[tuple[int, str]], teachers: list[dict], out
         for name, model in models:
             with torch.inference_mode():
                 logits = torch.cat([model(x[i:i + TEACHER_BATCH]) for i in range(0, len(x), TEACHER_BATCH)]).numpy()
-            data, _ = encode_shard(ids, logits, "float16")
+            data, _ = encode(ids, logits, "float16")
             os.makedirs(f"{out}/{name}", exist_ok=True)
             with open(f"{out}/{name}/part-{index:05d}.parquet", "wb") as f:
                 f.write(data)
@@ -393,9 +393,9 @@ def _train_worker(rank: int, world: int, port: int, job_path: str, result_path: 
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel
 
-    from ensemblekd.distill import worker_segments
     from ensemblekd.losses import kd_loss
     from ensemblekd.models import mlp
+    from ensemblekd.tasks import worker_segments
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only views, never written
@@ -478,8 +478,8 @@ def run_plain_training(ctx: dict, store_uri: str) -> dict[str, Any]:
 def bench_distill(ctx: dict) -> dict[str, Any]:
     """Each repeat: a fresh store, label (train + val), ensemblekd distill; then the plain loops
     (one pair of processes runs every variant and repeat, interleaved)."""
-    from ensemblekd.distill import distill
-    from ensemblekd.label import label
+    from ensemblekd.stages.distill import distill
+    from ensemblekd.stages.label import label
 
     s: Sizes = ctx["sizes"]
     work = Path(ctx["work"])
@@ -526,8 +526,8 @@ def bench_distill(ctx: dict) -> dict[str, Any]:
 def bench_store(ctx: dict) -> dict[str, Any]:
     import torch
 
-    from ensemblekd.distill import iter_batches, worker_segments
     from ensemblekd.store import Store
+    from ensemblekd.tasks import get_task, worker_segments
 
     s: Sizes = ctx["sizes"]
     uri = ctx.get("train_store") or ctx.get("labelled_store")
@@ -546,7 +546,8 @@ def bench_store(ctx: dict) -> dict[str, Any]:
         t0 = time.perf_counter()
         seen = 0
         segments = worker_segments(shard_rows, 1, 0, 0, 0)
-        for x, y, z in iter_batches(cfg, store, "train", names, segments, micro, np.random.default_rng([0, 0, 0])):
+        for x, y, z in get_task(cfg.task).batches(cfg, store, "train", names, segments, micro,
+                                                   np.random.default_rng([0, 0, 0])):
             seen += len(y)
         reader_s = time.perf_counter() - t0
         assert seen == rows and z.shape[1:] == (len(names), CLASSES), (seen, z.shape)
@@ -562,7 +563,7 @@ def bench_store(ctx: dict) -> dict[str, Any]:
             reader.append(rows / reader_s)
             bare.append(rows / bare_s)
             log(f"store: reader {reader[-1]:,.0f} rows/s, bare pyarrow {bare[-1]:,.0f} rows/s")
-    entries = [e for name in names for e in store.m["shards"]["train"][name].values()]
+    entries = [e for name in names for e in store.manifest["shards"]["train"][name].values()]
     label_bytes = sum(e["bytes"] for e in entries)
     theoretical = sum(e["rows"] * (CLASSES * 2 + 8) for e in entries)  # float16 logits + int64 id, per teacher shard row
     return {"rows": rows, "reader_rows_per_s": statistics.median(reader), "bare_rows_per_s": statistics.median(bare),
@@ -589,9 +590,9 @@ def _step_worker(rank: int, world: int, port: int, job_path: str, result_path: s
     import deepspeed
 
     from ensemblekd.config import TrainerConfig
-    from ensemblekd.distill import deepspeed_config
     from ensemblekd.losses import kd_loss
     from ensemblekd.models import mlp
+    from ensemblekd.stages.train import deepspeed_config
 
     job = json.loads(Path(job_path).read_text())
     micro = job["batch"] // world
@@ -601,7 +602,7 @@ def _step_worker(rank: int, world: int, port: int, job_path: str, result_path: s
     targets = F.softmax(torch.randn(micro, CLASSES, generator=g), -1)
     total = job["warmup"] + job["steps"]
 
-    def scheduler(opt):  # distill.py's cosine schedule
+    def scheduler(opt):  # stages/train.py's cosine schedule
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
 
     def make_step(config: str):
@@ -763,7 +764,7 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     if "store" in res:
         st = res["store"]
         rows += [
-            row("store", "reader_vs_pyarrow", "read rows/s: the trainer's reader (distill.iter_batches, inputs + 3 "
+            row("store", "reader_vs_pyarrow", "read rows/s: the trainer's reader (task.batches, inputs + 3 "
                 "teachers' logits, batch 128) vs bare pyarrow.parquet.read_table of the same files to numpy; "
                 "ratio = reader / bare", st["reader_rows_per_s"], st["bare_rows_per_s"], "rows/s",
                 st["reader_rows_per_s"] / st["bare_rows_per_s"], (">=", 0.9)),
@@ -917,7 +918,7 @@ def main(argv: list[str] | None = None) -> int:
         if {"label", "distill", "store"} & set(only):
             import ray
 
-            from ensemblekd.ray_session import ray_session
+            from ensemblekd.io.ray_session import ray_session
 
             with ray_session():
                 res["ray_init_s"] = ctx["ray_init_s"] = start_ray()

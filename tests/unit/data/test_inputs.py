@@ -1,38 +1,13 @@
-"""Input data: the built-in data sets, shard listing, ids added when absent, bad columns."""
+"""Input data: shard listing, ids added when absent, bad columns."""
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ensemblekd.data import input_shards, prepare, read_shard, read_split
+from ensemblekd.data.inputs import input_shards, read_shard
 from ensemblekd.errors import UserError
 from ensemblekd.losses import IGNORE
-
-
-def test_prepare_digits_writes_sharded_disjoint_splits(digits_dir):
-    sizes = {}
-    ids = {}
-    for split in ("train", "val", "test"):
-        shards = input_shards(str(digits_dir / split))
-        assert len(shards) >= 2 and all(s.rows <= 128 for s in shards)
-        sizes[split] = sum(s.rows for s in shards)
-        ids[split] = set(read_split(str(digits_dir / split), "x", "y", "id")[0].tolist())
-    assert sum(sizes.values()) == 1797
-    assert not (ids["train"] & ids["val"]) and not (ids["train"] & ids["test"]) and not (ids["val"] & ids["test"])
-    _, x, y = read_split(str(digits_dir / "train"), "x", "y", "id")
-    assert x.shape[1] == 64 and 0.0 <= x.min() and x.max() <= 1.0 and set(y.tolist()) == set(range(10))
-
-
-def test_prepare_other_builtin(tmp_path):
-    prepare("wine", str(tmp_path), shard_rows=50)
-    _, x, y = read_split(str(tmp_path / "train"), "x", "y", "id")
-    assert x.shape[1] == 13 and len(set(y.tolist())) == 3
-
-
-def test_unknown_dataset(tmp_path):
-    with pytest.raises(UserError, match="unknown data set"):
-        prepare("mnist", str(tmp_path))
 
 
 def test_ids_are_added_when_absent_and_labels_may_be_missing(tmp_path):

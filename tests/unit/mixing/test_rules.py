@@ -1,8 +1,8 @@
-"""Weighting rules and mixing against hand-computed numbers."""
+"""Weighting rules (ensemblekd.mixing.rules) and mixing against hand-computed numbers."""
 
 import torch
 
-from ensemblekd.weighting import STRATEGIES, WEIGHTINGS, Parallel, Static, Uniform, mix
+from ensemblekd.mixing import STRATEGIES, WEIGHTINGS, Parallel, Static, Uniform, mix, rule_maker
 
 
 def test_uniform_weights():
@@ -33,7 +33,7 @@ def test_mix_in_logit_space():
 
 
 def test_mixed_targets_are_distributions():
-    p, w = Parallel(["a", "b", "c"], weighting="static", weights={"a": 1, "b": 2, "c": 0}).targets(
+    p, w = Parallel(["a", "b", "c"], rule_maker("static", weights={"a": 1, "b": 2, "c": 0})).targets(
         torch.randn(7, 3, 5), None, 3.0)
     assert torch.allclose(p.sum(-1), torch.ones(7))
     assert torch.allclose(w.sum(-1), torch.ones(7))
@@ -41,7 +41,7 @@ def test_mixed_targets_are_distributions():
 
 def test_one_teacher_with_weight_one_is_that_teacher():
     z = torch.randn(4, 2, 6)
-    p, _ = Parallel(["a", "b"], weighting="static", weights={"a": 0, "b": 1}).targets(z, None, 1.5)
+    p, _ = Parallel(["a", "b"], rule_maker("static", weights={"a": 0, "b": 1})).targets(z, None, 1.5)
     assert torch.allclose(p, torch.softmax(z[:, 1] / 1.5, -1), atol=1e-6)
 
 
@@ -56,7 +56,8 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 
 from ensemblekd.losses import IGNORE  # noqa: E402
-from ensemblekd.weighting import CAMKD, Accuracy, Entropy, entropy_weights  # noqa: E402
+from ensemblekd.mixing import CAMKD, Accuracy, Entropy  # noqa: E402
+from ensemblekd.mixing.rules import entropy_weights  # noqa: E402
 
 LN3 = math.log(3.0)
 H_HALF = math.log(2.0)                                    # H([.5, .5])

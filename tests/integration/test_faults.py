@@ -21,20 +21,19 @@ import pytest
 import yaml
 from conftest import REPO
 
+import ensemblekd as ekd
 from ensemblekd import tracking
-from ensemblekd.config import load_config
-from ensemblekd.distill import distill
 from ensemblekd.errors import UserError
-from ensemblekd.label import label
+from ensemblekd.models import build_module, save_state
+from ensemblekd.stages.distill import distill
 from ensemblekd.store import LOCK, Store
-from ensemblekd.teachers import build_model, save_state
 
 pytestmark = pytest.mark.integration
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: faulty_models is imported from there
 
 
 def checksums(uri: str) -> dict[tuple[str, str, str], str]:
-    shards = Store.open(uri).m["shards"]
+    shards = Store.open(uri).manifest["shards"]
     return {(s, t, i): e["sha256"] for s, per in shards.items() for t, es in per.items() for i, e in es.items()}
 
 
@@ -83,7 +82,7 @@ def committed(uri: str) -> int:
 
 
 def test_killed_teacher_actor_is_restarted_and_its_shard_redone(labelled, tmp_path):
-    cfg = load_config(slow_config(labelled, tmp_path, delay=0.25))
+    cfg = ekd.load_config(slow_config(labelled, tmp_path, delay=0.25))
     killed = {}
 
     def kill_one_actor():
@@ -94,11 +93,11 @@ def test_killed_teacher_actor_is_restarted_and_its_shard_redone(labelled, tmp_pa
 
     killer = threading.Thread(target=kill_one_actor)
     killer.start()
-    result = label(cfg, progress=False)
+    result = ekd.label(cfg, progress=False)
     killer.join()
 
     total = len(checksums(labelled[0].store.uri))
-    assert 2 <= killed["at"] < total and result["shards"] == total
+    assert 2 <= killed["at"] < total and result.shards == total
     restarted = actors(actor_id=killed["id"])[0]
     assert restarted.num_restarts >= 1
     assert checksums(cfg.store.uri) == checksums(labelled[0].store.uri)  # identical to an uninterrupted run
@@ -122,9 +121,9 @@ def test_killed_driver_loses_no_committed_shard(labelled, tmp_path):
     assert os.path.exists(os.path.join(uri, LOCK))  # the dead run's lock is left behind ...
     mtimes = {k: os.stat(before.shard_uri(*k[:2], int(k[2]))).st_mtime_ns for k in done}
 
-    result = label(load_config(config), progress=False)  # ... and taken over: its holder is dead
+    result = ekd.label(ekd.load_config(config), progress=False)  # ... and taken over: its holder is dead
 
-    assert result["shards"] == total - len(done)
+    assert result.shards == total - len(done)
     after = Store.open(uri)
     assert {k: os.stat(after.shard_uri(*k[:2], int(k[2]))).st_mtime_ns for k in done} == mtimes  # not recomputed
     assert checksums(uri) == checksums(labelled[0].store.uri)
@@ -197,7 +196,7 @@ def test_corrupt_train_shard_is_refused_by_distill(labelled, tmp_path, damage):
     shard.write_bytes(bytes(raw if damage == "flip" else raw[:-40]))
     reason = "checksum mismatch" if damage == "flip" else r"\d+ bytes, the manifest says"
     with pytest.raises(UserError, match=rf"train/mlp_a/part-00002.parquet: {reason}.*--repair"):
-        distill(cfg, progress=False)
+        ekd.distill(cfg, progress=False)
 
 
 def test_feature_width_that_does_not_fit_a_teacher_is_one_line_and_writes_nothing(labelled, tmp_path):
@@ -207,7 +206,7 @@ def test_feature_width_that_does_not_fit_a_teacher_is_one_line_and_writes_nothin
     raw["store"]["uri"] = str(tmp_path / "store")
     narrow = {"name": "narrow", "model": "ensemblekd.models:mlp", "checkpoint": str(tmp_path / "narrow.pt"),
               "kwargs": {"in_features": 32, "num_classes": 10, "hidden": [16]}}
-    save_state(build_model(narrow["model"], narrow["kwargs"]), narrow["checkpoint"])
+    save_state(build_module(narrow["model"], narrow["kwargs"]), narrow["checkpoint"])
     raw["teachers"] = [{**t, "fit": None} for t in raw["teachers"]] + [narrow]
     config = tmp_path / "narrow.yaml"
     config.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -1,4 +1,5 @@
-"""Token-level soft targets: top-k + tail against dense KL and numbers computed by hand, the store."""
+"""Token-level soft targets (ensemblekd.topk): top-k + tail against dense KL and numbers computed by hand.
+(How they are stored, the token task's codec, is tested in tests/unit/tasks/test_token_codec.py.)"""
 
 import math
 
@@ -6,19 +7,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ensemblekd import tokens
+from ensemblekd import topk
 from ensemblekd.losses import IGNORE
-from ensemblekd.tokens import (
-    decode_token_shard,
+from ensemblekd.mixing import CAMKD, Entropy
+from ensemblekd.topk import (
     dense_from_topk,
-    encode_token_shard,
     index_dtype,
     rule_inputs,
     sparse_kl,
     token_loss,
     topk_targets,
 )
-from ensemblekd.weighting import CAMKD, Entropy
 
 
 def _softmax(v):
@@ -170,7 +169,7 @@ def test_rule_inputs_isolate_the_label_and_feed_camkd_without_nan():
     assert abs(buckets[0, 1, 0].exp().item() - (1 - 0.5 - 0.3 - 0.04) / 7) < 1e-3        # even-tail estimate
     assert abs(buckets[2, 1, 0].exp().item() - 0.3) < 1e-3                               # label 2 in top-k ...
     assert buckets[2, 1, 1:4].exp().sum().item() < 0.55                                  # ... and out of it
-    assert (buckets[1, :, 0] == tokens.EMPTY_LOGIT).all()                                # no label, empty
+    assert (buckets[1, :, 0] == topk.EMPTY_LOGIT).all()                                # no label, empty
     w = CAMKD(["good", "bad"])(buckets, bucket_labels, 2.0)
     assert torch.isfinite(w).all() and w[0, 0] > w[0, 1] and w[2, 1] > w[2, 0]
     assert torch.allclose(w.sum(-1), torch.ones(3))
@@ -187,32 +186,6 @@ def test_dense_from_topk_spreads_the_tail_evenly():
     assert torch.allclose(d, torch.tensor([[0.5, 0.2 / 3, 0.3, 0.2 / 3, 0.2 / 3]]), atol=1e-3)
     logp, idx, tail = topk_targets(p.log(), 5)
     assert torch.allclose(dense_from_topk(logp, idx, tail, 5), p, atol=1e-3)
-
-
-def _lm_like_logits(n: int, v: int, g: torch.Generator) -> torch.Tensor:
-    """Zipf unigram prior over a frequency-ordered vocabulary + noise + 8 power-law context candidates."""
-    z = -0.5 * torch.log1p(torch.arange(v, dtype=torch.float32)) + 1.5 * torch.randn(n, v, generator=g)
-    cand = ((torch.rand(n, 8, generator=g) ** (-1 / 0.8) - 1) * 10).long().clamp(max=v - 1)
-    return z.scatter_add_(1, cand, 6.0 + 2.5 * torch.randn(n, 8, generator=g))
-
-
-def test_store_round_trip_is_exact_and_small():
-    n, v, k = 1024, 32000, 32
-    logp, idx, tail = topk_targets(_lm_like_logits(n, v, torch.Generator().manual_seed(7)), k)
-    lengths = np.array([511, 1, 400, 0, 112])
-    data, entry = encode_token_shard(np.arange(5) + 100, lengths, logp, idx, tail)
-    assert entry["rows"] == 5 and entry["tokens"] == n and entry["bytes"] == len(data) and len(entry["sha256"]) == 64
-    ids, lens, logp2, idx2, tail2 = decode_token_shard(data)
-    assert ids.tolist() == list(range(100, 105)) and lens.tolist() == lengths.tolist()
-    assert logp2.dtype == np.float16 and idx2.dtype == np.uint16 and tail2.dtype == np.float16
-    assert np.array_equal(logp2.view(np.uint16), logp.view(np.uint16)) and np.array_equal(idx2, idx)
-    assert np.array_equal(tail2.view(np.uint16), tail.view(np.uint16))
-    logp, idx, tail = topk_targets(torch.randn(6, 70_000, generator=torch.Generator().manual_seed(9)), 4)
-    _, _, _, idx2, _ = decode_token_shard(encode_token_shard(np.arange(2), np.array([2, 4]), logp, idx, tail)[0])
-    assert idx2.dtype == np.uint32 and np.array_equal(idx2, idx)
-    per_token = len(data) / n
-    print(f"store: {per_token:.1f} B/token at k = {k}, V = {v} (plain float16 + int32: 192)")
-    assert per_token <= 100
 
 
 def _reference_kl(z, logp, idx, tail, v, T, w):

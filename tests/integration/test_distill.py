@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from ensemblekd.distill import deepspeed_config, distill, iter_batches, read_rows, worker_segments
+import ensemblekd as ekd
 from ensemblekd.errors import UserError
+from ensemblekd.models import build_module, load_state
+from ensemblekd.stages.train import deepspeed_config
 from ensemblekd.store import Store
-from ensemblekd.teachers import build_model, load_state
+from ensemblekd.tasks import classification, get_task, worker_segments
 
 
 def _rows(segments, offsets):
@@ -50,20 +52,20 @@ def test_batches_zip_inputs_with_every_teacher(labelled):
     cfg, _ = labelled
     store = Store.open(cfg.store.uri)
     segments = [(0, 0, 50), (1, 10, 40)]
-    batches = list(iter_batches(cfg, store, "train", ["mlp_a", "mlp_b"], segments, 32, None))
+    batches = list(get_task(cfg.task).batches(cfg, store, "train", ["mlp_a", "mlp_b"], segments, 32, None))
     assert [len(b[1]) for b in batches] == [32, 32, 16]
     x, y, z = batches[0]
     assert x.shape == (32, 64) and z.shape == (32, 2, 10) and z.dtype == torch.float32
-    _, logits_a = store.read("train", "mlp_a", 0)
+    _, logits_a = classification.decode(store.read_table("train", "mlp_a", 0))
     assert torch.allclose(z[:, 0], torch.from_numpy(logits_a[:32].astype(np.float32)))
 
 
 def test_misaligned_teacher_shard_is_refused(labelled, tmp_path):
     cfg, _ = labelled
     store = Store.open(cfg.store.uri)
-    shifted = Store(store.uri, {**store.m, "inputs": {"train": list(reversed(store.inputs("train")))}})
+    shifted = Store(store.uri, {**store.manifest, "inputs": {"train": list(reversed(store.inputs("train")))}})
     with pytest.raises(UserError, match="not aligned"):
-        read_rows(cfg, shifted, "train", 0, ["mlp_a"])
+        get_task("classification").read_rows(cfg, shifted, "train", 0, ["mlp_a"])
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -73,10 +75,10 @@ def test_distill_trains_under_every_zero_stage(labelled, tmp_path, stage):
     cfg.trainer.zero_stage = stage
     cfg.trainer.epochs = 3
     cfg.trainer.output_dir = str(tmp_path / "out")
-    result = distill(cfg)
-    m = result["metrics"]
+    result = ekd.distill(cfg)
+    m = result.metrics
     assert m["epoch"] == 2 and m["val_accuracy"] > 0.5
-    student = load_state(build_model(cfg.student.model, cfg.student.kwargs), result["student"], "student")
+    student = load_state(build_module(cfg.student.model, cfg.student.kwargs), result.student, "student")
     assert sum(p.numel() for p in student.parameters()) == 64 * 32 + 32 + 32 * 10 + 10
 
 
@@ -85,7 +87,7 @@ def test_student_with_the_wrong_class_count_fails_before_training(labelled, tmp_
     cfg = cfg.model_copy(deep=True)
     cfg.student.kwargs = {**cfg.student.kwargs, "num_classes": 7}
     with pytest.raises(UserError, match="outputs 7 classes but the teachers have 10"):
-        distill(cfg)
+        ekd.distill(cfg)
 
 
 @pytest.mark.gpu
@@ -95,7 +97,7 @@ def test_distill_on_gpu_with_nccl(labelled, tmp_path):
     cfg = cfg.model_copy(deep=True)
     cfg.trainer.use_gpu, cfg.trainer.num_workers, cfg.trainer.epochs = True, 1, 2
     cfg.trainer.output_dir = str(tmp_path / "out")
-    assert distill(cfg)["metrics"]["val_accuracy"] > 0.5
+    assert ekd.distill(cfg).metrics["val_accuracy"] > 0.5
 
 
 def test_trainer_resources_no_node_has_are_refused(labelled, tmp_path):
@@ -103,25 +105,26 @@ def test_trainer_resources_no_node_has_are_refused(labelled, tmp_path):
     cfg = cfg.model_copy(deep=True)
     cfg.trainer.cpus_per_worker = 64
     with pytest.raises(UserError, match="trainer.cpus_per_worker/use_gpu: asks for 64 CPU"):
-        distill(cfg)
+        ekd.distill(cfg)
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 7, 64])
 def test_batches_cover_every_row_once_across_uneven_shards(monkeypatch, batch_size):
     """Batches are full except the last, and concatenated they are the rows in segment order,
     also when a batch spans two (or more) shards."""
-    import ensemblekd.distill as d
+    task = get_task("classification")
 
     sizes = [5, 2, 9, 1, 13]
     offsets = np.cumsum([0, *sizes])
 
     def fake_rows(cfg, store, split, shard, teachers):
         rows = np.arange(offsets[shard], offsets[shard + 1])
-        return rows[:, None].astype(np.float32), rows, np.repeat(rows[:, None, None], 2, axis=1).astype(np.float16)
+        return classification.Rows(rows[:, None].astype(np.float32), rows,
+                                   np.repeat(rows[:, None, None], 2, axis=1).astype(np.float16))
 
-    monkeypatch.setattr(d, "read_rows", fake_rows)
+    monkeypatch.setattr(task, "read_rows", fake_rows)
     segments = [(4, 3, 13), (0, 0, 5), (3, 0, 1), (1, 0, 2), (2, 1, 9)]
-    batches = list(d.iter_batches(None, None, "train", ["a", "b"], segments, batch_size, None))
+    batches = list(task.batches(None, None, "train", ["a", "b"], segments, batch_size, None))
     expected = np.concatenate([np.arange(offsets[s] + a, offsets[s] + b) for s, a, b in segments])
     assert all(len(y) == batch_size for _, y, _ in batches[:-1]) and 0 < len(batches[-1][1]) <= batch_size
     assert np.array_equal(torch.cat([y for _, y, _ in batches]).numpy(), expected)

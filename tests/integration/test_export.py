@@ -3,33 +3,23 @@ example and TorchScript copy, served by `mlflow models serve` (local environment
 answers real HTTP requests with exactly the probabilities the student gives in-process."""
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import torch
-from conftest import write_config
+from conftest import free_port, served_model, write_config
 
 from ensemblekd import tracking
 from ensemblekd.cli import main
-from ensemblekd.data import read_split
-from ensemblekd.teachers import build_model, load_state
+from ensemblekd.data.inputs import read_split
+from ensemblekd.models import build_module, load_state
+from ensemblekd.stages import export
 
 pytestmark = pytest.mark.integration
 NAME = "digits-student"
-BIN = Path(sys.executable).parent          # the venv's bin: `mlflow`, and `uvicorn`, which the server runs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +27,7 @@ def student_run(labelled, tmp_path_factory):
     """A 2-epoch distill run whose student is logged, as `ensemblekd distill` does, to a fresh MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from ensemblekd.distill import distill
+    from ensemblekd.stages.distill import distill
 
     tmp = tmp_path_factory.mktemp("export")
     cfg = labelled[0].model_copy(deep=True)
@@ -47,7 +37,7 @@ def student_run(labelled, tmp_path_factory):
     MlflowClient(cfg.tracking.uri).create_experiment(cfg.tracking.experiment, artifact_location=str(tmp / "artifacts"))
     with tracking.mlflow_run(cfg, "distill") as info:
         result = distill(cfg, info, progress=False)
-        tracking.log_student(cfg, result["student"])
+        export.log_student(cfg, result["student"])
     return cfg, result["student"], info["run_id"], tmp
 
 
@@ -68,7 +58,7 @@ def test_rows(student_run):
     cfg, student_uri, _, _ = student_run
     _, x, _ = read_split(cfg.data.test, cfg.data.features, None, cfg.data.id)
     x = x[:50]
-    student = load_state(build_model(cfg.student.model, cfg.student.kwargs), student_uri, "student")
+    student = load_state(build_module(cfg.student.model, cfg.student.kwargs), student_uri, "student")
     with torch.no_grad():
         return x, torch.softmax(student(torch.from_numpy(x)), dim=-1).numpy()
 
@@ -96,47 +86,9 @@ def test_export_registers_the_student_with_signature_and_example(student_run, ex
 @pytest.fixture
 def server(student_run, exported, tmp_path):
     """`mlflow models serve` in its own session; afterwards its whole process group is gone."""
-    cfg = student_run[0]
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": cfg.tracking.uri, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    log = tmp_path / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([BIN / "mlflow", "models", "serve", "-m", f"models:/{NAME}/1", "--env-manager", "local",
-                                 "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                cwd=tmp_path, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no /ping after 120 s:\n{log.read_text()[-3000:]}"
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
+    with served_model(f"models:/{NAME}/1", student_run[0].tracking.uri, tmp_path) as url:
         yield url
-    finally:
-        stop_group(proc)
 
-
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM to the server's process group (the mlflow CLI and the uvicorn it runs), SIGKILL after 15 s."""
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            proc.poll()                     # reap the leader, so only live members keep the group
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-    raise AssertionError(f"process group {proc.pid} survived SIGKILL")
 
 
 def test_served_model_predicts_the_students_probabilities(server, test_rows):
@@ -155,7 +107,7 @@ def test_torchscript_copy_predicts_the_same(student_run, exported, test_rows):
     import mlflow
 
     mlflow.set_tracking_uri(student_run[0].tracking.uri)
-    path = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1/extra_files/{tracking.TORCHSCRIPT_FILE}")
+    path = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1/extra_files/{export.TORCHSCRIPT_FILE}")
     scripted = torch.jit.load(path)
     x, want = test_rows
     with torch.no_grad():
@@ -182,7 +134,7 @@ def test_bad_input_is_one_line(student_run, tmp_path, capsys):
     with tracking.mlflow_run(cfg, "evaluate") as info:      # a run with no student
         pass
     with tracking.mlflow_run(cfg, "distill") as old:        # a student logged before export: logits, no tag
-        mlflow.pytorch.log_model(torch.nn.Linear(64, 10), name=tracking.STUDENT_MODEL, serialization_format="pt2",
+        mlflow.pytorch.log_model(torch.nn.Linear(64, 10), name=export.STUDENT_MODEL, serialization_format="pt2",
                                  input_example=np.zeros((2, 64), np.float32), pip_requirements=["torch"])
     cases = [
         (["export", "0" * 32, "--tracking-uri", cfg.tracking.uri], "no MLflow run '" + "0" * 32),

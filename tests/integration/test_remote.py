@@ -111,18 +111,17 @@ def remote_run(tmp_path_factory, digits_dir, ray_local, s3, mlflow_server):
     """The tiny pipeline with its store in the bucket and its tracking on the server."""
     import mlflow
 
-    from ensemblekd import storage
-    from ensemblekd.config import load_config
-    from ensemblekd.pipeline import run
+    import ensemblekd as ekd
+    from ensemblekd.io import fs as storage
 
     tmp = tmp_path_factory.mktemp("remote")
     tracking_before = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also sets it
     options = {"endpoint_url": s3, "key": KEY, "secret": SECRET}
-    cfg = load_config(write_config(tmp, tiny_config(
+    cfg = ekd.load_config(write_config(tmp, tiny_config(
         tmp, digits_dir, store={"uri": STORE, "storage_options": options}, trainer={"epochs": EPOCHS},
         tracking={"uri": mlflow_server[0], "experiment": "remote"})))
     try:
-        yield cfg, run(cfg, progress=False), tmp
+        yield cfg, ekd.run(cfg, progress=False), tmp
     finally:  # later tests in this process must not reach the stopped servers
         storage.configure("s3", {})
         mlflow.set_tracking_uri(tracking_before)
@@ -164,9 +163,10 @@ def test_a_reader_trusts_the_manifest_only_and_sees_other_processes_writes(remot
     """Another process (here a subprocess, in the pipeline a label actor or the driver) replaces a
     shard and the manifest after this process listed and read them: this process must see the new
     objects, not fsspec's cached listing; an object the manifest does not list is never read."""
-    from ensemblekd import storage
     from ensemblekd.errors import UserError
+    from ensemblekd.io import fs as storage
     from ensemblekd.store import Store
+    from ensemblekd.tasks import classification
 
     fs = s3fs_client(s3)
     fs.copy(f"{BUCKET}/store", f"{BUCKET}/copy", recursive=True)
@@ -175,7 +175,7 @@ def test_a_reader_trusts_the_manifest_only_and_sees_other_processes_writes(remot
     store = Store.open(copy)
     assert storage.list_parquet(f"{copy}/train/mlp_a")               # caches the listing (sizes, ETags)
     old_size = storage.file_size(shard)
-    store.read("train", "mlp_a", 0)
+    classification.decode(store.read_table("train", "mlp_a", 0))
 
     manifest = manifest_of(fs, f"{BUCKET}/copy")
     manifest["note"] = "rewritten by another process"
@@ -185,14 +185,14 @@ def test_a_reader_trusts_the_manifest_only_and_sees_other_processes_writes(remot
             f"fs.pipe_file({BUCKET + '/copy/manifest.json'!r}, json.dumps({manifest!r}).encode())")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
-    assert Store.open(copy).m.get("note") == "rewritten by another process"
+    assert Store.open(copy).manifest.get("note") == "rewritten by another process"
     assert storage.file_size(shard) == 3100 != old_size
     assert storage.read_bytes(shard).startswith(b"not parquet")
     bad = [(split, t, i, why) for split, t, i, ok, why in Store.open(copy).verify() if not ok]
     assert bad == [("train", "mlp_a", 0, f"3100 bytes, manifest says {manifest['shards']['train']['mlp_a']['0']['bytes']}")]
-    assert "9999" not in Store.open(copy).m["shards"]["train"]["mlp_a"]
+    assert "9999" not in Store.open(copy).manifest["shards"]["train"]["mlp_a"]
     with pytest.raises(UserError, match="checksum mismatch"):
-        Store.open(copy).read("train", "mlp_a", 0)
+        classification.decode(Store.open(copy).read_table("train", "mlp_a", 0))
 
 
 def test_a_missing_bucket_is_one_line_and_is_not_created(remote_run, s3, tmp_path, digits_dir):
@@ -216,12 +216,12 @@ def test_an_unreachable_endpoint_is_one_line(tmp_path):
 
 
 def test_storage_options_need_an_object_store_uri(tmp_path, digits_dir):
-    from ensemblekd.config import load_config
+    import ensemblekd as ekd
     from ensemblekd.errors import UserError
 
     cfg = tiny_config(tmp_path, digits_dir, store={"storage_options": {"endpoint_url": "http://127.0.0.1:9"}})
     with pytest.raises(UserError, match="store.storage_options: only used with an object-store store.uri"):
-        load_config(write_config(tmp_path, cfg), check=False)
+        ekd.load_config(write_config(tmp_path, cfg), check=False)
 
 
 # -- tracking on the MLflow server ----------------------------------------------------------------
@@ -230,8 +230,8 @@ def test_the_server_has_the_run_its_params_and_metrics(remote_run, mlflow_server
 
     _, result, _ = remote_run
     client = MlflowClient(mlflow_server[0])
-    run = client.get_run(result["run_id"])
-    assert run.info.status == "FINISHED" and result["tracking_uri"] == mlflow_server[0]
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and result.tracking_uri == mlflow_server[0]
     assert client.get_experiment(run.info.experiment_id).name == "remote"
     p, m = run.data.params, run.data.metrics
     assert p["trainer.epochs"] == str(EPOCHS) and p["store.uri"] == STORE
@@ -240,7 +240,7 @@ def test_the_server_has_the_run_its_params_and_metrics(remote_run, mlflow_server
     assert SECRET not in json.dumps(p) and KEY not in json.dumps(p)
     history = client.get_metric_history(run.info.run_id, "val_accuracy")
     assert len(history) == EPOCHS and len({h.step for h in history}) == EPOCHS   # one per epoch
-    report = {row["model"]: row["accuracy"] for row in result["report"]["rows"]}
+    report = {row.model: row.accuracy for row in result.evaluation.rows}
     assert m["test_accuracy.student"] == pytest.approx(report["student"]) and report["student"] > 0.2  # chance: 0.1
     assert m["test_accuracy.ensemble"] == pytest.approx(report["ensemble"]) and report["ensemble"] > 0.9
     for key in ("train_loss", "loss", "teacher_val_accuracy.mlp_a", "student_fidelity"):
@@ -252,13 +252,13 @@ def test_the_server_stores_the_artifacts_and_the_model_loads_and_predicts(remote
     import torch
     from mlflow.tracking import MlflowClient
 
-    from ensemblekd.data import read_split
-    from ensemblekd.teachers import build_model, load_state
+    from ensemblekd.data.inputs import read_split
+    from ensemblekd.models import build_module, load_state
 
     cfg, result, tmp = remote_run
     url, artifact_root = mlflow_server
     client = MlflowClient(url)
-    run = client.get_run(result["run_id"])
+    run = client.get_run(result.run_id)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")       # proxied through the server
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "student.pt", "store", "report"} <= top
@@ -272,7 +272,7 @@ def test_the_server_stores_the_artifacts_and_the_model_loads_and_predicts(remote
     mlflow.set_tracking_uri(url)
     logged = mlflow.pytorch.load_model(models[0].model_uri)
     _, x, _ = read_split(cfg.data.test, cfg.data.features, None, cfg.data.id)
-    student = load_state(build_model(cfg.student.model, cfg.student.kwargs), result["student"], "student")
+    student = load_state(build_module(cfg.student.model, cfg.student.kwargs), result.student, "student")
     with torch.no_grad():
         got, want = logged(torch.from_numpy(x)), student(torch.from_numpy(x))
     assert got.shape == (len(x), 10) and torch.equal(got.argmax(1), want.argmax(1))

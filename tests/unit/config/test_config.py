@@ -5,8 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, tiny_config, write_config
-from ensemblekd.config import load_config
-from ensemblekd.errors import UserError
+from ensemblekd import UserError, load_config
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config, write_config
 
-from ensemblekd.config import load_config
+import ensemblekd as ekd
 from ensemblekd.errors import UserError
-from ensemblekd.label import label
-from ensemblekd.pipeline import label_stage
+from ensemblekd.models import build_module, save_state
 from ensemblekd.store import Store
-from ensemblekd.teachers import build_model, save_state
+from ensemblekd.tasks import classification
 
 
 def _mtimes(root):
@@ -22,34 +21,34 @@ def test_store_is_complete_aligned_and_has_val_accuracy(labelled):
     cfg, result = labelled
     store = Store.open(cfg.store.uri)
     n_inputs = sum(len(store.inputs(s)) for s in ("train", "val", "test"))
-    assert result["shards"] == n_inputs * 2 and result["rows"] == 1797 * 2
+    assert result.shards == n_inputs * 2 and result.rows == 1797 * 2
     for split in ("train", "val", "test"):
         store.check_complete(split, ["mlp_a", "mlp_b"])
-    assert store.num_classes == 10 and store.m["dtype"] == "float16"
+    assert store.num_classes == 10 and store.manifest["dtype"] == "float16"
     assert all(ok for *_, ok, _ in store.verify())
     for name in ("mlp_a", "mlp_b"):
         assert store.teacher(name)["val_accuracy"] > 0.85
-        ids, logits = store.read("train", name, 0)
+        ids, logits = classification.decode(store.read_table("train", name, 0))
         assert logits.shape == (len(ids), 10) and logits.dtype == np.float16
 
 
 def test_resume_redoes_only_missing_shards(tmp_path, digits_dir, ray_local):
-    cfg = load_config(write_config(tmp_path, tiny_config(tmp_path, digits_dir)))
-    label_stage(cfg, progress=False)
+    cfg = ekd.load_config(write_config(tmp_path, tiny_config(tmp_path, digits_dir)))
+    ekd.label(cfg, progress=False)
     store_dir = tmp_path / "store"
     before = _mtimes(store_dir)
 
-    again = label(cfg, progress=False)
-    assert again["shards"] == 0 and _mtimes(store_dir) == before  # complete store: no teacher work
+    again = ekd.label(cfg, progress=False)
+    assert again.shards == 0 and _mtimes(store_dir) == before  # complete store: no teacher work
 
     # an interrupted run: two shards never committed (one file written, one not)
     store = Store.open(cfg.store.uri)
-    del store.m["shards"]["train"]["mlp_a"]["1"]
-    del store.m["shards"]["test"]["mlp_b"]["0"]
+    del store.manifest["shards"]["train"]["mlp_a"]["1"]
+    del store.manifest["shards"]["test"]["mlp_b"]["0"]
     store.save()
     os.remove(store.shard_uri("test", "mlp_b", 0))
-    resumed = label(cfg, progress=False)
-    assert resumed["shards"] == 2
+    resumed = ekd.label(cfg, progress=False)
+    assert resumed.shards == 2
     after = _mtimes(store_dir)
     redone = {p for p in after if before.get(p) != after[p]}
     assert redone == {store.shard_uri("train", "mlp_a", 1), store.shard_uri("test", "mlp_b", 0)}
@@ -57,12 +56,12 @@ def test_resume_redoes_only_missing_shards(tmp_path, digits_dir, ray_local):
 
 
 def test_changed_teacher_is_relabelled_alone(tmp_path, digits_dir, ray_local):
-    cfg = load_config(write_config(tmp_path, tiny_config(tmp_path, digits_dir)))
-    label_stage(cfg, progress=False)
+    cfg = ekd.load_config(write_config(tmp_path, tiny_config(tmp_path, digits_dir)))
+    ekd.label(cfg, progress=False)
     before = _mtimes(tmp_path / "store")
-    refit = load_config(tmp_path / "config.yaml", ["teachers.1.fit.seed=7"])  # new weights for mlp_b
-    result = label_stage(refit, progress=False)
-    assert [f["name"] for f in result["fitted"]] == ["mlp_b"]
+    refit = ekd.load_config(tmp_path / "config.yaml", ["teachers.1.fit.seed=7"])  # new weights for mlp_b
+    result = ekd.label(refit, progress=False)
+    assert [f["name"] for f in result.fitted] == ["mlp_b"]
     after = _mtimes(tmp_path / "store")
     changed = {p for p in after if before[p] != after[p]}
     assert changed and all("/mlp_b/" in p for p in changed)
@@ -73,7 +72,7 @@ def test_teachers_disagreeing_on_classes_are_refused(tmp_path, digits_dir, ray_l
     cfg = tiny_config(tmp_path, digits_dir)
     cfg["teachers"][1]["kwargs"]["num_classes"] = 12
     with pytest.raises(UserError, match="classes"):
-        label_stage(load_config(write_config(tmp_path, cfg)), progress=False)
+        ekd.label(ekd.load_config(write_config(tmp_path, cfg)), progress=False)
 
 
 def test_nan_logits_are_refused_naming_teacher_and_shard(tmp_path, digits_dir, ray_local):
@@ -81,38 +80,38 @@ def test_nan_logits_are_refused_naming_teacher_and_shard(tmp_path, digits_dir, r
     bad = {"name": "nan_teacher", "model": "faulty_models:nan_mlp",
            "kwargs": {"in_features": 64, "num_classes": 10, "hidden": [8]},
            "checkpoint": str(tmp_path / "nan.pt"), "num_cpus": 0.5}
-    save_state(build_model(bad["model"], bad["kwargs"]), bad["checkpoint"])
+    save_state(build_module(bad["model"], bad["kwargs"]), bad["checkpoint"])
     cfg["teachers"] = [bad]
     with pytest.raises(UserError, match=r"teacher 'nan_teacher' produced NaN/Inf logits on \w+ shard \d+"):
-        label(load_config(write_config(tmp_path, cfg)), progress=False)
+        ekd.label(ekd.load_config(write_config(tmp_path, cfg)), progress=False)
 
 
 def test_checkpoint_that_does_not_match_the_model(tmp_path, digits_dir, ray_local):
     cfg = tiny_config(tmp_path, digits_dir)
     wrong = tmp_path / "wrong.pt"
-    save_state(build_model("ensemblekd.models:mlp", {"in_features": 64, "num_classes": 10, "hidden": [5]}), str(wrong))
+    save_state(build_module("ensemblekd.models:mlp", {"in_features": 64, "num_classes": 10, "hidden": [5]}), str(wrong))
     cfg["teachers"] = [{**cfg["teachers"][0], "checkpoint": str(wrong)}]
     del cfg["teachers"][0]["fit"]
     with pytest.raises(UserError, match="does not match the model"):
-        label(load_config(write_config(tmp_path, cfg)), progress=False)
+        ekd.label(ekd.load_config(write_config(tmp_path, cfg)), progress=False)
 
 
 def test_repair_rewrites_just_the_corrupt_shard(tmp_path, digits_dir, ray_local):
-    cfg = load_config(write_config(tmp_path, tiny_config(tmp_path, digits_dir)))
-    label_stage(cfg, progress=False)
+    cfg = ekd.load_config(write_config(tmp_path, tiny_config(tmp_path, digits_dir)))
+    ekd.label(cfg, progress=False)
     store = Store.open(cfg.store.uri)
     corrupt = store.shard_uri("val", "mlp_b", 1)
     raw = bytearray(open(corrupt, "rb").read())
     raw[100] ^= 0xFF
     open(corrupt, "wb").write(bytes(raw))
     with pytest.raises(UserError, match="checksum mismatch.*--repair"):
-        store.read("val", "mlp_b", 1)
+        classification.decode(store.read_table("val", "mlp_b", 1))
     before = _mtimes(tmp_path / "store")
 
-    plain = label(cfg, progress=False)           # a plain re-run trusts the manifest: nothing to do
-    assert plain["shards"] == 0 and plain["repaired"] == []
-    repaired = label(cfg, progress=False, repair=True)
-    assert repaired["shards"] == 1 and repaired["repaired"] == ["val/mlp_b/shard 1 (checksum mismatch)"]
+    plain = ekd.label(cfg, progress=False)           # a plain re-run trusts the manifest: nothing to do
+    assert plain.shards == 0 and plain.repaired == []
+    repaired = ekd.label(cfg, progress=False, repair=True)
+    assert repaired.shards == 1 and repaired.repaired == ["val/mlp_b/shard 1 (checksum mismatch)"]
     after = _mtimes(tmp_path / "store")
     assert {p for p in after if after[p] != before[p]} == {corrupt}
     assert all(ok for *_, ok, _ in Store.open(cfg.store.uri).verify())
@@ -121,10 +120,10 @@ def test_repair_rewrites_just_the_corrupt_shard(tmp_path, digits_dir, ray_local)
 def test_resources_no_node_has_are_refused_instead_of_hanging(tmp_path, digits_dir, ray_local):
     cfg = tiny_config(tmp_path, digits_dir)
     cfg["teachers"][1]["num_gpus"] = 1                 # no GPU on this machine's Ray
-    loaded = load_config(write_config(tmp_path, cfg))
-    label_stage(loaded.model_copy(update={"teachers": loaded.teachers[:1]}), progress=False)
+    loaded = ekd.load_config(write_config(tmp_path, cfg))
+    ekd.label(loaded.model_copy(update={"teachers": loaded.teachers[:1]}), progress=False)
     with pytest.raises(UserError, match=r"teacher 'mlp_b' \(num_cpus/num_gpus\): asks for 0.5 CPU and 1 GPU"):
-        label_stage(loaded, progress=False)
+        ekd.label(loaded, progress=False)
     assert Store.open(loaded.store.uri).missing("train", "mlp_a") == []   # nothing already written is lost
 
 
@@ -135,18 +134,18 @@ def test_grouped_teachers_share_actors_and_write_the_same_store(tmp_path, digits
     for t, ref in zip(raw["teachers"], labelled[0].teachers):
         t.update(group="both", checkpoint=ref.checkpoint, replicas=2)
         t.pop("fit", None)
-    cfg = load_config(write_config(tmp_path, raw))
-    result = label(cfg, progress=False)
+    cfg = ekd.load_config(write_config(tmp_path, raw))
+    result = ekd.label(cfg, progress=False)
     ref = Store.open(labelled[0].store.uri)
     store = Store.open(cfg.store.uri)
-    assert result["shards"] == sum(len(store.inputs(s)) for s in ("train", "val", "test")) * 2
-    for split, teachers in ref.m["shards"].items():
+    assert result.shards == sum(len(store.inputs(s)) for s in ("train", "val", "test")) * 2
+    for split, teachers in ref.manifest["shards"].items():
         for name, entries in teachers.items():
             assert {k: e["sha256"] for k, e in entries.items()} == \
-                   {k: e["sha256"] for k, e in store.m["shards"][split][name].items()}
-    del store.m["shards"]["train"]["mlp_b"]["1"]
+                   {k: e["sha256"] for k, e in store.manifest["shards"][split][name].items()}
+    del store.manifest["shards"]["train"]["mlp_b"]["1"]
     store.save()
-    assert label(cfg, progress=False)["shards"] == 1
+    assert ekd.label(cfg, progress=False).shards == 1
 
 
 def test_grouped_teachers_must_share_resources(tmp_path, digits_dir):
@@ -154,4 +153,4 @@ def test_grouped_teachers_must_share_resources(tmp_path, digits_dir):
     raw["teachers"][0].update(group="g", num_cpus=0.5)
     raw["teachers"][1].update(group="g", num_cpus=0.25)
     with pytest.raises(UserError, match="share group 'g' .* but not replicas/num_cpus/num_gpus"):
-        load_config(write_config(tmp_path, raw), check=False)
+        ekd.load_config(write_config(tmp_path, raw), check=False)

@@ -1,12 +1,11 @@
 """Evaluation (accuracy, fidelity, KL, ECE, size, CPU latency; the bubble chart) and `compare`
-over an MLflow experiment with two real runs (Ray Train + DeepSpeed, 2 epochs each)."""
+over an MLflow experiment with two real runs (Ray Train + DeepSpeed, 2 epochs each). The pure parts
+against hand-computed numbers are in tests/unit/metrics/test_metrics.py and tests/unit/stages/test_report.py."""
 
 import csv
 import io
 import json
-import math
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,44 +13,9 @@ import pytest
 import torch
 import yaml
 
-from ensemblekd.evaluate import (
-    LATENCY_KEYS,
-    expected_calibration_error,
-    format_report,
-    mean_kl,
-    measure_latency,
-)
-
-
-# -- pure functions against hand-computed numbers --------------------------------------------
-def test_ece_with_15_equal_width_bins():
-    probs = np.array([[0.9, 0.1], [0.78, 0.22], [0.3, 0.7], [0.72, 0.28], [1.0, 0.0]])
-    y = np.array([0, 1, 1, 1, -1])  # the unlabelled last row is left out
-    # bins (b/15, (b+1)/15]: 0.9 -> 13 (right), 0.78 -> 11 (wrong), 0.70 and 0.72 -> 10 (one right)
-    expected = (1 * abs(1 - 0.9) + 1 * abs(0 - 0.78) + 2 * abs(0.5 - 0.71)) / 4
-    assert expected_calibration_error(probs, y) == pytest.approx(expected)  # 0.325
-    assert expected_calibration_error(probs, y, bins=1) == pytest.approx(abs(0.5 - 0.775))
-    assert expected_calibration_error(probs, np.full(5, -1)) is None
-
-
-def test_mean_kl_to_the_ensemble():
-    target = np.array([[0.5, 0.5], [1.0, 0.0]])
-    logits = np.array([[0.0, math.log(3.0)], [0.0, 0.0]])  # softmax: [0.25, 0.75], [0.5, 0.5]
-    expected = (0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75) + math.log(2.0)) / 2
-    assert mean_kl(target, logits) == pytest.approx(expected, rel=1e-6)
-    assert mean_kl(target[1:], np.array([[5.0, 5.0]])) == pytest.approx(math.log(2.0), rel=1e-6)
-
-
-def test_latency_warms_up_times_each_call_and_fills_the_batch():
-    shapes = []
-
-    def forward(xb):
-        shapes.append(tuple(xb.shape))
-        time.sleep(0.002)
-
-    p50, p99 = measure_latency(forward, torch.zeros(10, 3), batch=64, warmup=3, repeats=20)
-    assert len(shapes) == 23 and set(shapes) == {(64, 3)}
-    assert 2.0 <= p50 <= p99 < 1000
+from ensemblekd.metrics import expected_calibration_error
+from ensemblekd.stages.evaluate import LATENCY_KEYS
+from ensemblekd.stages.report import format_report
 
 
 # -- two real runs in one experiment ----------------------------------------------------------
@@ -60,7 +24,7 @@ def two_runs(labelled, tmp_path_factory):
     """`kd` (T=4, alpha=0.5) and `alone` (T=2, alpha=1: hard labels only, the gap-closed baseline)."""
     import mlflow
 
-    from ensemblekd.pipeline import run
+    import ensemblekd as ekd
 
     cfg, _ = labelled
     tmp = tmp_path_factory.mktemp("compare")
@@ -71,19 +35,21 @@ def two_runs(labelled, tmp_path_factory):
         c.store.uri, c.trainer.output_dir, c.trainer.epochs = str(tmp / "store"), str(tmp / name), 2
         c.distill.temperature, c.distill.alpha = temperature, alpha
         c.tracking.uri, c.tracking.experiment, c.tracking.run_name = f"sqlite:///{tmp / 'mlflow.db'}", "cmp", name
-        runs[name] = (c, run(c, progress=False))
+        runs[name] = (c, ekd.run(c, progress=False))
     yield tmp, runs
     mlflow.set_tracking_uri(None)
 
 
 def test_report_rows_are_complete_and_consistent(two_runs):
-    from ensemblekd.data import read_split
+    from ensemblekd.data.inputs import read_split
+    from ensemblekd.models import build_module, load_state
     from ensemblekd.store import Store
-    from ensemblekd.teachers import build_model, load_state, predict
+    from ensemblekd.tasks import get_task
+    from ensemblekd.tasks.classification import predict
 
     _, runs = two_runs
     cfg, result = runs["kd"]
-    report = result["report"]
+    report = result.evaluation.report
     rows = {r["model"]: r for r in report["rows"]}
     assert list(rows) == ["mlp_a", "mlp_b", "ensemble", "student"]
     for r in rows.values():
@@ -103,9 +69,10 @@ def test_report_rows_are_complete_and_consistent(two_runs):
     # fidelity, KL and ECE of the student recomputed here: uniform mix of the stored teacher logits
     ids, x, y = read_split(cfg.data.test, "x", "y", "id")
     store = Store.open(cfg.store.uri)
-    p_ens = np.mean([torch.softmax(torch.from_numpy(store.read_split("test", n, ids)), -1).numpy()
+    classification = get_task("classification")
+    p_ens = np.mean([torch.softmax(torch.from_numpy(classification.split_logits(cfg, store, "test", n, ids)), -1).numpy()
                      for n in ("mlp_a", "mlp_b")], axis=0)
-    student = load_state(build_model(cfg.student.model, cfg.student.kwargs), result["student"], "student")
+    student = load_state(build_module(cfg.student.model, cfg.student.kwargs), result.student, "student")
     z = predict(student, x)
     assert st["fidelity"] == pytest.approx((z.argmax(1) == p_ens.argmax(1)).mean())
     assert st["accuracy"] == pytest.approx((z.argmax(1) == y).mean())
@@ -113,7 +80,7 @@ def test_report_rows_are_complete_and_consistent(two_runs):
     assert st["kl"] == pytest.approx(np.mean(np.sum(p_ens * (np.log(p_ens) - np.log(q)), 1)), rel=1e-4)
     assert st["ece"] == pytest.approx(expected_calibration_error(q, y))
 
-    table = result["table"]
+    table = result.table
     assert table == format_report(report) and "p50 @64" in table and "student vs. ensemble:" in table
     assert max(len(line) for line in table.splitlines()) <= 100
 
@@ -125,17 +92,17 @@ def test_report_metrics_tags_and_artifacts_in_mlflow(two_runs):
     tmp, runs = two_runs
     _, result = runs["kd"]
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
-    run = client.get_run(result["run_id"])
-    m, summary = run.data.metrics, result["report"]["summary"]
+    run = client.get_run(result.run_id)
+    m, summary = run.data.metrics, result.evaluation.report["summary"]
     assert m["speedup_b1"] == pytest.approx(summary["speedup_b1"]) and m["size_reduction"] == pytest.approx(summary["size_reduction"])
     for key in ("student_fidelity", "student_kl", "student_ece", "speedup_b64", "student_accuracy_gap",
                 "latency_p50_ms_b1.student", "latency_p99_ms_b64.ensemble", "latency_p50_ms_b1.mlp_a"):
         assert key in m, key
     tags = run.data.tags
     assert (tags["ensemblekd.temperature"], tags["ensemblekd.alpha"], tags["ensemblekd.weighting"]) == ("4.0", "0.5", "uniform")
-    assert {a.path for a in client.list_artifacts(result["run_id"], "report")} == {
+    assert {a.path for a in client.list_artifacts(result.run_id, "report")} == {
         f"report/{n}" for n in ("report.json", "table.md", "table.txt", "bubble.png")}
-    png = client.download_artifacts(result["run_id"], "report/bubble.png", str(tmp))
+    png = client.download_artifacts(result.run_id, "report/bubble.png", str(tmp))
     height, width, _ = imread(png).shape
     assert width > 600 and height > 400
     assert (tmp / "kd" / "report" / "bubble.png").read_bytes() == Path(png).read_bytes()  # and beside the student
@@ -158,7 +125,7 @@ def test_compare_one_row_per_run_with_the_right_values(two_runs, capsys):
     assert code == 0
     rows = {r["run_name"]: r for r in json.loads(out)}
     assert set(rows) == {"kd", "alone"}
-    acc = {name: {r["model"]: r["accuracy"] for r in res["report"]["rows"]} for name, (_, res) in runs.items()}
+    acc = {name: {r["model"]: r["accuracy"] for r in res.evaluation.report["rows"]} for name, (_, res) in runs.items()}
     kd, alone = rows["kd"], rows["alone"]
     assert (kd["strategy"], kd["weighting"], kd["teachers"]) == ("parallel", "uniform", "mlp_a,mlp_b")
     assert (kd["temperature"], kd["alpha"], alone["temperature"], alone["alpha"]) == (4.0, 0.5, 2.0, 1.0)
@@ -166,9 +133,9 @@ def test_compare_one_row_per_run_with_the_right_values(two_runs, capsys):
     assert kd["acc_gap"] == pytest.approx(acc["kd"]["ensemble"] - acc["kd"]["student"])
     expected_gap_closed = (acc["kd"]["student"] - acc["alone"]["student"]) / (acc["kd"]["ensemble"] - acc["alone"]["student"])
     assert kd["gap_closed"] == pytest.approx(expected_gap_closed) and alone["gap_closed"] is None
-    kd_student = next(r for r in runs["kd"][1]["report"]["rows"] if r["role"] == "student")
+    kd_student = next(r for r in runs["kd"][1].evaluation.report["rows"] if r["role"] == "student")
     assert kd["bytes"] == kd_student["bytes"] and kd["p50_ms_b1"] == pytest.approx(kd_student["p50_ms_b1"])
-    assert kd["fidelity"] == pytest.approx(kd_student["fidelity"]) and kd["run_id"] == runs["kd"][1]["run_id"]
+    assert kd["fidelity"] == pytest.approx(kd_student["fidelity"]) and kd["run_id"] == runs["kd"][1].run_id
 
 
 def test_compare_sorts_and_every_format_parses(two_runs, capsys):

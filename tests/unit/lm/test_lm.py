@@ -1,17 +1,17 @@
-"""ensemblekd.lm: the causal-LM builders, loading, vocabulary hashes, the synthetic language and its
-shards, fitting; and tools/bench_lm_store.py --quick running end to end."""
+"""ensemblekd.lm: the causal-LM builders, loading, vocabulary hashes, fitting on the synthetic
+language (ensemblekd.data.builtin; its own tests are in tests/unit/data/test_builtin.py); and
+tools/bench_lm_store.py --quick running end to end."""
 
 import json
 import subprocess
 import sys
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import REPO
 
 from ensemblekd import lm
+from ensemblekd.data.builtin import markov_corpus
 from ensemblekd.errors import UserError
 
 V = 512
@@ -87,18 +87,6 @@ def test_vocab_hash_is_stable_and_tells_vocabularies_apart(tmp_path):
         lm.vocab_hash(str(tmp_path / "missing"))
 
 
-def test_markov_corpus_is_deterministic_and_sparse():
-    a = lm.markov_corpus(V, 64, 32, seed=3)
-    assert a.dtype == np.int32 and a.shape == (64, 32) and a.min() >= 0 and a.max() < V
-    assert np.array_equal(a, lm.markov_corpus(V, 64, 32, seed=3))
-    assert not np.array_equal(a, lm.markov_corpus(V, 64, 32, seed=4))
-    b = lm.markov_corpus(V, 64, 32, seed=3, sample_seed=9)        # same language, other text
-    assert not np.array_equal(a, b)
-    succ = lm.markov_chain(V, seed=3)["successors"]
-    for seqs in (a, b):                                            # every transition is one of the chain's
-        assert all(nxt in succ[cur] for cur, nxt in zip(seqs[:, :-1].ravel(), seqs[:, 1:].ravel()))
-
-
 @pytest.fixture
 def one_thread():
     """Tiny models step faster on one thread than on two contended ones."""
@@ -111,8 +99,8 @@ def one_thread():
 def test_a_fitted_tiny_lm_is_peaked_like_a_real_one(one_thread):
     """A few seconds of fit_lm: most of the mass in the top 32 of 512 on held-out text (untrained: ~1/16)."""
     torch.manual_seed(0)
-    train = lm.markov_corpus(V, 512, 32, seed=0, sample_seed=1)
-    held_out = lm.markov_corpus(V, 64, 32, seed=0, sample_seed=2)
+    train = markov_corpus(V, 512, 32, seed=0, sample_seed=1)
+    held_out = markov_corpus(V, 64, 32, seed=0, sample_seed=2)
     model = lm.tiny_gpt2(V, n_layer=1, n_embd=64)
 
     def top32_mass():
@@ -125,29 +113,6 @@ def test_a_fitted_tiny_lm_is_peaked_like_a_real_one(one_thread):
     after = top32_mass()
     assert before < 0.2
     assert after >= 0.93, after  # about 0.96 measured
-
-
-def test_write_token_split_round_trips_through_pyarrow(tmp_path):
-    seqs = [np.arange(5), np.arange(3) + 10, np.array([7]), np.arange(4) + 20, np.zeros(0, np.int32)]
-    paths = lm.write_token_split(str(tmp_path / "train"), seqs, shard_rows=2, first_id=100)
-    assert [p.rsplit("/", 1)[1] for p in paths] == ["part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
-    table = pq.read_table(str(tmp_path / "train"))
-    assert str(table.schema.field("id").type) == "int64"
-    assert str(table.schema.field("tokens").type) == "list<element: int32>"
-    assert str(table.schema.field("loss_mask").type) == "list<element: bool>"
-    assert table["id"].to_pylist() == [100, 101, 102, 103, 104]
-    assert table["tokens"].to_pylist() == [s.tolist() for s in seqs]
-    assert table["loss_mask"].to_pylist() == [[False] + [True] * (len(s) - 1) if len(s) else [] for s in seqs]
-
-
-def test_prepare_markov_writes_three_splits(tmp_path):
-    paths = lm.prepare_markov(str(tmp_path), vocab_size=64, seq_len=8, train=20, val=6, test=6, shard_rows=8)
-    tables = {s: pq.read_table(p) for s, p in paths.items()}
-    assert {s: t.num_rows for s, t in tables.items()} == {"train": 20, "val": 6, "test": 6}
-    ids = np.concatenate([t["id"].to_numpy() for t in tables.values()])
-    assert np.array_equal(np.sort(ids), np.arange(32))
-    assert len(list((tmp_path / "train").glob("part-*.parquet"))) == 3
-    assert tables["val"]["tokens"].to_pylist() != tables["test"]["tokens"].to_pylist()
 
 
 def test_bench_lm_store_quick(tmp_path):

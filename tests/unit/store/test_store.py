@@ -6,14 +6,15 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ensemblekd import storage
 from ensemblekd.errors import UserError
-from ensemblekd.store import SCHEMA_VERSION, Store, decode_shard, encode_shard
+from ensemblekd.io import fs
+from ensemblekd.store import SCHEMA_VERSION, Store, unpack
+from ensemblekd.tasks import classification
 
 
 def _commit(store, split, teacher, index, ids, logits, dtype="float16"):
-    data, entry = encode_shard(ids, logits, dtype)
-    storage.write_bytes_atomic(store.shard_uri(split, teacher, index), data)
+    data, entry = classification.encode(ids, logits, dtype)
+    fs.write_bytes_atomic(store.shard_uri(split, teacher, index), data)
     store.commit(split, teacher, index, {**entry, "num_classes": logits.shape[1], "dtype": dtype})
 
 
@@ -28,8 +29,8 @@ def _store(uri, n_shards=2, rows=5):
 def test_round_trip(dtype):
     ids = np.arange(10, 16)
     logits = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
-    data, entry = encode_shard(ids, logits, dtype)
-    got_ids, got = decode_shard(data)
+    data, entry = classification.encode(ids, logits, dtype)
+    got_ids, got = classification.decode(unpack(data))
     assert entry["rows"] == 6 and entry["bytes"] == len(data)
     assert got_ids.tolist() == ids.tolist() and got.dtype == np.dtype(dtype)
     assert np.allclose(got, logits, atol=1e-2 if dtype == "float16" else 0)
@@ -60,15 +61,15 @@ def test_manifest_lists_only_committed_shards_and_survives_reopen(tmp_path):
     _commit(store, "train", "a", 0, np.arange(5), np.ones((5, 3), np.float32))
     store.save()
     # a shard file that was written but never committed (crash before the manifest) is not trusted
-    data, _ = encode_shard(np.arange(5, 10), np.ones((5, 3), np.float32), "float16")
-    storage.write_bytes_atomic(store.shard_uri("train", "a", 1), data)
+    data, _ = classification.encode(np.arange(5, 10), np.ones((5, 3), np.float32), "float16")
+    fs.write_bytes_atomic(store.shard_uri("train", "a", 1), data)
     reopened = Store.open(str(tmp_path))
     assert reopened.missing("train", "a") == [1]
     with pytest.raises(UserError, match="not committed"):
-        reopened.read("train", "a", 1)
+        classification.decode(reopened.read_table("train", "a", 1))
     with pytest.raises(UserError, match="1 train shard"):
         reopened.check_complete("train", ["a"])
-    ids, logits = reopened.read("train", "a", 0)
+    ids, logits = classification.decode(reopened.read_table("train", "a", 0))
     assert ids.tolist() == list(range(5)) and logits.shape == (5, 3)
 
 
@@ -78,13 +79,13 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     class Boom(Exception):
         pass
 
-    real_replace = storage.os.replace
-    monkeypatch.setattr(storage.os, "replace", lambda *a: (_ for _ in ()).throw(Boom()))
+    real_replace = fs.os.replace
+    monkeypatch.setattr(fs.os, "replace", lambda *a: (_ for _ in ()).throw(Boom()))
     with pytest.raises(Boom):
-        storage.write_bytes_atomic(str(target), b"data")
+        fs.write_bytes_atomic(str(target), b"data")
     assert not target.exists()  # only a temporary sibling, never the final name
-    monkeypatch.setattr(storage.os, "replace", real_replace)
-    storage.write_bytes_atomic(str(target), b"data")
+    monkeypatch.setattr(fs.os, "replace", real_replace)
+    fs.write_bytes_atomic(str(target), b"data")
     assert target.read_bytes() == b"data"
 
 
@@ -103,7 +104,7 @@ def test_verify_names_corrupt_and_truncated_shards(tmp_path):
     assert (0, True, "ok") in result and (1, False, "checksum mismatch") in result
     assert any(i == 2 and not ok and "bytes" in why for i, ok, why in result)
     with pytest.raises(UserError, match="checksum mismatch.*--repair"):
-        store.read("train", "a", 1)
+        classification.decode(store.read_table("train", "a", 1))
 
 
 def test_changed_input_shard_forgets_its_label_shards(tmp_path):
@@ -147,5 +148,5 @@ def test_store_on_an_fsspec_memory_filesystem():
     _commit(store, "train", "a", 0, np.arange(5), np.full((5, 2), 3.0, np.float32))
     store.save()
     again = Store.open("memory://ekd-test/store")
-    assert again.read("train", "a", 0)[1][0].tolist() == [3.0, 3.0]
+    assert classification.decode(again.read_table("train", "a", 0)).logits[0].tolist() == [3.0, 3.0]
     assert all(ok for *_, ok, _ in again.verify())

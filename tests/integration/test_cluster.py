@@ -222,7 +222,7 @@ def test_cluster_launcher_config_is_valid_and_installs_the_runtime_env_packages(
 def test_rayjob_runs_the_demo_config_with_the_runtime_env():
     import shlex
 
-    from ensemblekd.config import load_config
+    import ensemblekd as ekd
 
     job = yaml.safe_load((REPO / "cluster" / "rayjob.yaml").read_text())
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
@@ -230,7 +230,7 @@ def test_rayjob_runs_the_demo_config_with_the_runtime_env():
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:5] == ["python", "-m", "ensemblekd", "run", "configs/digits.yaml"]
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    cfg = load_config(str(REPO / argv[4]), overrides, check=False)   # every key exists
+    cfg = ekd.load_config(str(REPO / argv[4]), overrides, check=False)   # every key exists
     assert cfg.ray.address == "auto" and cfg.teachers[2].num_gpus == 0.5
     assert all(uri.startswith("s3://") for uri in (cfg.data.train, cfg.store.uri, cfg.trainer.output_dir,
                                                    *(t.checkpoint for t in cfg.teachers)))

@@ -1,0 +1,49 @@
+"""The evaluation report without a run: the latency timer behind its cost columns
+(stages.evaluate.measure_latency) and its tables on a synthetic report (stages.report)."""
+
+import time
+
+import torch
+
+from ensemblekd.stages.evaluate import LATENCY_KEYS, measure_latency, summarise
+from ensemblekd.stages.report import format_markdown, format_report
+
+
+def test_latency_warms_up_times_each_call_and_fills_the_batch():
+    shapes = []
+
+    def forward(xb):
+        shapes.append(tuple(xb.shape))
+        time.sleep(0.002)
+
+    p50, p99 = measure_latency(forward, torch.zeros(10, 3), batch=64, warmup=3, repeats=20)
+    assert len(shapes) == 23 and set(shapes) == {(64, 3)}
+    assert 2.0 <= p50 <= p99 < 1000
+
+
+def _synthetic_report() -> dict:
+    """Rows as stages.evaluate.evaluate makes them, for two teachers, their ensemble and a student."""
+    rows = [
+        {"model": "mlp_a", "role": "teacher", "accuracy": 0.95, "fidelity": 0.97, "kl": 0.05, "ece": 0.02,
+         "params": 9610, "bytes": 40_000},
+        {"model": "mlp_b", "role": "teacher", "accuracy": 0.94, "fidelity": 0.96, "kl": 0.06, "ece": 0.03,
+         "params": 8970, "bytes": 38_000},
+        {"model": "ensemble", "role": "ensemble", "accuracy": 0.96, "fidelity": 1.0, "kl": 0.0, "ece": 0.02,
+         "params": 18580, "bytes": 78_000},
+        {"model": "student", "role": "student", "accuracy": 0.93, "fidelity": 0.95, "kl": 0.1, "ece": 0.04,
+         "params": 2410, "bytes": 11_000},
+    ]
+    for i, r in enumerate(rows):
+        r.update({key: 0.01 * (i + 1) * (j + 1) for j, key in enumerate(LATENCY_KEYS)})
+    return {"rows": rows, "summary": summarise(rows),
+            "latency": {"threads": 1, "warmup": 20, "repeats": 7, "batches": [1, 64]}}
+
+
+def test_tables_of_a_synthetic_report():
+    """What the integration test checks of a real run's tables, on a report made here."""
+    report = _synthetic_report()
+    table = format_report(report)
+    assert "p50 @64" in table and "student vs. ensemble:" in table and "7 runs after 20 warm-up" in table
+    assert max(len(line) for line in table.splitlines()) <= 100
+    md = format_markdown(report).splitlines()
+    assert md[0].startswith("| model | role | test acc") and len([l for l in md if l.startswith("| ")]) == 2 + 4

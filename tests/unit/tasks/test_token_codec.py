@@ -1,0 +1,34 @@
+"""The token task's codec (ensemblekd.tasks.token.encode/decode): top-k targets stored exactly and small."""
+
+import numpy as np
+import torch
+
+from ensemblekd.store import unpack
+from ensemblekd.tasks.token import decode, encode
+from ensemblekd.topk import topk_targets
+
+
+def _lm_like_logits(n: int, v: int, g: torch.Generator) -> torch.Tensor:
+    """Zipf unigram prior over a frequency-ordered vocabulary + noise + 8 power-law context candidates."""
+    z = -0.5 * torch.log1p(torch.arange(v, dtype=torch.float32)) + 1.5 * torch.randn(n, v, generator=g)
+    cand = ((torch.rand(n, 8, generator=g) ** (-1 / 0.8) - 1) * 10).long().clamp(max=v - 1)
+    return z.scatter_add_(1, cand, 6.0 + 2.5 * torch.randn(n, 8, generator=g))
+
+
+def test_store_round_trip_is_exact_and_small():
+    n, v, k = 1024, 32000, 32
+    logp, idx, tail = topk_targets(_lm_like_logits(n, v, torch.Generator().manual_seed(7)), k)
+    lengths = np.array([511, 1, 400, 0, 112])
+    data, entry = encode(np.arange(5) + 100, lengths, logp, idx, tail)
+    assert entry["rows"] == 5 and entry["tokens"] == n and entry["bytes"] == len(data) and len(entry["sha256"]) == 64
+    ids, lens, logp2, idx2, tail2 = decode(unpack(data))
+    assert ids.tolist() == list(range(100, 105)) and lens.tolist() == lengths.tolist()
+    assert logp2.dtype == np.float16 and idx2.dtype == np.uint16 and tail2.dtype == np.float16
+    assert np.array_equal(logp2.view(np.uint16), logp.view(np.uint16)) and np.array_equal(idx2, idx)
+    assert np.array_equal(tail2.view(np.uint16), tail.view(np.uint16))
+    logp, idx, tail = topk_targets(torch.randn(6, 70_000, generator=torch.Generator().manual_seed(9)), 4)
+    _, _, _, idx2, _ = decode(unpack(encode(np.arange(2), np.array([2, 4]), logp, idx, tail)[0]))
+    assert idx2.dtype == np.uint32 and np.array_equal(idx2, idx)
+    per_token = len(data) / n
+    print(f"store: {per_token:.1f} B/token at k = {k}, V = {v} (plain float16 + int32: 192)")
+    assert per_token <= 100

@@ -1,0 +1,177 @@
+"""task: token without Ray, DeepSpeed or MLflow — config checks, token data, batches aligned with
+the store, and every strategy's step on a token batch. (The whole pipeline on the tiny LM config is
+in tests/integration/test_token_pipeline.py.)"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from conftest import REPO
+
+import ensemblekd as ekd
+from ensemblekd.data.builtin import write_token_split
+from ensemblekd.data.inputs import InputShard, read_token_shard
+from ensemblekd.errors import UserError
+from ensemblekd.lm import tiny_gpt2
+from ensemblekd.losses import IGNORE
+from ensemblekd.mixing import WEIGHTINGS, Assistant, build_strategy, rule_maker
+from ensemblekd.store import Store
+from ensemblekd.tasks import get_task
+from ensemblekd.tasks.token import TokenBatch, _join, encode, make_batch
+from ensemblekd.topk import topk_targets
+
+VOCAB = 64
+TOKEN = get_task("token")
+
+
+def tiny_lm_config(tmp_path: Path, **changes) -> Path:
+    raw = yaml.safe_load((REPO / "configs" / "tiny_lm.yaml").read_text())
+    for key, value in changes.items():
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[last] = value
+    out = tmp_path / "config.yaml"
+    out.write_text(yaml.safe_dump(raw))
+    return out
+
+
+# -- config ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("change, message", [
+    ({"data.vocab_size": None}, "data.vocab_size: task token needs"),
+    ({"distill.mix_space": "logit"}, "use mix_space: prob"),
+    ({"task": "classification"}, "'markov' is a data set for task token"),
+    ({"teachers.0.pretrained": "some/dir"}, "needs either model"),
+])
+def test_token_config_mistakes_are_one_line(tmp_path, change, message):
+    with pytest.raises(UserError, match=message):
+        ekd.load_config(tiny_lm_config(tmp_path, **change), check=False)
+
+
+def test_the_tiny_lm_config_validates():
+    cfg = ekd.load_config(REPO / "configs" / "tiny_lm.yaml", check=False)
+    assert cfg.task == "token" and cfg.data.vocab_size == 512 and cfg.store.top_k == 32
+
+
+# -- data ------------------------------------------------------------------------------------
+def test_token_shards_pad_right_and_mask_the_first_token_and_padding(tmp_path):
+    write_token_split(str(tmp_path / "s"), [np.array([5, 6, 7, 8]), np.array([9, 10])])
+    cfg = ekd.load_config(tiny_lm_config(tmp_path), check=False)
+    shard = InputShard(str(tmp_path / "s" / "part-00000.parquet"), 2, 0, 0)
+    ids, tokens, lengths, mask = read_token_shard(shard, cfg.data)
+    assert ids.tolist() == [0, 1] and lengths.tolist() == [4, 2]
+    assert tokens.tolist() == [[5, 6, 7, 8], [9, 10, 0, 0]]
+    assert mask.tolist() == [[False, True, True, True], [False, True, False, False]]
+
+
+def test_a_given_loss_mask_is_honoured_and_bad_ids_are_refused(tmp_path):
+    path = tmp_path / "part-00000.parquet"
+    pq.write_table(pa.table({"id": [0], "tokens": [[1, 2, 3, 4]], "loss_mask": [[True, True, False, True]]}), path)
+    cfg = ekd.load_config(tiny_lm_config(tmp_path), check=False)
+    _, _, _, mask = read_token_shard(InputShard(str(path), 1, 0, 0), cfg.data)
+    assert mask.tolist() == [[False, True, False, True]]
+    pq.write_table(pa.table({"id": [0], "tokens": [[1, 600]]}), path)
+    with pytest.raises(UserError, match="outside data.vocab_size 512"):
+        read_token_shard(InputShard(str(path), 1, 0, 0), cfg.data)
+
+
+# -- batches ---------------------------------------------------------------------------------
+def synthetic_store(tmp_path: Path, lengths: list[int], teachers: int = 2, k: int = 4):
+    """An input shard and each teacher's top-k shard (random logits), as label writes them."""
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, VOCAB, n).astype(np.int32) for n in lengths]
+    write_token_split(str(tmp_path / "in"), rows)
+    cfg = ekd.load_config(tiny_lm_config(tmp_path, **{"data.vocab_size": VOCAB, "store.top_k": k}), check=False)
+    store = Store.open(str(tmp_path / "store"), create=True)
+    shard = InputShard(str(tmp_path / "in" / "part-00000.parquet"), len(rows), 0, 0)
+    store.set_inputs("train", [shard.signature()])
+    names = [f"t{i}" for i in range(teachers)]
+    dense = {}
+    for name in names:
+        store.set_teacher(name, name, {})
+        logits = torch.randn(sum(n - 1 for n in lengths), VOCAB)
+        dense[name] = logits
+        data, entry = encode(np.arange(len(rows)), np.array(lengths) - 1, *topk_targets(logits, k))
+        os.makedirs(tmp_path / "store" / "train" / name, exist_ok=True)
+        (tmp_path / "store" / "train" / name / "part-00000.parquet").write_bytes(data)
+        store.commit("train", name, 0, {**entry, "num_classes": VOCAB, "dtype": "float16"})
+    return cfg, store, names, rows, dense
+
+
+def test_batches_pick_each_target_token_with_its_teachers_targets(tmp_path):
+    lengths = [5, 3, 4]
+    cfg, store, names, rows, dense = synthetic_store(tmp_path, lengths)
+    batches = list(TOKEN.batches(cfg, store, "train", names, [(0, 0, 3)], 2, None))
+    assert [len(b.tokens) for b in batches] == [2, 1]
+    offsets = np.concatenate([[0], np.cumsum(np.array(lengths) - 1)])
+    seen = 0
+    for b, first_row in zip(batches, (0, 2)):
+        width = b.tokens.shape[1]
+        for n, pos in enumerate(b.positions.tolist()):
+            r, j = first_row + pos // width, pos % width
+            assert b.labels[n].item() == rows[r][j + 1]                       # position j predicts token j + 1
+            for k, name in enumerate(names):
+                expected = torch.log_softmax(dense[name][offsets[r] + j], -1).topk(4).values
+                assert torch.allclose(b.logp[n, k].float(), expected, atol=2e-3)
+            seen += 1
+    assert seen == sum(n - 1 for n in lengths)                               # every target once, nothing else
+
+
+def test_a_batch_across_two_shards_keeps_positions_right():
+    tokens = np.array([[1, 2, 3, 0], [4, 5, 6, 7]])
+    lengths, mask = np.array([3, 4]), np.array([[0, 1, 1, 0], [0, 1, 1, 1]], bool)
+    a = make_batch(np.array([0]), tokens, lengths, mask, [])
+    b = make_batch(np.array([1]), tokens, lengths, mask, [])
+
+    joined = _join([(np.array([0]), (tokens, lengths, mask, [])), (np.array([1]), (tokens, lengths, mask, []))])
+    assert joined.tokens.shape == (2, 4)
+    flat = joined.tokens.reshape(-1)
+    assert flat[joined.positions + 1].tolist() == joined.labels.tolist() == [*a.labels.tolist(), *b.labels.tolist()]
+
+
+# -- every strategy and rule on a token batch ------------------------------------------------
+class _Engine(torch.nn.Module):
+    device = torch.device("cpu")
+
+    def __init__(self):
+        super().__init__()
+        self.model = tiny_gpt2(VOCAB, n_layer=1, n_embd=16, n_head=2)
+
+    def forward(self, x):
+        return self.model(x)
+
+
+@pytest.mark.parametrize("strategy, weighting", [*(("parallel", w) for w in WEIGHTINGS), ("sequential", "uniform"),
+                                                 ("assistant", "entropy")])
+def test_every_strategy_gives_a_finite_loss_and_gradients_on_tokens(tmp_path, strategy, weighting):
+    cfg, store, names, _, _ = synthetic_store(tmp_path, [6, 4, 5], teachers=2)
+    dc = cfg.distill.model_copy(update={"strategy": strategy, "weighting": weighting,
+                                        "weights": {"t0": 1.0, "t1": 3.0} if weighting == "static" else None})
+    extra = {"assistant_names": ["t1"]} if strategy == "assistant" else {}
+    strat = build_strategy(dc, names, {"t0": 0.4, "t1": 0.6}, epochs=2)
+    if extra:
+        strat = Assistant(names, rule_maker(weighting), assistant_names=["t1"], ensemble_blend=0.25)
+    engine = _Engine()
+    batch = next(TOKEN.batches(cfg, store, "train", names, [(0, 0, 3)], 3, None))
+    out, weights, n = TOKEN.train_step(engine, batch, strat, cfg, epoch=0)
+    out.loss.backward()
+    assert n == len(batch.labels) == 12 and torch.isfinite(out.loss)
+    assert torch.allclose(weights.sum(-1), torch.ones(n))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in engine.parameters() if p.requires_grad)
+    if weighting == "static" and strategy == "parallel":
+        assert torch.allclose(weights, torch.tensor([0.25, 0.75]).expand(n, 2))
+
+
+def test_unlabelled_tokens_do_not_exist_in_a_batch():
+    """Every position in a batch has a real next token: IGNORE never reaches the loss."""
+    tokens = np.array([[1, 2, 0], [3, 4, 5]])
+    b = make_batch(np.array([0, 1]), tokens, np.array([2, 3]), tokens > -1, [])
+    assert isinstance(b, TokenBatch) and IGNORE not in b.labels.tolist() and len(b.labels) == 3
