@@ -46,6 +46,20 @@ def tiny_config(tmp_path: Path, data_dir: Path, **sections) -> dict:
     return cfg
 
 
+def tiny_lm_config(tmp_path: Path, **changes) -> Path:
+    """configs/tiny_lm.yaml with `dotted.key=value` changes (list items by index), written to tmp_path."""
+    raw = yaml.safe_load((REPO / "configs" / "tiny_lm.yaml").read_text())
+    for key, value in changes.items():
+        node = raw
+        *path, last = key.split(".")
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[last] = value
+    out = tmp_path / "config.yaml"
+    out.write_text(yaml.safe_dump(raw))
+    return out
+
+
 def write_config(tmp_path: Path, cfg: dict, name: str = "config.yaml") -> Path:
     path = tmp_path / name
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))

@@ -13,7 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, tiny_lm_config
 
 import ensemblekd as ekd
 from ensemblekd.data.builtin import prepare_markov, write_token_split
@@ -23,19 +23,6 @@ from ensemblekd.stages.export import STUDENT_MODEL
 from ensemblekd.store import Store
 
 VOCAB = 64
-
-
-def tiny_lm_config(tmp_path: Path, **changes) -> Path:
-    raw = yaml.safe_load((REPO / "configs" / "tiny_lm.yaml").read_text())
-    for key, value in changes.items():
-        node = raw
-        *path, last = key.split(".")
-        for part in path:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        node[last] = value
-    out = tmp_path / "config.yaml"
-    out.write_text(yaml.safe_dump(raw))
-    return out
 
 
 # -- the whole pipeline ----------------------------------------------------------------------

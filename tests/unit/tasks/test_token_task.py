@@ -12,8 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
-from conftest import REPO
+from conftest import REPO, tiny_lm_config
 
 import ensemblekd as ekd
 from ensemblekd.data.builtin import write_token_split
@@ -29,19 +28,6 @@ from ensemblekd.topk import topk_targets
 
 VOCAB = 64
 TOKEN = get_task("token")
-
-
-def tiny_lm_config(tmp_path: Path, **changes) -> Path:
-    raw = yaml.safe_load((REPO / "configs" / "tiny_lm.yaml").read_text())
-    for key, value in changes.items():
-        node = raw
-        *path, last = key.split(".")
-        for part in path:
-            node = node[int(part)] if isinstance(node, list) else node[part]
-        node[last] = value
-    out = tmp_path / "config.yaml"
-    out.write_text(yaml.safe_dump(raw))
-    return out
 
 
 # -- config ----------------------------------------------------------------------------------
