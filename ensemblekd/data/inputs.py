@@ -7,7 +7,10 @@ token sequences.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,31 +21,121 @@ from ensemblekd.errors import UserError
 from ensemblekd.io import fs
 from ensemblekd.losses import IGNORE
 
+MAGIC = b"PAR1"  # a Parquet file starts and ends with it
+
+SIGNATURE = ("uri", "rows", "bytes", "offset", "footer")
+
+
 @dataclass(frozen=True)
 class InputShard:
-    """One input Parquet file; `offset` is the global row index of its first row (for missing ids)."""
+    """One input Parquet file; `offset` is the global row index of its first row (for missing ids).
+
+    `footer` is the sha256 of the file's Parquet footer (its schema, row groups, byte offsets and
+    column statistics): with `bytes`, a content fingerprint that costs one small read, so a file
+    rewritten under the same name and ids is caught without reading its data. `metadata` is the
+    parsed footer (not part of the signature)."""
 
     uri: str
     rows: int
     bytes: int
     offset: int
+    footer: str = ""
+    metadata: Any = field(default=None, compare=False, repr=False)
 
-    def signature(self) -> dict:
-        return asdict(self)
+    def signature(self) -> dict[str, Any]:
+        """What the store's manifest records of the shard, and compares to see if it changed."""
+        return {k: getattr(self, k) for k in SIGNATURE}
+
+    @classmethod
+    def of(cls, signature: dict[str, Any]) -> InputShard:
+        return cls(**{k: signature[k] for k in SIGNATURE if k in signature})
 
 
-def input_shards(uri: str) -> list[InputShard]:
+def read_footer(uri: str) -> tuple[int, bytes, pq.FileMetaData]:
+    """(file size, raw footer, parsed footer) of a Parquet file in two small reads; a UserError
+    when it is not a Parquet file (a CSV, a text file, a truncated upload)."""
+    filesystem, path = fs.filesystem(uri)
+    with filesystem.open(path, "rb") as fh:
+        size = filesystem.size(path)
+        if size >= 12:
+            fh.seek(size - 8)
+            tail = fh.read(8)
+            length = int.from_bytes(tail[:4], "little")
+            if tail[4:] == MAGIC and 12 + length <= size:
+                fh.seek(size - 8 - length)
+                footer = fh.read(length)
+                try:  # the footer alone parses: its offsets are never followed here
+                    return size, footer, pq.read_metadata(pa.BufferReader(MAGIC + footer + tail))
+                except (pa.ArrowException, OSError):
+                    pass
+    raise UserError(f"{uri}: not a Parquet file; write the data as Parquet (e.g. pandas: "
+                    "pd.read_csv(path).to_parquet(out)) or point the split at a directory of .parquet files")
+
+
+def input_shards(uri: str, key: str = "data", on_empty: Callable[[str], None] | None = None) -> list[InputShard]:
+    """The split's non-empty Parquet files, in name order, fingerprinted from their footers (no data
+    read). Files without rows (as Spark and others write) are skipped; on_empty(uri) hears of each."""
     files = fs.list_parquet(uri)
     if not files:
-        raise UserError(f"no Parquet files at '{uri}'; point data.train/val/test at a .parquet file or a directory of them")
+        raise UserError(f"{key}: no Parquet files at '{uri}'; point it at a .parquet file or a directory of them")
     shards, offset = [], 0
     for f in files:
-        filesystem, path = fs.filesystem(f)
-        with filesystem.open(path, "rb") as fh:
-            rows = pq.ParquetFile(fh).metadata.num_rows
-        shards.append(InputShard(f, rows, fs.file_size(f), offset))
-        offset += rows
+        size, footer, metadata = read_footer(f)
+        if metadata.num_rows == 0:
+            if on_empty:
+                on_empty(f)
+            continue
+        shards.append(InputShard(f, metadata.num_rows, size, offset, hashlib.sha256(footer).hexdigest()[:16], metadata))
+        offset += metadata.num_rows
+    if not shards:
+        raise UserError(f"{key}: the Parquet files at '{uri}' hold no rows; point it at the data")
     return shards
+
+
+def check_columns(shards: list[InputShard], columns: dict[str, str | None]) -> None:
+    """Every shard has each named column ({config key: column}, None: not configured), by its footer."""
+    for shard in shards:
+        names = (shard.metadata or read_footer(shard.uri)[2]).schema.to_arrow_schema().names
+        for key, column in columns.items():
+            if column and column not in names:
+                raise no_column(shard.uri, column, names, key)
+
+
+def no_column(uri: str, column: str, names: list[str], key: str) -> UserError:
+    fix = " to the label column, or data.label: null for unlabelled data" if key == "data.label" else ""
+    return UserError(f"{uri}: no column '{column}' (columns: {names}); set {key}{fix}")
+
+
+def label_span(shards: list[InputShard], label: str) -> tuple[int, int] | None:
+    """(smallest, largest) label over the shards, from the footers' column statistics where they
+    have them (else the label column is read); None when no row has a label."""
+    lows, highs = [], []
+    for shard in shards:
+        meta = shard.metadata or read_footer(shard.uri)[2]
+        schema = meta.schema.to_arrow_schema()
+        check_label_type(schema.field(label).type, label, shard.uri)
+        column = schema.names.index(label)
+        stats = [meta.row_group(g).column(column).statistics for g in range(meta.num_row_groups)]
+        if all(s is not None and s.has_min_max and isinstance(s.min, int) for s in stats):
+            lows += [s.min for s in stats]
+            highs += [s.max for s in stats]
+            continue
+        values = fs.read_parquet(shard.uri, columns=[label])[label].drop_null()
+        if len(values):
+            lows.append(pc.min(values).as_py())
+            highs.append(pc.max(values).as_py())
+    return (min(lows), max(highs)) if lows else None
+
+
+def negative_labels(uri: str, label: str, lowest: int) -> UserError:
+    return UserError(f"{uri}: label column '{label}' holds negative labels ({lowest}); labels are class indices "
+                     "0..C-1, null for unlabelled rows")
+
+
+def check_label_type(type_: pa.DataType, label: str, where: str) -> None:
+    if not pa.types.is_integer(type_) and not pa.types.is_null(type_):
+        raise UserError(f"{where}: label column '{label}' has type {type_}; labels must be integer class "
+                        "indices 0..C-1 (null: unlabelled)")
 
 
 def features_to_numpy(column: pa.ChunkedArray | pa.Array, name: str, where: str, writable: bool = True) -> np.ndarray:
@@ -65,25 +158,31 @@ def features_to_numpy(column: pa.ChunkedArray | pa.Array, name: str, where: str,
             raise UserError(f"{where}: rows of feature column '{name}' differ in length ({lengths.min()}..{lengths.max()})")
     values = arr.flatten().to_numpy(zero_copy_only=False)
     values = np.array(values, dtype=np.float32) if writable else values.astype(np.float32, copy=False)
-    return values.reshape(n, width)
+    values = values.reshape(n, width)
+    finite = np.isfinite(values).all(axis=1)
+    if not finite.all():
+        raise UserError(f"{where}: feature column '{name}' has NaN or Inf in {int((~finite).sum())} row(s) (the first "
+                        f"is row {int(np.argmin(finite))}); clean or drop those rows")
+    return values
 
 
-def read_shard(shard: InputShard, features: str, label: str | None, id_col: str,
-               in_features: int | None = None, writable: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def read_shard(shard: InputShard, features: str, label: str | None, id_col: str, writable: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids int64 [N], x float32 [N, F], y int64 [N] with IGNORE where unlabelled); x is read-only
     unless writable (see features_to_numpy)."""
     table = fs.read_parquet(shard.uri)
     names = table.column_names
     if features not in names:
-        raise UserError(f"{shard.uri}: no feature column '{features}' (columns: {names}); set data.features")
+        raise no_column(shard.uri, features, names, "data.features")
     x = features_to_numpy(table[features], features, shard.uri, writable)
-    if in_features is not None and x.shape[1] != in_features:
-        raise UserError(f"{shard.uri}: feature column '{features}' has width {x.shape[1]}, the model expects {in_features}")
     ids = (table[id_col].to_numpy().astype(np.int64) if id_col in names
            else np.arange(shard.offset, shard.offset + table.num_rows, dtype=np.int64))
-    if label and label in names:
-        col = table[label]
-        y = pc.fill_null(col, IGNORE).to_numpy().astype(np.int64)
+    if label:
+        if label not in names:
+            raise no_column(shard.uri, label, names, "data.label")
+        check_label_type(table[label].type, label, shard.uri)
+        y = pc.fill_null(table[label], IGNORE).to_numpy().astype(np.int64)
+        if ((y < 0) & (y != IGNORE)).any():
+            raise negative_labels(shard.uri, label, int(y[(y < 0) & (y != IGNORE)].min()))
     else:
         y = np.full(table.num_rows, IGNORE, dtype=np.int64)
     return ids, x, y

@@ -24,6 +24,7 @@ from ensemblekd.io import fs
 from ensemblekd.mixing import build_strategy
 from ensemblekd.models import count_parameters, load_student
 from ensemblekd.stages.chain import assistant_teachers
+from ensemblekd.stages.validate import check_labelled_inputs
 from ensemblekd.store import Store
 from ensemblekd.tasks import get_task
 from ensemblekd.teachers import kind_of
@@ -68,6 +69,7 @@ def evaluate(cfg: Config, student_uri: str, warmup: int = 20, repeats: int = 200
     assistants = assistant_teachers(cfg) if cfg.distill.assistants else []
     store = Store.open(cfg.store.uri)
     store.check_complete("test", [*names, *(a.name for a in assistants)])
+    check_labelled_inputs(cfg, store, ("test",))
     strategy = build_strategy(cfg.distill, names, store.val_accuracy(names), cfg.trainer.epochs, ensemble=True)
     student = load_student(cfg.student, student_uri)
     quality, targets = task.quality(cfg, store, names, [a.name for a in assistants], student, strategy)

@@ -67,6 +67,11 @@ class Task:
         raise NotImplementedError
 
     # -- distill -------------------------------------------------------------------------------
+    def check_inputs(self, cfg: Config, shards: list, num_classes: int | None) -> None:
+        """In the driver, from the input files' footers: they hold the columns the task reads, and
+        (given the store's num_classes) values its targets can be trained on. A UserError naming the
+        file otherwise."""
+
     def preflight(self, cfg: Config, store: Store, student: torch.nn.Module) -> None:
         """In the driver, before any worker: the student runs on the data and fits the stored targets."""
         raise NotImplementedError
@@ -172,10 +177,12 @@ def read_aligned(store: Store, split: str, shard: int, teachers: list[str], deco
     return out
 
 
-def run_student(student: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-    """The student's output on a little of the data, or a one-line UserError if it cannot run on it."""
+def run_on(model: torch.nn.Module, inputs: torch.Tensor, who: str = "student.model") -> torch.Tensor:
+    """A model's output on a little of the data, or a one-line UserError if it cannot run on it
+    (checked before training, so the error names the model rather than a worker's traceback)."""
     try:
         with torch.no_grad():
-            return student(inputs)
+            return model(inputs)
     except (RuntimeError, IndexError) as exc:
-        raise UserError(f"student.model: fails on the data ({str(exc).splitlines()[0]}); check its kwargs") from None
+        raise UserError(f"{who}: fails on the data ({str(exc).splitlines()[0]}); check data.features (or the "
+                        "sequence length) against its kwargs") from None

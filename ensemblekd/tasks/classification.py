@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from ensemblekd.config import Config
-from ensemblekd.data.inputs import InputShard, labelled_split, read_shard, read_split
+from ensemblekd.data.inputs import (InputShard, check_columns, label_span, labelled_split, negative_labels, read_shard,
+                                    read_split)
 from ensemblekd.errors import UserError
 from ensemblekd.fitting import fit_module
-from ensemblekd.losses import kd_loss
+from ensemblekd.losses import IGNORE, kd_loss
 from ensemblekd.metrics import accuracy, expected_calibration_error, mean_kl
 from ensemblekd.store import Store, pack
-from ensemblekd.tasks.base import Served, Task, read_aligned, row_batches, run_student
+from ensemblekd.tasks.base import Served, Task, read_aligned, row_batches, run_on
 
 
 class Logits(NamedTuple):
@@ -69,7 +70,7 @@ class Classification(Task):
 
     # -- label -------------------------------------------------------------------------------
     def read_inputs(self, cfg: Config, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        ids, x, _ = read_shard(InputShard(**shard), cfg.data.features, None, cfg.data.id)
+        ids, x, _ = read_shard(InputShard.of(shard), cfg.data.features, None, cfg.data.id)
         return ids, x
 
     def label_shard(self, model, inputs, cfg: Config, teacher, device: str, where: str):
@@ -104,6 +105,10 @@ class Classification(Task):
     # -- fit a teacher -------------------------------------------------------------------------
     def fit(self, model, cfg: Config, teacher) -> None:
         x, y = (torch.from_numpy(a) for a in labelled_split(cfg.data, "train", f"teacher '{teacher.name}'"))
+        classes = run_on(model, x[:2], f"teacher '{teacher.name}'").shape[-1]
+        if y.max() >= classes:
+            raise UserError(f"data.train: labels reach {int(y.max())}, but teacher '{teacher.name}' outputs {classes} "
+                            "classes; fix the labels or the teacher's kwargs")
         f = teacher.fit
         fit_module(model, len(y), lambda idx: F.cross_entropy(model(x[idx]), y[idx]), f.epochs, f.lr, f.batch_size,
                    f.seed, f.weight_decay)
@@ -113,9 +118,20 @@ class Classification(Task):
         return accuracy(predict(model, x).argmax(1), y)
 
     # -- distill -------------------------------------------------------------------------------
+    def check_inputs(self, cfg: Config, shards: list[InputShard], num_classes: int | None) -> None:
+        d = cfg.data
+        check_columns(shards, {"data.features": d.features, "data.label": d.label})
+        for shard in shards if d.label and num_classes else []:
+            span = label_span([shard], d.label)
+            if span and IGNORE != span[0] < 0:
+                raise negative_labels(shard.uri, d.label, span[0])
+            if span and span[1] >= num_classes:
+                raise UserError(f"{shard.uri}: labels in '{d.label}' reach {span[1]}, but the teachers output "
+                                f"{num_classes} classes (0..{num_classes - 1}); fix the labels or the teachers")
+
     def preflight(self, cfg: Config, store: Store, student) -> None:
-        _, x, _ = read_shard(InputShard(**store.inputs("val")[0]), cfg.data.features, None, cfg.data.id)
-        out = run_student(student, torch.from_numpy(x[:2]))
+        _, x, _ = read_shard(InputShard.of(store.inputs("val")[0]), cfg.data.features, None, cfg.data.id)
+        out = run_on(student, torch.from_numpy(x[:2]))
         if out.shape[-1] != store.num_classes:
             raise UserError(f"student.model: outputs {out.shape[-1]} classes but the teachers have {store.num_classes}; "
                             "fix student.kwargs")
@@ -123,7 +139,7 @@ class Classification(Task):
     def read_rows(self, cfg: Config, store: Store, split: str, shard: int, teachers: list[str]) -> Rows:
         """One input shard and its teachers' logits, alignment checked by id."""
         d = cfg.data
-        ids, x, y = read_shard(InputShard(**store.inputs(split)[shard]), d.features, d.label, d.id, writable=False)
+        ids, x, y = read_shard(InputShard.of(store.inputs(split)[shard]), d.features, d.label, d.id, writable=False)
         stacked = [t.logits for t in read_aligned(store, split, shard, teachers, decode, ids)]
         return Rows(x, y, np.stack(stacked, axis=1) if stacked else np.zeros((len(y), 0, 0), np.float32))
 

@@ -24,11 +24,11 @@ import pyarrow as pa
 import torch
 
 from ensemblekd.config import Config
-from ensemblekd.data.inputs import InputShard, input_shards, read_token_shard
+from ensemblekd.data.inputs import InputShard, check_columns, input_shards, read_token_shard
 from ensemblekd.errors import UserError
 from ensemblekd.lm import fit_lm, logits_of, vocab_hash
 from ensemblekd.store import Store, pack
-from ensemblekd.tasks.base import Served, Task, read_aligned, row_batches, run_student
+from ensemblekd.tasks.base import Served, Task, read_aligned, row_batches, run_on
 from ensemblekd.teachers import kind_of
 from ensemblekd.topk import dense_from_topk, rule_inputs, token_loss, topk_targets
 
@@ -252,7 +252,7 @@ class Token(Task):
 
     # -- label -------------------------------------------------------------------------------
     def read_inputs(self, cfg: Config, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        ids, tokens, lengths, _ = read_token_shard(InputShard(**shard), cfg.data)
+        ids, tokens, lengths, _ = read_token_shard(InputShard.of(shard), cfg.data)
         return ids, tokens, lengths
 
     @torch.inference_mode()
@@ -302,16 +302,19 @@ class Token(Task):
         return model_accuracy(model, tokens, mask, cfg.data.vocab_size)
 
     # -- distill -------------------------------------------------------------------------------
+    def check_inputs(self, cfg: Config, shards: list[InputShard], num_classes: int | None) -> None:
+        check_columns(shards, {"data.features": cfg.data.features})
+
     def preflight(self, cfg: Config, store: Store, student) -> None:
         """The store holds this vocabulary; the student runs on a validation sequence and covers it."""
         store.check_task(self.name, vocabulary(cfg))
-        _, tokens, lengths, _ = read_token_shard(InputShard(**store.inputs("val")[0]), cfg.data)
-        out = logits_of(run_student(student, torch.from_numpy(tokens[:1, :lengths[0]])))
+        _, tokens, lengths, _ = read_token_shard(InputShard.of(store.inputs("val")[0]), cfg.data)
+        out = logits_of(run_on(student, torch.from_numpy(tokens[:1, :lengths[0]])))
         shared_vocabulary(out, cfg.data.vocab_size, "student.model")
 
     def read_rows(self, cfg: Config, store: Store, split: str, shard: int, teachers: list[str]) -> Sequences:
         """One input shard and its teachers' targets, aligned by id and length."""
-        ids, tokens, lengths, mask = read_token_shard(InputShard(**store.inputs(split)[shard]), cfg.data)
+        ids, tokens, lengths, mask = read_token_shard(InputShard.of(store.inputs(split)[shard]), cfg.data)
         found = read_aligned(store, split, shard, teachers, decode, ids,
                              same=lambda t: np.array_equal(t.lengths, lengths - 1))
         targets = [(np.concatenate([[0], np.cumsum(t.lengths)]), t.logp, t.idx, t.tail) for t in found]
