@@ -23,12 +23,14 @@ import os
 import socket
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
 from ensemblekd.errors import UserError
 from ensemblekd.io import fs
@@ -56,6 +58,66 @@ def unpack(data: bytes) -> pa.Table:
     return pq.read_table(io.BytesIO(data))
 
 
+# -- the manifest's shape, checked whenever a store is opened ---------------------------------
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _InputEntry(_Entry):
+    uri: str
+    rows: StrictInt
+    bytes: StrictInt
+    offset: StrictInt
+
+
+class _TeacherEntry(_Entry):
+    fingerprint: str
+    spec: dict[str, Any]
+
+
+class _ShardEntry(_Entry):
+    rows: StrictInt
+    bytes: StrictInt
+    sha256: str
+
+
+class _Manifest(_Entry):
+    schema_version: StrictInt
+    task: str | None
+    num_classes: StrictInt | None
+    dtype: str | None
+    inputs: dict[str, list[_InputEntry]]
+    teachers: dict[str, _TeacherEntry]
+    shards: dict[str, dict[str, dict[str, _ShardEntry]]]
+
+
+def check_manifest(manifest: Any, path: str) -> None:
+    """A UserError naming the first thing wrong with a manifest's shape (a hand edit, another tool's
+    file, a truncated copy): nothing reads a manifest that is not one."""
+    fix = "restore the file, or use a new store.uri and relabel"
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a store manifest (a JSON {type(manifest).__name__}, not an object); {fix}")
+    version = manifest.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version != SCHEMA_VERSION:
+        raise UserError(f"{path}: store schema version {version}, this ensemblekd reads {SCHEMA_VERSION}; relabel into a "
+                        "new store.uri")
+    try:
+        _Manifest.model_validate(manifest)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise UserError(f"{path}: not a store manifest ({where}: {err['msg'].lower()}, got {err.get('input')!r:.60}); "
+                        f"{fix}") from None
+
+
+def same_input(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether an input shard is the one that was labelled: same rows, bytes, place in the split and
+    footer fingerprint (a moved file is still the same input; a manifest from before footers were
+    recorded is compared on the rest)."""
+    keys = ["rows", "bytes", "offset"] + (["footer"] if recorded.get("footer") and current.get("footer") else [])
+    return all(recorded.get(k) == current.get(k) for k in keys)
+
+
 class Store:
     """The manifest in memory plus the shard I/O around it. Only the driver calls `save`."""
 
@@ -72,10 +134,9 @@ class Store:
             try:
                 manifest = json.loads(fs.read_bytes(path))
             except ValueError:
-                raise UserError(f"{path}: the manifest is not valid JSON; delete the store or restore the file") from None
-            version = manifest.get("schema_version")
-            if version != SCHEMA_VERSION:
-                raise UserError(f"{uri}: store schema version {version}, this ensemblekd reads {SCHEMA_VERSION}; relabel into a new store.uri")
+                raise UserError(f"{path}: the manifest is not valid JSON; restore the file, or use a new store.uri "
+                                "and relabel") from None
+            check_manifest(manifest, path)
             return cls(uri, manifest)
         if not create:
             raise UserError(f"no soft-target store at '{uri}' (no {MANIFEST}); run 'ensemblekd label CONFIG' first")
@@ -131,12 +192,26 @@ class Store:
                     raise UserError(f"{self.shard_uri(split, t, int(key))}: {found} (the shard is corrupt); "
                                     "run 'ensemblekd label CONFIG --repair'")
 
+    def check_inputs(self, split: str, current: list[dict[str, Any]], key: str) -> None:
+        """Refuse to train or evaluate on inputs that are not the ones labelled (same ids or not: the
+        stored targets belong to the old rows); the fix is a label run, which relabels just those."""
+        recorded = self.inputs(split)
+        fix = "re-run 'ensemblekd label CONFIG' to relabel what changed"
+        if len(recorded) != len(current):
+            raise UserError(f"{key}: {len(current)} input file(s), the store labelled {len(recorded)}; {fix}")
+        for old, new in zip(recorded, current):
+            if not same_input(old, new):
+                what = (f"{new['bytes']} bytes, labelled at {old['bytes']}" if old["bytes"] != new["bytes"] else
+                        f"{new['rows']} rows, labelled at {old['rows']}" if old["rows"] != new["rows"] else
+                        "its content differs")
+                raise UserError(f"{key}: {new['uri']} changed since it was labelled ({what}); {fix}")
+
     # -- changing the manifest (driver only) ---------------------------------------------
     def set_inputs(self, split: str, shards: list[dict[str, Any]]) -> None:
         """Record a split's input shards; label shards of an input that changed are forgotten."""
         old = self.manifest["inputs"].get(split, [])
         for i, new in enumerate(shards):
-            if i >= len(old) or old[i] != new:
+            if i >= len(old) or not same_input(old[i], new):
                 for per_teacher in self.manifest["shards"].get(split, {}).values():
                     per_teacher.pop(str(i), None)
         for per_teacher in self.manifest["shards"].get(split, {}).values():
@@ -155,13 +230,49 @@ class Store:
             self.manifest["teachers"][name] = {"fingerprint": fingerprint, "spec": spec}
         return changed
 
-    def set_format(self, num_classes: int, dtype: str, teacher: str) -> None:
-        """The store holds one class count and one dtype; a teacher that disagrees is refused."""
-        if self.manifest["num_classes"] is None:
-            self.manifest["num_classes"] = num_classes
-        elif self.manifest["num_classes"] != num_classes:
-            raise UserError(f"teacher '{teacher}' outputs {num_classes} classes but the store holds {self.manifest['num_classes']}; "
-                            "all teachers must share one label space (or use a new store.uri)")
+    def class_count(self, teacher: str) -> int | None:
+        """The classes (or vocabulary) of a teacher's stored targets; None before it has any."""
+        entry = self.manifest["teachers"].get(teacher, {})
+        has_shards = any(teacher in per_split for per_split in self.manifest["shards"].values())
+        return entry.get("num_classes", self.manifest["num_classes"] if has_shards else None)
+
+    def agree_classes(self, counts: dict[str, int], configured: list[str]) -> list[str]:
+        """Settle the store's class count before anything is labelled. `counts`: what the teachers
+        about to be labelled output (their actors ran them on a few rows). The configured teachers
+        must agree, and the message names the one that differs; a teacher no longer configured
+        whose stored targets hold another count is forgotten, so it never blocks the store.
+        Returns the forgotten teachers."""
+        known = {n: counts.get(n, self.class_count(n)) for n in configured}
+        known = {n: c for n, c in known.items() if c is not None}
+        tally = Counter(known.values()).most_common()
+        if len(tally) > 1:
+            common, votes = tally[0]
+            if votes == tally[1][1]:
+                raise UserError("the teachers disagree on the number of classes ("
+                                + ", ".join(f"'{n}' {c}" for n, c in known.items())
+                                + "); all teachers must share one label space")
+            odd = [n for n, c in known.items() if c != common]
+            others = ", ".join(n for n in known if n not in odd)
+            raise UserError("; ".join(f"teacher '{n}' outputs {known[n]} classes" for n in odd)
+                            + f", the other teachers ({others}) {common}; all teachers must share one label space: "
+                            f"fix or remove {', '.join(repr(n) for n in odd)}")
+        if not tally:
+            return []
+        count = tally[0][0]
+        stale = [n for n in self.manifest["teachers"] if n not in configured and self.class_count(n) not in (None, count)]
+        for name in stale:
+            self.forget_teacher(name)
+        self.manifest["num_classes"] = count
+        return stale
+
+    def forget_teacher(self, name: str) -> None:
+        """Drop a teacher and its shards from the manifest (the files are overwritten if it returns)."""
+        self.manifest["teachers"].pop(name, None)
+        for per_split in self.manifest["shards"].values():
+            per_split.pop(name, None)
+
+    def set_dtype(self, dtype: str) -> None:
+        """The store holds one dtype; a label run under another is refused."""
         if self.manifest["dtype"] is None:
             self.manifest["dtype"] = dtype
         elif self.manifest["dtype"] != dtype:
@@ -199,7 +310,13 @@ class Store:
         return bad
 
     def commit(self, split: str, teacher: str, index: int, entry: dict[str, Any]) -> None:
-        self.set_format(entry.pop("num_classes"), entry.pop("dtype"), teacher)
+        num_classes = entry.pop("num_classes")
+        self.set_dtype(entry.pop("dtype"))
+        if self.manifest["num_classes"] not in (None, num_classes):  # agree_classes ran: only a teacher that changed
+            raise UserError(f"teacher '{teacher}' outputs {num_classes} classes but the store holds "
+                            f"{self.manifest['num_classes']}; all teachers must share one label space")
+        self.manifest["num_classes"] = num_classes
+        self.manifest["teachers"][teacher]["num_classes"] = num_classes
         entry["path"] = "/".join([split, teacher, shard_name(index)])
         self.manifest["shards"].setdefault(split, {}).setdefault(teacher, {})[str(index)] = entry
 

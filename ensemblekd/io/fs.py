@@ -10,10 +10,14 @@ from the usual environment variables (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
+import fnmatch
 import io
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -98,10 +102,32 @@ def read_bytes(uri: str) -> bytes:
     return fs.cat_file(path)
 
 
+TEMPORARY = ".tmp-"  # NAME.tmp-XXXXXXXX: a write in progress (or one a crash cut short)
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+@contextlib.contextmanager
+def writing(uri: str) -> Iterator[None]:
+    """A full disk or a read-only place is bad input, not a crash: a one-line UserError naming the
+    file; what was written before is untouched."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in FULL:
+            raise UserError(f"{uri}: cannot write, {os.strerror(exc.errno).lower()}; free space there or use another "
+                            "location (what is already committed is kept: re-run to resume)") from None
+        if exc.errno in READ_ONLY:
+            raise UserError(f"{uri}: cannot write, {os.strerror(exc.errno).lower()}; use a writable location "
+                            "(store.uri, trainer.output_dir)") from None
+        raise
+
+
 def write_bytes_atomic(uri: str, data: bytes) -> None:
     """Make `uri` appear whole or not at all.
 
-    Local and other rename-capable filesystems: write a temporary sibling, then rename over.
+    Local and other rename-capable filesystems: write a temporary sibling, then rename over; the
+    temporary file is removed if the write fails (a killed process leaves it: remove_temporaries).
     Object stores (no rename): a single PUT is already atomic, the object appears whole; no
     "directories" are made first (s3fs would create a missing bucket, silently, for a typo).
     """
@@ -109,16 +135,38 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     if is_object_store(uri):
         fs.pipe_file(path, data)
         return
-    parent = os.path.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    if is_remote(uri):
-        fs.mv(tmp, path)
-    else:
-        os.replace(tmp, path)
+    tmp = f"{path}{TEMPORARY}{uuid.uuid4().hex[:8]}"
+    with writing(uri):
+        try:
+            parent = os.path.dirname(path)
+            if parent:
+                fs.makedirs(parent, exist_ok=True)
+            with fs.open(tmp, "wb") as f:
+                f.write(data)
+            if is_remote(uri):
+                fs.mv(tmp, path)
+            else:
+                os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                fs.rm_file(tmp)
+            raise
+
+
+def remove_temporaries(dir_uri: str, patterns: tuple[str, ...]) -> int:
+    """Delete the temporary files of writes that a killed process cut short (NAME.tmp-XXXXXXXX,
+    NAME matching one of `patterns`) under a local directory; object stores never have any. Only
+    for a caller that is the one writer there (the label lock). Returns how many went."""
+    if is_remote(dir_uri) or not os.path.isdir(dir_uri):
+        return 0
+    removed = 0
+    for root, _, files in os.walk(dir_uri):
+        for name in files:
+            if any(fnmatch.fnmatch(name, f"{p}{TEMPORARY}*") for p in patterns):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(root, name))
+                    removed += 1
+    return removed
 
 
 def create_exclusive(uri: str, data: bytes) -> bool:
@@ -130,19 +178,21 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     """
     fs, path = filesystem(uri)
     parent = os.path.dirname(path)
-    if parent and not is_object_store(uri):
-        fs.makedirs(parent, exist_ok=True)
     try:
+        if parent and not is_object_store(uri):
+            with writing(uri):
+                fs.makedirs(parent, exist_ok=True)
         if is_remote(uri):
             fs.pipe_file(path, data, mode="create")
         else:
-            tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-            with open(tmp, "wb") as f:
-                f.write(data)
+            tmp = f"{path}{TEMPORARY}{uuid.uuid4().hex[:8]}"
             try:
+                with writing(uri), open(tmp, "wb") as f:
+                    f.write(data)
                 os.link(tmp, path)
             finally:
-                os.remove(tmp)
+                with contextlib.suppress(OSError):  # gone already, or never made (a read-only place)
+                    os.remove(tmp)
     except FileExistsError:
         return False
     return True

@@ -28,12 +28,13 @@ from ensemblekd.data.inputs import input_shards
 from ensemblekd.errors import UserError
 from ensemblekd.io import fs
 from ensemblekd.io.ray_session import ensure_ray, require, unwrap
-from ensemblekd.store import Store, StoreLock
+from ensemblekd.store import MANIFEST, Store, StoreLock
 from ensemblekd.tasks import get_task
 from ensemblekd.teachers import kind_of
 
 SPLITS = ("train", "val", "test")
 IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: the actor never waits on the driver
+PROBE_ROWS = 2
 
 
 class TeacherWorker:
@@ -56,24 +57,40 @@ class TeacherWorker:
 
     def label(self, shard: dict[str, Any], jobs: list[tuple[str, str]], where: str) -> list[dict[str, Any]]:
         """jobs: (teacher name, label shard URI); returns their manifest entries in that order."""
-        for name, _ in jobs:
-            if self.hosted[name][2]:
-                raise self.hosted[name][2]
         inputs = self.task.read_inputs(self.cfg, shard)
         results = []
         for name, out_uri in jobs:
-            t, model, _ = self.hosted[name]
-            data, entry = self.task.label_shard(model, inputs, self.cfg, t, self.device, where)
+            data, entry = self._label(name, inputs, where)
             fs.write_bytes_atomic(out_uri, data)
             results.append(entry)
         return results
 
+    def probe(self, shard: dict[str, Any], names: list[str], where: str) -> dict[str, int]:
+        """What each named teacher outputs (classes, or vocabulary) on the first rows of a shard, so
+        the driver can check that the teachers agree before anything is written."""
+        inputs = tuple(part[:PROBE_ROWS] for part in self.task.read_inputs(self.cfg, shard))
+        return {name: self._label(name, inputs, where)[1]["num_classes"] for name in names}
+
+    def _label(self, name: str, inputs, where: str) -> tuple[bytes, dict[str, Any]]:
+        t, model, error = self.hosted[name]
+        if error:
+            raise error
+        return self.task.label_shard(model, inputs, self.cfg, t, self.device, where)
+
+
+def note(message: str) -> None:
+    print(f"label: {message}", file=sys.stderr, flush=True)
+
 
 def plan(cfg: Config, store: Store, splits=SPLITS) -> list[tuple[str, str, int]]:
     """Record inputs and fingerprints in the store; return the (split, teacher, index) still to do."""
+    task = get_task(cfg.task)
     for split in splits:
-        store.set_inputs(split, [s.signature() for s in input_shards(getattr(cfg.data, split))])
-    store.set_task(cfg.task, get_task(cfg.task).store_info(cfg))
+        empty = lambda uri: note(f"skipping {uri}: it holds no rows (delete it to silence this note)")  # noqa: E731
+        shards = input_shards(getattr(cfg.data, split), f"data.{split}", empty)
+        task.check_inputs(cfg, shards, None)
+        store.set_inputs(split, [s.signature() for s in shards])
+    store.set_task(cfg.task, task.store_info(cfg))
     for t in cfg.teachers:
         kind = kind_of(t)
         store.set_teacher(t.name, kind.fingerprint(cfg, t), kind.spec(t))
@@ -104,16 +121,36 @@ def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = Fals
     with StoreLock(cfg.store.uri).held(on_wait=waiting) as lock:
         store = Store.open(cfg.store.uri, create=True)
         store.lock = lock
+        fs.remove_temporaries(cfg.store.uri, ("*.parquet", MANIFEST))  # of a run killed mid-write: we are the writer now
         repaired = store.forget_corrupt() if repair else []
         todo = plan(cfg, store, splits)
-        store.save()
-        result = run_pools(cfg, store, todo, progress) if todo else {"shards": 0, "rows": 0, "seconds": 0.0}
+        if todo:
+            result = run_pools(cfg, store, todo, progress)  # saves the plan once the teachers agree
+        else:
+            store.save()
+            result = {"shards": 0, "rows": 0, "seconds": 0.0}
         result["repaired"] = [f"{split}/{teacher}/shard {index} ({why})" for split, teacher, index, why in repaired]
         teachers = store.manifest["teachers"]
         if "val" in splits and (todo or any(teachers[t.name].get("val_accuracy") is None for t in cfg.teachers)):
             record_val_accuracy(cfg, store)
             store.save()
     return result
+
+
+def agree(cfg: Config, store: Store, todo: list[tuple[str, str, int]], actors: dict[str, list],
+          groups: dict[str, list[int]]) -> None:
+    """Before any shard is written: every teacher to label is run on a few rows of its first shard,
+    and the store's label space is settled from what they output (Store.agree_classes)."""
+    refs = []
+    for key, pool in actors.items():
+        names = [cfg.teachers[m].name for m in groups[key]]
+        split, _, i = next(job for job in todo if job[1] in names)
+        shard = store.inputs(split)[i]
+        refs.append(pool[0].probe.remote(shard, [n for n in names if any(job[1] == n for job in todo)],
+                                         f"{split} shard {i} ({shard['uri']})"))
+    counts = {name: count for ref in refs for name, count in unwrap(ray.get, ref).items()}
+    for name in store.agree_classes(counts, [t.name for t in cfg.teachers]):
+        note(f"forgot teacher '{name}' (no longer configured; its targets hold another number of classes)")
 
 
 def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progress: bool) -> dict[str, Any]:
@@ -152,13 +189,15 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
         ref = actor.label.remote(shard, jobs, f"{split} shard {i} ({shard['uri']})")
         in_flight[ref] = (split, i, names, key, actor)
 
-    for key, pool in actors.items():
-        for _ in range(IN_FLIGHT_PER_ACTOR):
-            for actor in pool:
-                submit(key, actor)
-
-    rows, last_save = 0, time.monotonic()
+    rows, last_save, agreed = 0, time.monotonic(), False
     try:
+        agree(cfg, store, todo, actors, groups)
+        store.save()  # the plan (shards of changed inputs or teachers forgotten) before any shard is rewritten
+        agreed = True
+        for key, pool in actors.items():
+            for _ in range(IN_FLIGHT_PER_ACTOR):
+                for actor in pool:
+                    submit(key, actor)
         with tqdm(total=len(todo), desc="label", unit="shard", disable=not progress) as bar:
             while in_flight:
                 done, _ = ray.wait(list(in_flight), num_returns=1)
@@ -173,7 +212,8 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
                     store.save()
                     last_save = time.monotonic()
     finally:
-        store.save()  # whatever committed is kept, also on error or Ctrl-C
+        if agreed:
+            store.save()  # whatever committed is kept, also on error or Ctrl-C
         for pool in actors.values():
             for actor in pool:
                 ray.kill(actor)

@@ -131,8 +131,52 @@ def test_teachers_with_different_class_counts_are_refused(tmp_path):
     store = _store(str(tmp_path))
     store.set_teacher("b", "fp-b", {})
     _commit(store, "train", "a", 0, np.arange(5), np.ones((5, 3), np.float32))
-    with pytest.raises(UserError, match="outputs 4 classes but the store holds 3"):
+    with pytest.raises(UserError, match="teacher 'b' outputs 4 classes but the store holds 3"):
         _commit(store, "train", "b", 0, np.arange(5), np.ones((5, 4), np.float32))
+
+
+@pytest.mark.parametrize("counts,configured,fragment", [
+    ({"a": 10, "b": 10, "nine": 9}, ["a", "b", "nine"], r"teacher 'nine' outputs 9 classes, the other teachers \(a, b\) 10"),
+    ({"a": 10, "nine": 9}, ["a", "nine"], r"disagree on the number of classes \('a' 10, 'nine' 9\)"),
+])
+def test_the_teacher_that_differs_is_named(tmp_path, counts, configured, fragment):
+    store = _store(str(tmp_path))
+    with pytest.raises(UserError, match=fragment):
+        store.agree_classes(counts, configured)
+
+
+def test_a_recorded_teacher_counts_and_a_stale_one_is_forgotten(tmp_path):
+    store = _store(str(tmp_path))
+    _commit(store, "train", "a", 0, np.arange(5), np.ones((5, 9), np.float32))  # 'a' holds 9 classes
+    with pytest.raises(UserError, match="teacher 'a' outputs 9 classes"):   # still configured: it counts
+        store.agree_classes({"b": 10, "c": 10}, ["a", "b", "c"])
+    assert store.agree_classes({"b": 10}, ["b"]) == ["a"]                    # no longer configured: forgotten
+    assert store.num_classes == 10 and "a" not in store.manifest["teachers"] and store.missing("train", "a") == [0, 1]
+
+
+def test_same_input_ignores_the_path_but_not_the_footer():
+    from ensemblekd.store import same_input
+
+    old = {"uri": "/a/p.parquet", "rows": 5, "bytes": 100, "offset": 0, "footer": "f1"}
+    assert same_input(old, {**old, "uri": "/moved/p.parquet"})
+    assert not same_input(old, {**old, "footer": "f2"}) and not same_input(old, {**old, "bytes": 101})
+    assert same_input({k: v for k, v in old.items() if k != "footer"}, old)  # a manifest from before footers
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ([], "a JSON list, not an object"),
+    (None, "a JSON NoneType"),
+    ({"schema_version": 1}, "task: field required"),
+    ({"schema_version": "1", "task": None, "num_classes": None, "dtype": None, "inputs": {}, "teachers": {},
+      "shards": {}}, "schema_version: input should be a valid integer, got '1'"),
+    ({"schema_version": 1, "task": None, "num_classes": None, "dtype": None, "inputs": {}, "teachers": {},
+      "shards": {"train": {"a": {"0": {"rows": 5, "bytes": 9}}}}}, "shards.train.a.0.sha256: field required"),
+])
+def test_a_manifest_of_the_wrong_shape_is_one_line(tmp_path, content, fragment):
+    (tmp_path / "manifest.json").write_text(json.dumps(content))
+    with pytest.raises(UserError, match="manifest.json: not a store manifest") as err:
+        Store.open(str(tmp_path))
+    assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
 def test_other_schema_version_and_missing_store(tmp_path):
