@@ -20,6 +20,7 @@ from ensemblekd.io.ray_session import driver_progress, ensure_ray, require
 from ensemblekd.mixing import Strategy, build_strategy
 from ensemblekd.models import build_module
 from ensemblekd.store import Store
+from ensemblekd.stages.validate import check_labelled_inputs
 from ensemblekd.stages.train import STEP_METRICS, STUDENT_FILE, epoch_steps, train_loop
 from ensemblekd.tasks import get_task
 
@@ -33,6 +34,7 @@ def preflight(cfg: Config) -> Strategy:
     for split in ("train", "val"):
         store.check_complete(split, names)
         store.check_sizes(split, names)
+    check_labelled_inputs(cfg, store, ("train", "val"))
     strategy = build_strategy(cfg.distill, names, store.val_accuracy(names), cfg.trainer.epochs)
     student = build_module(cfg.student.model, cfg.student.kwargs, "student.model")
     get_task(cfg.task).preflight(cfg, store, student)
@@ -63,6 +65,24 @@ class MlflowLogger(UserCallback):
         client = MlflowClient(self.info["tracking_uri"])
         for i in range(0, len(batch), 1000):
             client.log_batch(self.info["run_id"], metrics=batch[i:i + 1000])
+
+
+class StopOnBadInput(UserCallback):
+    """Ends the run at once when a worker raises a UserError (a shard that fails its checksum, an
+    input changed under the store: what only a worker reading the data can see).
+
+    Such an error comes back on every retry, so retrying it (trainer.max_failures) only costs
+    minutes and tracebacks. Ray Train's failure policy retries any worker error, but raises at once
+    on an error of its controller that is not a startup error: a callback raising ControllerError
+    is one (ray/train/v2/_internal/execution/failure_handling/default.py)."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        import ray.train
+
+        for exc in worker_exceptions.values():
+            cause = getattr(exc, "cause", exc)
+            if isinstance(cause, UserError):
+                raise ray.train.ControllerError(UserError(str(cause)))
 
 
 def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bool = True,
@@ -110,7 +130,7 @@ def _trainer(cfg: Config, mlflow_info: dict[str, str] | None, counter):
             storage_path=fs.join(tr.output_dir, "ray_train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=tr.max_failures),
-            callbacks=[MlflowLogger(mlflow_info)] if mlflow_info else None,
+            callbacks=[StopOnBadInput(), *([MlflowLogger(mlflow_info)] if mlflow_info else [])],
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not tr.use_gpu else None,
         ),
@@ -123,6 +143,10 @@ def _fit(trainer):
 
     try:
         return trainer.fit()
+    except ray.train.ControllerError as exc:
+        if isinstance(exc.controller_failure, UserError):
+            raise UserError(str(exc.controller_failure)) from None
+        raise
     except ray.train.WorkerGroupError as exc:
         for failure in exc.worker_failures.values():
             cause = getattr(failure, "cause", failure)

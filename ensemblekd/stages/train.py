@@ -205,6 +205,18 @@ class Worker:
 def train_loop(config: dict[str, Any]) -> None:
     """The function every Ray Train worker runs (config: {"cfg": Config, "progress": a StepCounter
     actor of the driver's progress bar, or None})."""
+    import logging
+
+    try:
+        _train(config)
+    except UserError:
+        # Bad input: the driver prints it as one line (stages.distill.StopOnBadInput ends the run);
+        # Ray Train's worker would also log it with a traceback, through this logger.
+        logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
+        raise
+
+
+def _train(config: dict[str, Any]) -> None:
     import ray.train
 
     cfg: Config = config["cfg"]
