@@ -20,6 +20,7 @@ from typing import Any
 from ensemblekd import tracking
 from ensemblekd.config import Config, parse_config
 from ensemblekd.data.builtin import prepare_for_config
+from ensemblekd.errors import UserError
 from ensemblekd.io import fs
 from ensemblekd.io.ray_session import ray_session
 from ensemblekd.stages import chain, report
@@ -118,16 +119,23 @@ class RunResult:
 
 # -- the functions -------------------------------------------------------------------------------
 def load_config(config: ConfigSource, overrides: list[str] | None = None, check: bool = True) -> Config:
-    """A validated Config. Every static mistake is a one-line UserError; with check, also what needs
-    the outside world (import paths, teacher files, the data, the store's object store)."""
-    return validate(parse_config(config, overrides), touch=check)
+    """A validated Config. Every static mistake is a one-line UserError (prefixed with the config
+    file); with check, also what needs the outside world (import paths, teacher files, the data,
+    the store's object store)."""
+    cfg = parse_config(config, overrides)
+    try:
+        return validate(cfg, touch=check)
+    except UserError as exc:
+        if isinstance(config, (str, os.PathLike)):
+            raise UserError(f"{config}: {exc}") from None
+        raise
 
 
 def label(config: ConfigSource, overrides: list[str] | None = None, progress: bool = True,
           repair: bool = False) -> LabelResult:
     """Prepare the built-in data if asked, fit the teachers that need it, and label every missing
     shard of the store (repair: first verify every committed shard and relabel corrupt ones)."""
-    cfg = load_config(config, overrides, check=False)
+    cfg = load_config(config, overrides)
     with ray_session():
         fitted = _prepare_and_fit(cfg, progress)
         result = label_store(cfg, progress=progress, repair=repair)
@@ -157,8 +165,9 @@ def evaluate(config: ConfigSource, overrides: list[str] | None = None, student: 
 
 
 def run(config: ConfigSource, overrides: list[str] | None = None, progress: bool = True) -> RunResult:
-    """All stages: prepare, fit, label, distill, evaluate; everything lands in one MLflow run."""
-    cfg = load_config(config, overrides, check=False)
+    """All stages: prepare, fit, label, distill, evaluate; everything lands in one MLflow run (made once
+    the whole config has been checked)."""
+    cfg = load_config(config, overrides)
     start = time.perf_counter()
     with tracking.mlflow_run(cfg, "run") as info:
         with ray_session():  # a Ray started here is shut down before evaluate times the models
@@ -197,8 +206,6 @@ def export(run_id: str | None = None, config: ConfigSource | None = None, overri
     """Register a run's student (or a config's trainer.output_dir/student.pt, logged in a new run)
     in the MLflow Model Registry; returns name, version, run_id, model_id, tracking_uri and `serve`,
     the `mlflow models serve` command line."""
-    from ensemblekd.errors import UserError
-
     if (run_id is None) == (config is None):
         raise UserError("export: give either RUN_ID or --config CONFIG")
     if config is not None:
@@ -216,8 +223,6 @@ def student_path(cfg: Config) -> str:
 
 
 def _prepare_and_fit(cfg: Config, progress: bool) -> list[dict[str, Any]]:
-    """The optional first stages: write data.prepare's data set, then check everything that touches
-    the outside world, then fit the teachers with a fit block."""
+    """The optional first stages: write data.prepare's data set, then fit the teachers with a fit block."""
     prepare_for_config(cfg.data)
-    validate(cfg, touch=True)
     return fit_teachers(cfg, progress)

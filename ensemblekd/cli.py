@@ -11,8 +11,28 @@ import argparse
 import sys
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line like every other bad input (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def count(least: int):
+    """An argparse type: an integer >= least."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be {least} or more, got {value}")
+        return value
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ensemblekd", description="Multi-teacher ensemble knowledge distillation.")
+    p = _Parser(prog="ensemblekd", description="Multi-teacher ensemble knowledge distillation.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -31,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     with_config("distill", "train the student from the store")
     ev = with_config("evaluate", "teachers, ensemble and student on the test split")
     ev.add_argument("--student", help="student state dict (default: trainer.output_dir/student.pt)")
-    ev.add_argument("--warmup", type=int, default=20, help="untimed calls before timing each model (default 20)")
-    ev.add_argument("--repeats", type=int, default=200, help="timed calls per model and batch size (default 200; 0: no latency)")
+    ev.add_argument("--warmup", type=count(0), default=20, help="untimed calls before timing each model (default 20)")
+    ev.add_argument("--repeats", type=count(0), default=200, help="timed calls per model and batch size (default 200; 0: no latency)")
     with_config("validate", "check a config without running anything")
 
     ins = sub.add_parser("inspect", help="teachers, splits, shards, rows, bytes of a store; verifies checksums")
@@ -41,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("prepare", help="write a built-in data set as Parquet splits")
     pre.add_argument("name", help="digits | breast_cancer | wine | iris | markov")
     pre.add_argument("out", help="output directory (any fsspec URI)")
-    pre.add_argument("--shard-rows", type=int, default=256, help="rows per Parquet shard (default 256)")
+    pre.add_argument("--shard-rows", type=count(1), default=256, help="rows per Parquet shard (default 256)")
     pre.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     cmp = sub.add_parser("compare", help="one row per run of an MLflow experiment: settings, student quality and cost")
     cmp.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment)")

@@ -13,22 +13,35 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     field_serializer,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from ensemblekd.data.builtin import DATASETS
 from ensemblekd.errors import UserError
 from ensemblekd.io.fs import check_reachable, configure_for, exists, is_remote, resolve_uri
 from ensemblekd.plugins import import_callable
+
+
+def _not_a_bool(value: Any) -> Any:
+    """pydantic reads true as 1: a number key given a yes/no is a mistake, not a 1."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("bool_number", "expected a number, not a yes/no value")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
 
 
 class _Section(BaseModel):
@@ -45,7 +58,7 @@ class DataConfig(_Section):
     id: str = "id"
     loss_mask: str | None = Field(default="loss_mask", description="task token: optional list<bool> per sequence, "
                                   "the tokens trained on (used when the column exists)")
-    vocab_size: int | None = Field(default=None, ge=2, description="task token: the shared vocabulary; teacher "
+    vocab_size: Int | None = Field(default=None, ge=2, description="task token: the shared vocabulary; teacher "
                                    "logits padded past it are cut to it")
     tokenizer: str | None = Field(default=None, description="task token: local tokenizer directory, or 'teachers' "
                                   "(each pretrained teacher's own); its vocabulary hash is kept in the store")
@@ -54,11 +67,11 @@ class DataConfig(_Section):
 
 
 class FitConfig(_Section):
-    epochs: int = Field(default=30, ge=1)
-    batch_size: int = Field(default=64, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    seed: int = 0
+    epochs: Int = Field(default=30, ge=1)
+    batch_size: Int = Field(default=64, ge=1)
+    lr: Float = Field(default=1e-3, gt=0)
+    weight_decay: Float = Field(default=0.0, ge=0)
+    seed: Int = 0
 
 
 class TeacherConfig(_Section):
@@ -78,10 +91,10 @@ class TeacherConfig(_Section):
     trusted: list[str] = Field(default_factory=list, description="kind sklearn: types a saved estimator may hold "
                                "beyond scikit-learn's and numpy's own (module.Class), once you have reviewed them")
     fit: FitConfig | None = None
-    replicas: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=0.5, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=1024, ge=1)
+    replicas: Int = Field(default=1, ge=1)
+    num_cpus: Float = Field(default=0.5, ge=0)
+    num_gpus: Float = Field(default=0.0, ge=0)
+    batch_size: Int = Field(default=1024, ge=1)
     group: str | None = Field(default=None, description="label: teachers with the same group share each actor "
                               "(one read of every input shard for all of them); they must share replicas, "
                               "num_cpus and num_gpus")
@@ -90,9 +103,9 @@ class TeacherConfig(_Section):
 class StoreConfig(_Section):
     uri: str
     dtype: Literal["float16", "float32"] = "float16"
-    top_k: int = Field(default=32, ge=1, description="task token: log-probs kept per token (plus the tail mass); "
+    top_k: Int = Field(default=32, ge=1, description="task token: log-probs kept per token (plus the tail mass); "
                        ">= the vocabulary keeps the full distribution")
-    compression_level: int = Field(default=3, ge=1, le=22, description="task token: zstd level of the token "
+    compression_level: Int = Field(default=3, ge=1, le=22, description="task token: zstd level of the token "
                                    "shards; 19 is ~11% smaller and ~30x slower to write")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for the store's protocol, e.g. {endpoint_url: ...}"
@@ -128,10 +141,10 @@ class AssistantConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     model: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    replicas: int = Field(default=1, ge=1)
-    num_cpus: float = Field(default=0.5, ge=0)
-    num_gpus: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=1024, ge=1)
+    replicas: Int = Field(default=1, ge=1)
+    num_cpus: Float = Field(default=0.5, ge=0)
+    num_gpus: Float = Field(default=0.0, ge=0)
+    batch_size: Int = Field(default=1024, ge=1)
 
 
 class DistillConfig(_Section):
@@ -140,33 +153,33 @@ class DistillConfig(_Section):
     weighting: str = Field(default="uniform", description="uniform | static | accuracy | entropy | ca_mkd, or "
                            "'module:callable'")
     weighting_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the weighting rule")
-    weights: dict[str, float] | None = Field(
+    weights: dict[str, Float] | None = Field(
         default=None, description="per-teacher weights for weighting: static"
     )
-    gamma: float = Field(default=1.0, ge=0, description="weighting: accuracy sharpening, w_k ∝ acc_k^gamma")
+    gamma: Float = Field(default=1.0, ge=0, description="weighting: accuracy sharpening, w_k ∝ acc_k^gamma")
     mix_space: Literal["prob", "logit"] = "prob"
     # sequential
     order: Literal["config", "ascending_accuracy", "descending_accuracy"] = "config"
     cumulative: bool = False
-    stage_epochs: list[int] | None = Field(default=None, description="epochs per stage; default: split evenly")
+    stage_epochs: list[Int] | None = Field(default=None, description="epochs per stage; default: split evenly")
     # assistant (TAKD)
     assistants: list[AssistantConfig] = Field(default_factory=list, description="largest first, down to the student")
-    ensemble_blend: float = Field(default=0.0, ge=0, le=1, description="share of the ensemble kept at every level")
-    temperature: float = Field(default=4.0, gt=0)
-    alpha: float = Field(default=0.5, ge=0, le=1)
+    ensemble_blend: Float = Field(default=0.0, ge=0, le=1, description="share of the ensemble kept at every level")
+    temperature: Float = Field(default=4.0, gt=0)
+    alpha: Float = Field(default=0.5, ge=0, le=1)
 
 
 class TrainerConfig(_Section):
-    num_workers: int = Field(default=2, ge=1)
-    cpus_per_worker: float = Field(default=0.5, gt=0)
+    num_workers: Int = Field(default=2, ge=1)
+    cpus_per_worker: Float = Field(default=0.5, gt=0)
     use_gpu: bool = False
-    epochs: int = Field(default=20, ge=1)
-    batch_size: int = Field(default=64, ge=1, description="global batch, split across workers")
-    lr: float = Field(default=3e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    zero_stage: int = Field(default=0, ge=0, le=3)
-    seed: int = 0
-    max_failures: int = Field(default=2, ge=-1, description="worker failures survived by resuming from the "
+    epochs: Int = Field(default=20, ge=1)
+    batch_size: Int = Field(default=64, ge=1, description="global batch, split across workers")
+    lr: Float = Field(default=3e-3, gt=0)
+    weight_decay: Float = Field(default=0.0, ge=0)
+    zero_stage: Int = Field(default=0, ge=0, le=3)
+    seed: Int = 0
+    max_failures: Int = Field(default=2, ge=-1, description="worker failures survived by resuming from the "
                               "last epoch's checkpoint (Ray Train FailureConfig); -1: no limit")
     output_dir: str = "runs/ensemblekd"
     deepspeed: dict[str, Any] = Field(
@@ -182,7 +195,7 @@ class TrackingConfig(_Section):
 
 class RayConfig(_Section):
     address: str | None = Field(default=None, description="None: start local Ray; 'auto': join")
-    num_cpus: int | None = Field(default=None, ge=1, description="CPUs for a local Ray")
+    num_cpus: Int | None = Field(default=None, ge=1, description="CPUs for a local Ray")
 
 
 class Config(_Section):

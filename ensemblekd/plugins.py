@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 from ensemblekd.errors import UserError
 
@@ -21,6 +22,11 @@ def import_callable(path: str, key: str):
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        top = module_name.split(".")[0]
+        if isinstance(exc, ModuleNotFoundError) and exc.name == top and (
+                os.path.isfile(f"{top}.py") or os.path.isdir(top)):
+            raise UserError(f"{key}: module '{module_name}' is in the working directory, which Python does not search "
+                            "here; run with PYTHONPATH=. (Ray's processes read it too) or install it") from None
         raise UserError(f"{key}: cannot import module '{module_name}' ({exc}); check the path or install it") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
