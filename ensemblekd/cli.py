@@ -8,6 +8,7 @@ traceback instead).
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 
@@ -207,9 +208,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ensemblekd: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("ensemblekd: interrupted; committed work is kept, re-run to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM while an MLflow run is open (tracking.Terminated)
+        from ensemblekd.tracking import Terminated
+
+        return _stopped(isinstance(exc, Terminated))
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        return _stopped(True)  # SIGTERM after ray.init, whose handler exits with sys.exit(SIGTERM)
+
+
+def _stopped(terminated: bool) -> int:
+    """One line, no traceback; the shell's codes for death by SIGTERM (143) or SIGINT (130)."""
+    print(f"ensemblekd: {'terminated' if terminated else 'interrupted'}; committed work is kept, re-run to resume",
+          file=sys.stderr)
+    return 143 if terminated else 130
 
 
 if __name__ == "__main__":
