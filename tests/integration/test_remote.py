@@ -198,11 +198,12 @@ def test_a_reader_trusts_the_manifest_only_and_sees_other_processes_writes(remot
 def test_a_missing_bucket_is_one_line_and_is_not_created(remote_run, s3, tmp_path, digits_dir):
     cfg = tiny_config(tmp_path, digits_dir, store={"uri": "s3://no-such-bucket/store",
                                                    "storage_options": {"endpoint_url": s3, "key": KEY, "secret": SECRET}})
-    proc = cli("label", write_config(tmp_path, cfg), "--no-progress", cwd=tmp_path, timeout=300)
+    config = write_config(tmp_path, cfg)
+    proc = cli("label", config, "--no-progress", cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
-        ("ensemblekd: error: store.uri: bucket 'no-such-bucket' of 's3://no-such-bucket/store' does not exist; "
-         "create it or fix store.uri")]
+        (f"ensemblekd: error: {config}: store.uri: bucket 'no-such-bucket' of 's3://no-such-bucket/store' does not "
+         "exist; create it or fix store.uri")]
     assert not s3fs_client(s3).exists("no-such-bucket")
 
 

@@ -111,3 +111,18 @@ def test_relative_paths_become_absolute(tmp_path, digits_dir, monkeypatch):
 def test_missing_config_file(tmp_path):
     with pytest.raises(UserError, match="not found"):
         load_config(tmp_path / "none.yaml")
+
+
+@pytest.mark.parametrize("key", ["trainer.epochs", "trainer.lr", "teachers.0.num_cpus", "distill.weights.mlp_a"])
+def test_a_yes_no_value_is_not_a_number(tmp_path, digits_dir, key):
+    path = write_config(tmp_path, tiny_config(tmp_path, digits_dir))
+    extra = ["distill.weighting=static", "distill.weights={mlp_a: 1, mlp_b: 1}"] if key.startswith("distill") else []
+    with pytest.raises(UserError, match=rf"{key}: expected a number, not a yes/no value \(got True\)"):
+        load_config(path, [*extra, f"{key}=true"], check=False)
+    assert load_config(path, [*extra, f"{key}=1"], check=False)  # a number still is one
+
+
+def test_every_config_error_names_the_file(tmp_path, digits_dir):
+    path = write_config(tmp_path, tiny_config(tmp_path, digits_dir))
+    with pytest.raises(UserError, match=rf"^{path}: teachers.0.model: cannot import module 'nowhere'"):
+        load_config(path, ["teachers.0.model=nowhere:mlp"])
