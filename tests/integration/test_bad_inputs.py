@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import REPO, tiny_config, write_config
+from conftest import tiny_config, write_config
 
 from ensemblekd.models import build_module, save_state
 
