@@ -41,7 +41,18 @@ def ensure_ray(ray_cfg) -> None:
         # controller. Read by the controller, which gets the driver's RAY_TRAIN_* variables; a
         # cluster (ray.address) keeps it, and so does a user who set it.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        kwargs.update(address="local", num_cpus=ray_cfg.num_cpus)
+        # Ray's state API, used inside this Ray's own workers (Ray Train's PlacementGroupCleaner
+        # actor polls is_actor_alive -> ray.util.state.get_actor with no address), finds its cluster
+        # from RAY_ADDRESS, else by scanning the host: ray/dashboard/utils.py
+        # ray_address_to_api_server_url -> ray/_private/services.py canonicalize_bootstrap_address_or_die
+        # takes the last `ray start` cluster (/tmp/ray/ray_current_cluster) or the one gcs_server
+        # running. With another Ray on this host that is the wrong cluster ("Found multiple active
+        # Ray instances": a traceback from its monitor thread, or a cleaner that finds no controller
+        # and quits, or removes the run's placement group). The workers' RAY_ADDRESS pins it to this
+        # Ray; it is known only once Ray is up, so each worker sets it itself (_pin_ray_address). The
+        # driver's own RAY_ADDRESS stays unset: a later ensure_ray in this process starts a new Ray.
+        kwargs.update(address="local", num_cpus=ray_cfg.num_cpus,
+                      runtime_env={"worker_process_setup_hook": f"{__name__}._pin_ray_address"})
         ray.init(**kwargs)
         return
     # As in Ray, "auto" means RAY_ADDRESS when that is set (it is, inside `ray job submit`).
@@ -55,6 +66,13 @@ def ensure_ray(ray_cfg) -> None:
             "; if the cluster has token authentication on, set RAY_AUTH_MODE=token and its token "
             "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)")
         raise UserError(f"{where}: cannot join the Ray cluster ({' '.join(str(exc).split())}){hint}") from None
+
+
+def _pin_ray_address() -> None:
+    """Run in each worker of a local Ray as it starts (see ensure_ray): RAY_ADDRESS is this Ray."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def _check_listening(address: str, where: str) -> None:
