@@ -49,10 +49,10 @@ def ensure_ray(ray_cfg) -> None:
         # running. With another Ray on this host that is the wrong cluster ("Found multiple active
         # Ray instances": a traceback from its monitor thread, or a cleaner that finds no controller
         # and quits, or removes the run's placement group). The workers' RAY_ADDRESS pins it to this
-        # Ray; it is known only once Ray is up, so each worker sets it itself (_pin_ray_address). The
+        # Ray; it is known only once Ray is up, so each worker sets it itself (_local_worker_setup). The
         # driver's own RAY_ADDRESS stays unset: a later ensure_ray in this process starts a new Ray.
         kwargs.update(address="local", num_cpus=ray_cfg.num_cpus,
-                      runtime_env={"worker_process_setup_hook": f"{__name__}._pin_ray_address"})
+                      runtime_env={"worker_process_setup_hook": f"{__name__}._local_worker_setup"})
         ray.init(**kwargs)
         return
     # As in Ray, "auto" means RAY_ADDRESS when that is set (it is, inside `ray job submit`).
@@ -68,11 +68,21 @@ def ensure_ray(ray_cfg) -> None:
         raise UserError(f"{where}: cannot join the Ray cluster ({' '.join(str(exc).split())}){hint}") from None
 
 
-def _pin_ray_address() -> None:
-    """Run in each worker of a local Ray as it starts (see ensure_ray): RAY_ADDRESS is this Ray."""
+def _local_worker_setup() -> None:
+    """Run in each worker of a local Ray as it starts (see ensure_ray): RAY_ADDRESS is this Ray.
+
+    Also: Ray Train's controller asks an autoscaling coordinator actor for the workers' resources
+    and gives it 5 s to answer; on a busy laptop its first start takes longer, and the controller
+    logs a WARNING with a traceback ("Failed to send resource request ... safe to ignore"). A
+    one-node Ray has no autoscaler to ask, so that logger keeps to errors here (a filter: Ray Train's
+    logging.config.dictConfig resets the levels of the loggers under ray.train, not their filters)."""
+    import logging
+
     import ray
 
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    logging.getLogger("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client").addFilter(
+        lambda record: record.levelno >= logging.ERROR)
 
 
 def _check_listening(address: str, where: str) -> None:
