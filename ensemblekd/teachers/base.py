@@ -35,6 +35,7 @@ class TeacherKind:
     tasks: tuple[str, ...] = ()       # the tasks whose targets it can produce
     suffix = ".pt"                    # the default artifact's extension (trainer.output_dir/teachers/<name><suffix>)
     can_fit = False
+    can_prepare = False               # `prepare: NAME` puts a built-in model at the artifact's place
 
     # -- config ----------------------------------------------------------------------------
     def check(self, cfg: Config, t: TeacherConfig) -> None:
@@ -45,11 +46,16 @@ class TeacherKind:
                             f"{' or '.join(self.tasks)}, not {cfg.task}")
         if t.fit is not None and not self.can_fit:
             raise UserError(f"{key}.fit: teachers of kind {self.name} cannot be fitted here; remove fit")
+        if t.prepare is not None and not self.can_prepare:
+            raise UserError(f"{key}.prepare: teachers of kind {self.name} have no built-in models; remove prepare")
 
     def check_files(self, cfg: Config, t: TeacherConfig) -> None:
         """Checks that touch the outside world (import paths, files); run before any work."""
         if t.fit is None and not fs.exists(self.artifact(cfg, t)):
             raise UserError(f"{key_of(cfg, t)}.checkpoint: '{t.checkpoint}' does not exist; fix the path or add a fit block")
+
+    def prepare(self, cfg: Config, t: TeacherConfig) -> None:
+        """The prepare stage: put a built-in model in place when the entry asks for one (can_prepare)."""
 
     # -- identity --------------------------------------------------------------------------
     def artifact(self, cfg: Config, t: TeacherConfig) -> str:

@@ -24,12 +24,12 @@ class HuggingFaceKind(TeacherKind):
     def check(self, cfg: Config, t: TeacherConfig) -> None:
         key = key_of(cfg, t)
         if t.pretrained is None:
-            raise UserError(f"{key}.pretrained: teacher '{t.name}' of kind huggingface needs pretrained: a local "
-                            "model directory (save_pretrained)")
+            raise UserError(f"{key}.pretrained: teacher '{t.name}' of kind {self.name} needs pretrained: a local "
+                            "model directory (save_pretrained)" + (" or .gguf file" if self.name == "gguf" else ""))
         if t.model is not None:
             raise UserError(f"{key}: teacher '{t.name}' needs either model (+ checkpoint or fit) or pretrained")
         if t.checkpoint or t.fit or t.kwargs or t.trusted:
-            raise UserError(f"{key}.pretrained: a pretrained directory brings its own weights; "
+            raise UserError(f"{key}.pretrained: a pretrained model brings its own weights; "
                             "remove checkpoint, fit, kwargs and trusted")
         super().check(cfg, t)
 

