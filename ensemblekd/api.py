@@ -19,7 +19,6 @@ from typing import Any
 
 from ensemblekd import tracking
 from ensemblekd.config import Config, parse_config
-from ensemblekd.data.builtin import prepare_for_config
 from ensemblekd.errors import UserError
 from ensemblekd.io import fs
 from ensemblekd.io.ray_session import ray_session
@@ -29,6 +28,7 @@ from ensemblekd.stages.evaluate import LATENCY_KEYS
 from ensemblekd.stages.evaluate import evaluate as evaluate_models
 from ensemblekd.stages.export import export_config, export_run, log_student, serve_command
 from ensemblekd.stages.fit import fit_teachers
+from ensemblekd.stages.prepare import prepare
 from ensemblekd.stages.label import label as label_store
 from ensemblekd.stages.train import STUDENT_FILE
 from ensemblekd.stages.validate import validate
@@ -63,8 +63,8 @@ class ModelRow:
     """One model of an evaluation (accuracies are fractions; latency in ms on one CPU thread)."""
 
     model: str
-    role: str                                   # teacher | ensemble | assistant | student
-    accuracy: float | None
+    role: str                                   # teacher | ensemble | assistant | student | baseline
+    accuracy: float | None                      # task token: top-1 next-token accuracy
     fidelity: float | None                      # top-1 agreement with the ensemble
     kl: float | None                            # mean KL(ensemble || model), nats
     ece: float | None
@@ -74,18 +74,23 @@ class ModelRow:
     p99_ms_b1: float | None = None
     p50_ms_b64: float | None = None
     p99_ms_b64: float | None = None
+    nll: float | None = None                    # task token: mean negative log-likelihood per token, nats
+    perplexity: float | None = None             # task token: exp(nll)
+    tokens_per_s: float | None = None           # task token: at batch 64 on one CPU thread
 
 
 @dataclass(frozen=True)
 class Evaluation:
     rows: list[ModelRow]
     summary: dict[str, float | None]            # speedup_b1, speedup_b64, size_reduction, param_reduction, accuracy_gap
+                                                # (+ gap_closed with evaluate.baseline, perplexity_retained for LMs)
     report: dict[str, Any]                      # everything, as written to report/report.json
     run_id: str | None = None
 
     @classmethod
     def of(cls, report_: dict[str, Any], run_id: str | None = None) -> Evaluation:
-        keys = ("model", "role", "accuracy", "fidelity", "kl", "ece", "params", "bytes", *LATENCY_KEYS)
+        keys = ("model", "role", "accuracy", "fidelity", "kl", "ece", "params", "bytes", *LATENCY_KEYS, "nll",
+                "perplexity", "tokens_per_s")
         rows = [ModelRow(**{k: r.get(k) for k in keys}) for r in report_["rows"]]
         return cls(rows, report_["summary"], report_, run_id)
 
@@ -154,9 +159,10 @@ def distill(config: ConfigSource, overrides: list[str] | None = None, progress: 
 
 
 def evaluate(config: ConfigSource, overrides: list[str] | None = None, student: str | None = None,
-             warmup: int = 20, repeats: int = 200) -> Evaluation:
+             warmup: int | None = None, repeats: int | None = None) -> Evaluation:
     """Teachers, ensemble, assistants and student on the test split, in a new MLflow run. `student`:
-    a state dict (default trainer.output_dir/student.pt); repeats=0 skips the latency timing."""
+    a state dict (default trainer.output_dir/student.pt); warmup/repeats default to evaluate.warmup
+    and evaluate.repeats; repeats=0 skips the latency timing."""
     cfg = load_config(config, overrides)
     with tracking.mlflow_run(cfg, "evaluate") as info:
         found = evaluate_models(cfg, student or student_path(cfg), warmup=warmup, repeats=repeats)
@@ -179,6 +185,8 @@ def run(config: ConfigSource, overrides: list[str] | None = None, progress: bool
                                   for t in cfg.teachers})
             tracking.log_json(store.manifest, "store/manifest.json")
             trained = chain.distill_chain(cfg, info, progress)
+            if cfg.evaluate.baseline:
+                chain.distill_baseline(cfg, info, progress)
         tracking.log_metrics({"distill_seconds": trained["seconds"]})
         found = evaluate_models(cfg, trained["student"])
         report.log_report(cfg, found)
@@ -223,6 +231,7 @@ def student_path(cfg: Config) -> str:
 
 
 def _prepare_and_fit(cfg: Config, progress: bool) -> list[dict[str, Any]]:
-    """The optional first stages: write data.prepare's data set, then fit the teachers with a fit block."""
-    prepare_for_config(cfg.data)
+    """The optional first stages: put built-in teachers in place, write data.prepare's data set (or
+    tokenize data.text), then fit the teachers with a fit block."""
+    prepare(cfg)
     return fit_teachers(cfg, progress)

@@ -52,17 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     with_config("distill", "train the student from the store")
     ev = with_config("evaluate", "teachers, ensemble and student on the test split")
     ev.add_argument("--student", help="student state dict (default: trainer.output_dir/student.pt)")
-    ev.add_argument("--warmup", type=count(0), default=20, help="untimed calls before timing each model (default 20)")
-    ev.add_argument("--repeats", type=count(0), default=200, help="timed calls per model and batch size (default 200; 0: no latency)")
+    ev.add_argument("--warmup", type=count(0), help="untimed calls before timing each model (default: evaluate.warmup, 20)")
+    ev.add_argument("--repeats", type=count(0), help="timed calls per model and batch size (default: evaluate.repeats, "
+                    "200; 0: no latency)")
     with_config("validate", "check a config without running anything")
 
     ins = sub.add_parser("inspect", help="teachers, splits, shards, rows, bytes of a store; verifies checksums")
     ins.add_argument("store", help="store URI")
     ins.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     pre = sub.add_parser("prepare", help="write a built-in data set as Parquet splits")
-    pre.add_argument("name", help="digits | breast_cancer | wine | iris | markov")
+    pre.add_argument("name", help="digits | breast_cancer | wine | iris | markov | pydoc")
     pre.add_argument("out", help="output directory (any fsspec URI)")
-    pre.add_argument("--shard-rows", type=count(1), default=256, help="rows per Parquet shard (default 256)")
+    pre.add_argument("--shard-rows", type=count(1), help="rows per Parquet shard (default 256; pydoc 64)")
+    pre.add_argument("--tokenizer", help="pydoc: the tokenizer directory or .gguf file that tokenizes the text")
+    pre.add_argument("--seq-len", type=count(2), default=256, help="pydoc: tokens per sequence (default 256)")
     pre.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     cmp = sub.add_parser("compare", help="one row per run of an MLflow experiment: settings, student quality and cost")
     cmp.add_argument("--experiment", required=True, help="MLflow experiment name (tracking.experiment)")
@@ -165,10 +168,17 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from ensemblekd.data.builtin import prepare
+    from ensemblekd.data.builtin import NEEDS_TOKENIZER, prepare
+    from ensemblekd.data.text import prepare_pydoc
+    from ensemblekd.errors import UserError
     from ensemblekd.io.fs import resolve_uri
 
-    paths = prepare(args.name, resolve_uri(args.out), shard_rows=args.shard_rows)
+    if args.name in NEEDS_TOKENIZER:
+        if not args.tokenizer:
+            raise UserError(f"prepare {args.name}: real text needs --tokenizer (a tokenizer directory or .gguf file)")
+        paths = prepare_pydoc(resolve_uri(args.out), args.tokenizer, args.seq_len, args.shard_rows or 64)
+    else:
+        paths = prepare(args.name, resolve_uri(args.out), shard_rows=args.shard_rows or 256)
     print(f"wrote {args.name}: " + ", ".join(f"{k} -> {v}" for k, v in paths.items()))
     return 0
 

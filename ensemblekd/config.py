@@ -48,6 +48,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TextConfig(_Section):
+    """A user's own text: Parquet or JSON Lines files (or directories of them) with a text column."""
+
+    train: str
+    val: str
+    test: str
+    column: str = "text"
+    id: str | None = Field(default=None, description="integer document id column; default: the row's position")
+
+
 class DataConfig(_Section):
     train: str = Field(description="Parquet file or directory of shards (any fsspec URI)")
     val: str
@@ -64,6 +74,10 @@ class DataConfig(_Section):
                                   "(each pretrained teacher's own); its vocabulary hash is kept in the store")
     prepare: str | None = Field(default=None, description="write this built-in data set to the split paths when "
                                 "missing: " + ", ".join(DATASETS))
+    text: TextConfig | None = Field(default=None, description="task token: raw text to tokenize into the splits "
+                                    "(data.train/val/test), when missing or when the text or tokenizer changed")
+    seq_len: Int = Field(default=256, ge=2, description="task token: tokens per sequence when text is tokenized "
+                         "(data.text, data.prepare: pydoc); a longer document gives several rows")
 
 
 class FitConfig(_Section):
@@ -91,6 +105,8 @@ class TeacherConfig(_Section):
     trusted: list[str] = Field(default_factory=list, description="kind sklearn: types a saved estimator may hold "
                                "beyond scikit-learn's and numpy's own (module.Class), once you have reviewed them")
     fit: FitConfig | None = None
+    prepare: str | None = Field(default=None, description="kind gguf: a built-in model (smollm2) copied to "
+                                "`pretrained` when that file is missing")
     replicas: Int = Field(default=1, ge=1)
     num_cpus: Float = Field(default=0.5, ge=0)
     num_gpus: Float = Field(default=0.0, ge=0)
@@ -198,6 +214,19 @@ class RayConfig(_Section):
     num_cpus: Int | None = Field(default=None, ge=1, description="CPUs for a local Ray")
 
 
+class EvaluateConfig(_Section):
+    warmup: Int = Field(default=20, ge=0, description="untimed calls before timing each model (CLI --warmup)")
+    repeats: Int = Field(default=200, ge=0, description="timed calls per model and batch size; 0: no latency "
+                         "(CLI --repeats)")
+    latency_tokens: Int | None = Field(default=None, ge=1, description="task token: sequences cut to this many "
+                                       "tokens for timing (a real LM at batch 64 x 256 tokens takes a minute a call)")
+    baseline: bool = Field(default=False, description="also train the student on the labels alone (distill.alpha 1, "
+                           "same epochs and seed) and report it beside the distilled one")
+    prompts: list[str] = Field(default_factory=list, description="task token: greedy continuations of these texts "
+                               "by each teacher, the ensemble and the student go into the report")
+    max_new_tokens: Int = Field(default=24, ge=1, description="task token: tokens per greedy continuation")
+
+
 class Config(_Section):
     task: str = Field(default="classification", description="classification | token (causal LMs distilled token by "
                       "token from top-k targets)")
@@ -207,6 +236,7 @@ class Config(_Section):
     student: StudentConfig
     distill: DistillConfig = Field(default_factory=DistillConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -254,6 +284,11 @@ class Config(_Section):
         if self.data.prepare and DATASETS.get(self.data.prepare, self.task) != self.task:
             raise ValueError(f"data.prepare: '{self.data.prepare}' is a data set for task {DATASETS[self.data.prepare]}; "
                              f"this config has task {self.task}")
+        lm_only = {"data.text": self.data.text, "evaluate.prompts": self.evaluate.prompts,
+                   "evaluate.latency_tokens": self.evaluate.latency_tokens}
+        for key, value in lm_only.items():
+            if value and self.task != "token":
+                raise ValueError(f"{key}: only used with task: token; remove it")
         if self.data.prepare and self.data.prepare not in DATASETS:
             raise ValueError(f"data.prepare: unknown data set '{self.data.prepare}'; choose one of {', '.join(DATASETS)}")
         return self
@@ -306,6 +341,9 @@ def _absolute_paths(cfg: Config) -> None:
     for section, key in [("data", "train"), ("data", "val"), ("data", "test"), ("store", "uri"), ("trainer", "output_dir")]:
         obj = getattr(cfg, section)
         setattr(obj, key, resolve_uri(getattr(obj, key)))
+    if cfg.data.text:
+        for split in ("train", "val", "test"):
+            setattr(cfg.data.text, split, resolve_uri(getattr(cfg.data.text, split)))
     for t in cfg.teachers:
         if t.checkpoint:
             t.checkpoint = resolve_uri(t.checkpoint)
@@ -325,9 +363,10 @@ def check_inputs(cfg: Config, check_data: bool = True) -> None:
         import_callable(a.model, f"distill.assistants.{i}.model")
     if check_data and cfg.data.prepare is None:
         for split in ("train", "val", "test"):
-            uri = getattr(cfg.data, split)
+            uri = getattr(cfg.data.text, split) if cfg.data.text else getattr(cfg.data, split)
             if not exists(uri):
-                raise UserError(f"data.{split}: '{uri}' does not exist; fix the path or set data.prepare")
+                key = "data.text" if cfg.data.text else "data"
+                raise UserError(f"{key}.{split}: '{uri}' does not exist; fix the path or set data.prepare")
 
 
 def parse_config(source: str | os.PathLike | dict[str, Any] | Config, overrides: list[str] | None = None) -> Config:

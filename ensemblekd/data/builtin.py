@@ -22,7 +22,8 @@ from ensemblekd.errors import UserError
 from ensemblekd.io import fs
 
 SKLEARN_SETS = ("digits", "breast_cancer", "wine", "iris")
-DATASETS = {**{name: "classification" for name in SKLEARN_SETS}, "markov": "token"}  # name -> task
+DATASETS = {**{name: "classification" for name in SKLEARN_SETS}, "markov": "token", "pydoc": "token"}  # name -> task
+NEEDS_TOKENIZER = ("pydoc",)  # real text: written by data.text.prepare_pydoc with the shared tokenizer
 
 
 def prepare(name: str, out: str, shard_rows: int = 256, seed: int = 0, vocab_size: int | None = None) -> dict[str, str]:
@@ -143,8 +144,9 @@ def markov_corpus(vocab_size: int, num_sequences: int, seq_len: int, branching: 
 
 
 def write_token_split(out_dir: str, tokens: np.ndarray | Sequence[np.ndarray], shard_rows: int = 256,
-                      first_id: int = 0) -> list[str]:
-    """Sequences as out_dir/part-NNNNN.parquet: id int64, tokens list<int32>, loss_mask list<bool>.
+                      first_id: int = 0, doc_ids: np.ndarray | None = None) -> list[str]:
+    """Sequences as out_dir/part-NNNNN.parquet: id int64, tokens list<int32>, loss_mask list<bool>
+    (and doc_id int64, the document each row was cut from, when doc_ids are given).
 
     loss_mask[t] says whether token t is a training target (predicted from the tokens before
     it): all true but the first token, which has no context. Rows may differ in length. (In
@@ -161,11 +163,14 @@ def write_token_split(out_dir: str, tokens: np.ndarray | Sequence[np.ndarray], s
         values = np.concatenate(part) if part else np.zeros(0, np.int32)
         mask = np.ones(len(values), dtype=bool)
         mask[offsets.to_numpy()[:-1][lengths > 0]] = False
-        table = pa.table({
+        columns = {
             "id": pa.array(np.arange(first_id + start, first_id + start + len(part), dtype=np.int64)),
             "tokens": pa.ListArray.from_arrays(offsets, pa.array(values, pa.int32())),
             "loss_mask": pa.ListArray.from_arrays(offsets, pa.array(mask, pa.bool_())),
-        })
+        }
+        if doc_ids is not None:
+            columns["doc_id"] = pa.array(np.asarray(doc_ids[start:start + shard_rows], dtype=np.int64))
+        table = pa.table(columns)
         path = fs.join(out_dir, f"part-{i:05d}.parquet")
         fs.write_bytes_atomic(path, fs.table_to_parquet_bytes(table))
         paths.append(path)

@@ -126,3 +126,33 @@ def test_every_config_error_names_the_file(tmp_path, digits_dir):
     path = write_config(tmp_path, tiny_config(tmp_path, digits_dir))
     with pytest.raises(UserError, match=rf"^{path}: teachers.0.model: cannot import module 'nowhere'"):
         load_config(path, ["teachers.0.model=nowhere:mlp"])
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"evaluate": {"prompts": ["Once"]}}, "evaluate.prompts: only used with task: token; remove it"),
+    ({"evaluate": {"latency_tokens": 8}}, "evaluate.latency_tokens: only used with task: token; remove it"),
+    ({"evaluate": {"repeats": -1}}, "evaluate.repeats: Input should be greater than or equal to 0"),
+])
+def test_evaluate_keys_are_checked(tmp_path, digits_dir, section, message):
+    assert message in _error(tmp_path, digits_dir, **section)
+
+
+def _token_error(tmp_path, data: dict) -> str:
+    raw = {"task": "token", "data": {"train": str(tmp_path), "val": str(tmp_path), "test": str(tmp_path),
+                                     "features": "tokens", "vocab_size": 512, **data},
+           "teachers": [{"name": "t", "model": "ensemblekd.lm:tiny_gpt2", "kwargs": {"vocab_size": 512}, "fit": {}}],
+           "store": {"uri": str(tmp_path / "store")}, "student": {"model": "ensemblekd.lm:tiny_gpt2"}}
+    with pytest.raises(UserError) as exc:
+        load_config(raw, check=False)
+    return str(exc.value)
+
+
+def test_real_text_needs_a_tokenizer_and_one_source(tmp_path):
+    assert _token_error(tmp_path, {"prepare": "pydoc"}) == (
+        "data.tokenizer: data.prepare: pydoc is real text and needs the shared tokenizer; give a tokenizer directory, "
+        "a .gguf file or 'teachers'")
+    text = {"train": "a.jsonl", "val": "b.jsonl", "test": "c.jsonl"}
+    assert "data.text is real text and needs the shared tokenizer" in _token_error(tmp_path, {"text": text})
+    assert _token_error(tmp_path, {"text": text, "prepare": "markov", "tokenizer": str(tmp_path)}) == (
+        "data.prepare: data.text already says where the splits come from; remove one of them")
+    assert "data.seq_len: Input should be greater than or equal to 2" in _token_error(tmp_path, {"seq_len": 1})
