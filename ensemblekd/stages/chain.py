@@ -65,3 +65,21 @@ def distill_chain(cfg: Config, info: dict[str, str] | None, progress: bool = Tru
         seconds += result["seconds"]
         chain.append({"name": name, "student": result["student"], "val_accuracy": result["metrics"]["val_accuracy"]})
     return {**result, "seconds": seconds, "chain": chain}
+
+
+BASELINE_DIR = "baseline"
+
+
+def baseline_config(cfg: Config) -> Config:
+    """The student trained on the labels alone (alpha 1: no teacher term), same epochs, seed and
+    batches, into trainer.output_dir/baseline: what distillation is measured against."""
+    trainer = cfg.trainer.model_copy(update={"output_dir": fs.join(cfg.trainer.output_dir, BASELINE_DIR)})
+    distill_cfg = cfg.distill.model_copy(update={"alpha": 1.0})
+    return cfg.model_copy(update={"trainer": trainer, "distill": distill_cfg})
+
+
+def distill_baseline(cfg: Config, info: dict[str, str] | None, progress: bool = True) -> dict[str, Any]:
+    """evaluate.baseline: baseline_config's student, in a nested run named 'baseline'."""
+    base = baseline_config(cfg)
+    with tracking.nested_run(info, BASELINE_DIR, {"alpha": 1.0}) if info else nullcontext(None) as level_info:
+        return distill(base, level_info, progress)

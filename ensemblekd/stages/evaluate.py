@@ -23,7 +23,8 @@ from ensemblekd.config import Config
 from ensemblekd.io import fs
 from ensemblekd.mixing import build_strategy
 from ensemblekd.models import count_parameters, load_student
-from ensemblekd.stages.chain import assistant_teachers
+from ensemblekd.stages.chain import assistant_teachers, baseline_config
+from ensemblekd.stages.train import STUDENT_FILE
 from ensemblekd.stages.validate import check_labelled_inputs
 from ensemblekd.store import Store
 from ensemblekd.tasks import get_task
@@ -31,6 +32,7 @@ from ensemblekd.teachers import kind_of
 
 LATENCY_BATCHES = (1, 64)
 LATENCY_KEYS = [f"p{q}_ms_b{b}" for b in LATENCY_BATCHES for q in (50, 99)]
+BASELINE = "student_alone"  # the row of the student trained on the labels alone (evaluate.baseline)
 
 
 @contextmanager
@@ -60,10 +62,14 @@ def measure_latency(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, bat
     return float(p50), float(p99)
 
 
-def evaluate(cfg: Config, student_uri: str, warmup: int = 20, repeats: int = 200) -> dict[str, Any]:
-    """Rows for each teacher, the ensemble, each TAKD assistant and the student: accuracy, fidelity,
-    KL, ECE, parameters, bytes, and p50/p99 latency at batch 1 and 64 (None with repeats=0); plus
-    the student-against-ensemble summary (speed-up, size reduction, accuracy gap)."""
+def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: int | None = None) -> dict[str, Any]:
+    """Rows for each teacher, the ensemble, each TAKD assistant, the student (and with
+    evaluate.baseline the student trained alone): accuracy, fidelity, KL, ECE (task token: also NLL
+    and perplexity), parameters, bytes, p50/p99 latency at batch 1 and 64 (None with repeats=0)
+    and, where the task counts tokens, tokens/s; plus the student-against-ensemble summary and,
+    for evaluate.prompts, each model's greedy continuations. warmup/repeats: evaluate.* by default."""
+    ev = cfg.evaluate
+    warmup, repeats = (ev.warmup if warmup is None else warmup), (ev.repeats if repeats is None else repeats)
     task = get_task(cfg.task)
     names = [t.name for t in cfg.teachers]
     assistants = assistant_teachers(cfg) if cfg.distill.assistants else []
@@ -73,6 +79,10 @@ def evaluate(cfg: Config, student_uri: str, warmup: int = 20, repeats: int = 200
     strategy = build_strategy(cfg.distill, names, store.val_accuracy(names), cfg.trainer.epochs, ensemble=True)
     student = load_student(cfg.student, student_uri)
     quality, targets = task.quality(cfg, store, names, [a.name for a in assistants], student, strategy)
+    baseline_uri = fs.join(baseline_config(cfg).trainer.output_dir, STUDENT_FILE)
+    baseline = load_student(cfg.student, baseline_uri) if ev.baseline and fs.exists(baseline_uri) else None
+    if baseline is not None:
+        quality[BASELINE] = task.quality(cfg, store, names, [], baseline, strategy)[0]["student"]
 
     teachers = [kind_of(t).load(cfg, t) for t in cfg.teachers]
     rows = [_row(t.name, "teacher", quality, kind_of(t).num_parameters(m), kind_of(t).artifact_bytes(cfg, t))
@@ -85,10 +95,13 @@ def evaluate(cfg: Config, student_uri: str, warmup: int = 20, repeats: int = 200
         models.append(module)
     rows.append(_row("student", "student", quality, count_parameters(student), fs.file_size(student_uri)))
     models.append(student)
+    if baseline is not None:
+        rows.append(_row(BASELINE, "baseline", quality, count_parameters(baseline), fs.file_size(baseline_uri)))
+        models.append(baseline)
 
     def ensemble_forward(xb: torch.Tensor) -> torch.Tensor:
         z = torch.stack([task.logits(teacher, xb, cfg) for teacher in teachers], dim=-2)
-        return strategy.targets(z.reshape(-1, *z.shape[-2:]).float(), None, 1.0)[0]
+        return strategy.targets(z.reshape(-1, *z.shape[-2:]).float(), None, 1.0)[0].reshape(*z.shape[:-2], -1)
 
     x, unit = task.latency_inputs(cfg)
     with one_thread():
@@ -96,10 +109,17 @@ def evaluate(cfg: Config, student_uri: str, warmup: int = 20, repeats: int = 200
             for b in LATENCY_BATCHES:
                 p50, p99 = measure_latency(model or ensemble_forward, x, b, warmup, repeats) if repeats else (None, None)
                 row.update({f"p50_ms_b{b}": p50, f"p99_ms_b{b}": p99})
+            if row["p50_ms_b64"]:
+                row["tokens_per_s"] = task.throughput(x, 64, row["p50_ms_b64"] / 1000)
     latency = {"threads": 1, "warmup": warmup, "repeats": repeats, "batches": list(LATENCY_BATCHES)}
     if unit:
         latency["unit"] = unit
-    return {"rows": rows, "test_rows": targets, "summary": summarise(rows), "latency": latency}
+    found = {"rows": rows, "test_rows": targets, "summary": summarise(rows), "latency": latency}
+    if ev.prompts:
+        scorers = {r["model"]: (lambda xb, m=m: task.logits(m, xb, cfg)) if m is not None else ensemble_forward
+                   for r, m in zip(rows, models)}
+        found["continuations"] = task.continuations(cfg, scorers)
+    return found
 
 
 def _row(name: str, role: str, quality: dict[str, dict[str, Any]], params: int, size: int) -> dict[str, Any]:
@@ -107,13 +127,24 @@ def _row(name: str, role: str, quality: dict[str, dict[str, Any]], params: int, 
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, float | None]:
-    """The student against running the whole ensemble: p50 speed-up, size and parameter reduction, accuracy gap."""
+    """The student against running the whole ensemble: p50 speed-up, size and parameter reduction,
+    accuracy gap; with a baseline row (the student trained alone), the share of the gap between it
+    and the ensemble that distillation closed (perplexity where there is one, else accuracy) and the
+    share of the ensemble's quality the student keeps (ensemble perplexity / student perplexity)."""
     ens = next(r for r in rows if r["role"] == "ensemble")
     st = next(r for r in rows if r["role"] == "student")
+    alone = next((r for r in rows if r["role"] == "baseline"), None)
 
     def ratio(key: str) -> float | None:
         return ens[key] / st[key] if ens[key] is not None and st[key] else None
 
     gap = ens["accuracy"] - st["accuracy"] if None not in (ens["accuracy"], st["accuracy"]) else None
-    return {**{f"speedup_b{b}": ratio(f"p50_ms_b{b}") for b in LATENCY_BATCHES},
-            "size_reduction": ratio("bytes"), "param_reduction": ratio("params"), "accuracy_gap": gap}
+    out = {**{f"speedup_b{b}": ratio(f"p50_ms_b{b}") for b in LATENCY_BATCHES},
+           "size_reduction": ratio("bytes"), "param_reduction": ratio("params"), "accuracy_gap": gap}
+    key = "perplexity" if st.get("perplexity") is not None else "accuracy"
+    if key == "perplexity":
+        out["perplexity_retained"] = ens["perplexity"] / st["perplexity"]
+    if alone is not None and None not in (alone[key], st[key], ens[key]) and alone[key] != ens[key]:
+        out["gap_closed"] = (alone[key] - st[key]) / (alone[key] - ens[key])
+        out["gap_closed_on"] = key
+    return out

@@ -189,7 +189,7 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
         ref = actor.label.remote(shard, jobs, f"{split} shard {i} ({shard['uri']})")
         in_flight[ref] = (split, i, names, key, actor)
 
-    rows, last_save, agreed = 0, time.monotonic(), False
+    rows, tokens, last_save, agreed = 0, 0, time.monotonic(), False
     try:
         agree(cfg, store, todo, actors, groups)
         store.save()  # the plan (shards of changed inputs or teachers forgotten) before any shard is rewritten
@@ -205,9 +205,11 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
                 for name, entry in zip(names, unwrap(ray.get, done[0])):
                     store.commit(split, name, i, entry)
                     rows += entry["rows"]
+                    tokens += entry.get("tokens", 0)  # task token: rows are sequences, tokens the unit of work
                 submit(key, actor)
                 bar.update(len(names))
-                bar.set_postfix_str(f"{rows / (time.perf_counter() - start):,.0f} rows/s")
+                count, unit = (tokens, "tokens") if tokens else (rows, "rows")
+                bar.set_postfix_str(f"{count / (time.perf_counter() - start):,.0f} {unit}/s")
                 if time.monotonic() - last_save > 1.0:
                     store.save()
                     last_save = time.monotonic()

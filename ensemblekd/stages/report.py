@@ -16,6 +16,7 @@ from ensemblekd.stages.evaluate import LATENCY_KEYS
 from ensemblekd.tables import human_bytes, markdown_table, text_table
 
 QUALITY_HEADER = ("model", "role", "test acc", "fidelity", "KL", "ECE", "params", "size")
+LM_HEADER = ("model", "role", "ppl", "NLL/tok", "top-1", "fidelity", "KL", "params", "size", "tok/s")  # task token
 COST_HEADER = ("model", "p50 @1", "p99 @1", "p50 @64", "p99 @64")
 
 
@@ -27,7 +28,19 @@ def _num(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
+def _is_lm(report: dict[str, Any]) -> bool:
+    return report["rows"][0].get("perplexity") is not None
+
+
+def _quality_header(report: dict[str, Any]) -> tuple[str, ...]:
+    return LM_HEADER if _is_lm(report) else QUALITY_HEADER
+
+
 def _quality_cells(r: dict[str, Any]) -> list[str]:
+    if r.get("perplexity") is not None:
+        return [r["model"], r["role"], _num(r["perplexity"], ".2f"), _num(r["nll"], ".3f"), _pct(r["accuracy"]),
+                _pct(r["fidelity"]), _num(r["kl"], ".3f"), f"{r['params']:,}", human_bytes(r["bytes"]),
+                _num(r.get("tokens_per_s"), ",.0f")]
     return [r["model"], r["role"], _pct(r["accuracy"]), _pct(r["fidelity"]), _num(r["kl"], ".3f"),
             _num(r["ece"], ".3f"), f"{r['params']:,}", human_bytes(r["bytes"])]
 
@@ -39,30 +52,49 @@ def _cost_cells(r: dict[str, Any]) -> list[str]:
 def summary_line(report: dict[str, Any]) -> str:
     s = report["summary"]
     size = f"{s['size_reduction']:.1f}x smaller on disk ({s['param_reduction']:.1f}x fewer parameters)"
-    if s["accuracy_gap"] is not None:
+    if s.get("perplexity_retained") is not None:
+        size += f", keeps {100 * s['perplexity_retained']:.1f}% of its perplexity (ensemble ppl / student ppl)"
+    elif s["accuracy_gap"] is not None:
         size += f", {100 * s['accuracy_gap']:.2f} points lower test accuracy"
+    if s.get("gap_closed") is not None:
+        size += (f";\n  distillation closed {100 * s['gap_closed']:.1f}% of the {s['gap_closed_on']} gap between the "
+                 "student trained alone and the ensemble")
     if s["speedup_b1"] is None:
         return f"student vs. ensemble: {size}"
     return (f"student vs. ensemble: {s['speedup_b1']:.1f}x faster at batch 1, {s['speedup_b64']:.1f}x at batch 64 "
             f"(p50),\n  {size}")
 
 
+def continuations_text(report: dict[str, Any], width: int = 100) -> list[str]:
+    """Greedy continuations (task token), one line per model under each prompt."""
+    out, prompt = [], None
+    for c in report.get("continuations", []):
+        if c["prompt"] != prompt:
+            prompt = c["prompt"]
+            out += ["", f"greedy continuation of {prompt!r}:"]
+        out.append(f"  {c['model']:<14} {json.dumps(c['text'], ensure_ascii=False)[:width]}")
+    return out
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """Two plain-text tables (quality; CPU latency in ms) and the summary line, ~80 columns."""
+    """Two plain-text tables (quality; CPU latency in ms), the summary line and any greedy
+    continuations, ~80 columns (a little wider for a language model's table)."""
     rows = report["rows"]
-    out = [text_table(QUALITY_HEADER, [_quality_cells(r) for r in rows], left=2)]
+    out = [text_table(_quality_header(report), [_quality_cells(r) for r in rows], left=2)]
     if report["latency"]["repeats"]:
         lat = report["latency"]
         out += ["", f"latency, ms (1 CPU thread, batch 1 and 64, {lat['repeats']} runs after {lat['warmup']} warm-up)",
                 text_table(COST_HEADER, [[r["model"], *_cost_cells(r)] for r in rows])]
-    return "\n".join([*out, "", summary_line(report)])
+    return "\n".join([*out, "", summary_line(report), *continuations_text(report)])
 
 
 def format_markdown(report: dict[str, Any]) -> str:
-    """One markdown table with every column, then the summary line."""
-    header = [*QUALITY_HEADER, *(f"{h} (ms)" for h in COST_HEADER[1:])]
+    """One markdown table with every column, then the summary line and any continuations."""
+    header = [*_quality_header(report), *(f"{h} (ms)" for h in COST_HEADER[1:])]
     lines = [[*_quality_cells(r), *_cost_cells(r)] for r in report["rows"]]
-    return markdown_table(header, lines, left=2) + "\n\n" + summary_line(report) + "\n"
+    extra = "\n".join(continuations_text(report))
+    return markdown_table(header, lines, left=2) + "\n\n" + summary_line(report) + "\n" + (
+        f"\n```{extra}\n```\n" if extra else "")
 
 
 ROLE_COLOURS = {"teacher": "tab:blue", "ensemble": "tab:red", "assistant": "tab:green", "student": "tab:orange"}
@@ -110,12 +142,15 @@ def log_report(cfg: Config, report: dict[str, Any]) -> None:
     import mlflow
 
     metrics = {f"test_accuracy.{row['model']}": row["accuracy"] for row in report["rows"]}
+    metrics.update({f"test_{key}.{row['model']}": row.get(key) for row in report["rows"]
+                    for key in ("perplexity", "nll", "tokens_per_s")})
     metrics.update({f"latency_{key}.{row['model']}": row[key] for row in report["rows"] for key in LATENCY_KEYS})
     student = next(row for row in report["rows"] if row["role"] == "student")
     metrics.update({f"student_{k}": student[k] for k in ("fidelity", "kl", "ece", "params", "bytes")})
     s = report["summary"]
     metrics.update(speedup_b1=s["speedup_b1"], speedup_b64=s["speedup_b64"], size_reduction=s["size_reduction"],
-                   param_reduction=s["param_reduction"], student_accuracy_gap=s["accuracy_gap"])
+                   param_reduction=s["param_reduction"], student_accuracy_gap=s["accuracy_gap"],
+                   gap_closed=s.get("gap_closed"), perplexity_retained=s.get("perplexity_retained"))
     tracking.log_metrics(metrics)
     files = {"report.json": json.dumps(report, indent=1, sort_keys=True).encode(),
              "table.md": format_markdown(report).encode(), "table.txt": (format_report(report) + "\n").encode(),

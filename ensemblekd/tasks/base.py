@@ -89,6 +89,10 @@ class Task:
         """(top-1 hits, targets) of the student on one evaluation batch."""
         raise NotImplementedError
 
+    def tokenizer(self, cfg: Config) -> str | None:
+        """The shared tokenizer that turns text into the task's inputs (task token), if any."""
+        return None
+
     # -- evaluate and serve --------------------------------------------------------------------
     def quality(self, cfg: Config, store: Store, teachers: list[str], others: list[str], student: torch.nn.Module,
                 strategy) -> tuple[dict[str, dict[str, float | None]], int]:
@@ -100,6 +104,16 @@ class Task:
         """The test inputs that latency is timed on (batches are cut from them), and what one input
         is when a row is not the obvious unit."""
         raise NotImplementedError
+
+    def throughput(self, x: torch.Tensor, batch: int, seconds: float) -> float | None:
+        """Units (task token: tokens) per second of a forward on `batch` latency inputs taking `seconds`;
+        None where the row is the unit."""
+        return None
+
+    def continuations(self, cfg: Config, scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> list[dict]:
+        """evaluate.prompts continued greedily by each model (its name -> inputs [1, L] to scores
+        [1, L, V]): [{prompt, model, text}] (task token)."""
+        return []
 
     def logits(self, model: torch.nn.Module, x: torch.Tensor, cfg: Config) -> torch.Tensor:
         """A model's logits [..., C] on a batch of inputs, as the ensemble mixes them."""

@@ -45,7 +45,7 @@ from ensemblekd.topk import dense_from_topk, rule_inputs, token_loss, topk_targe
 # ids +16; brotli 11 −3% but 7× slower to write and 2× slower to read; statistics are useless here.
 ZSTD_LEVEL = 3
 _SPLIT = ["topk_logprobs.list.element.list.element", "topk_indices.list.element.list.element",
-          "tail_logprob.list.element"]
+          "tail_logprob.list.element", "next_logprob.list.element"]
 
 
 def parquet_options(level: int = ZSTD_LEVEL) -> dict[str, Any]:
@@ -55,9 +55,11 @@ def parquet_options(level: int = ZSTD_LEVEL) -> dict[str, Any]:
 
 
 def encode(ids: np.ndarray, lengths: np.ndarray, logp: np.ndarray, idx: np.ndarray, tail: np.ndarray,
-           level: int = ZSTD_LEVEL) -> tuple[bytes, dict[str, Any]]:
+           level: int = ZSTD_LEVEL, nxt: np.ndarray | None = None) -> tuple[bytes, dict[str, Any]]:
     """Parquet bytes of one token shard (row r: sequence ids[r], lengths[r] positions) and its
-    manifest entry: rows, tokens, bytes, sha256. idx keeps its dtype (index_dtype(V) from topk_targets)."""
+    manifest entry: rows, tokens, bytes, sha256. idx keeps its dtype (index_dtype(V) from topk_targets).
+    nxt [N]: the log-prob of the token that follows each position (its perplexity on the split,
+    exact whether or not that token is in the top k); 2 B/token before compression."""
     n, k = logp.shape
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) != len(ids) or lengths.sum() != n or idx.shape != (n, k) or tail.shape != (n,):
@@ -74,6 +76,8 @@ def encode(ids: np.ndarray, lengths: np.ndarray, logp: np.ndarray, idx: np.ndarr
                       "topk_logprobs": per_row(logp.astype(np.float16, copy=False), pa.float16()),
                       "topk_indices": per_row(idx),
                       "tail_logprob": per_row(tail.astype(np.float16, copy=False), pa.float16())})
+    if nxt is not None:
+        table = table.append_column("next_logprob", per_row(np.asarray(nxt).astype(np.float16), pa.float16()))
     data, entry = pack(table, **parquet_options(level))
     return data, {**entry, "tokens": int(n)}
 
@@ -86,6 +90,7 @@ class TopK(NamedTuple):
     logp: np.ndarray     # [N, k] float16
     idx: np.ndarray      # [N, k] as stored
     tail: np.ndarray     # [N] float16
+    next: np.ndarray | None = None  # [N] float16: log p of the following token (stores from 2026-11-29 on)
 
 
 def decode(table: pa.Table) -> TopK:
@@ -96,7 +101,8 @@ def decode(table: pa.Table) -> TopK:
     k = logp.type.list_size
     lengths = table["tail_logprob"].combine_chunks().value_lengths().to_numpy().astype(np.int64)
     return TopK(table["id"].to_numpy().astype(np.int64), lengths, logp.flatten().to_numpy().reshape(-1, k),
-                idx.flatten().to_numpy().reshape(-1, k), tokens("tail_logprob").to_numpy())
+                idx.flatten().to_numpy().reshape(-1, k), tokens("tail_logprob").to_numpy(),
+                tokens("next_logprob").to_numpy() if "next_logprob" in table.column_names else None)
 
 
 # -- the vocabulary ------------------------------------------------------------------------------
@@ -123,6 +129,14 @@ def vocabulary(cfg: Config) -> dict[str, Any]:
                 raise UserError(f"teacher '{name}': its tokenizer (hash {vocab_hash(path)}) is not "
                                 f"data.tokenizer's (hash {digest}); all teachers and the student must share one")
     return {"vocab_size": d.vocab_size, "vocab_hash": digest, "top_k": min(cfg.store.top_k, d.vocab_size)}
+
+
+def tokenizer_path(cfg: Config) -> str | None:
+    """The shared tokenizer: data.tokenizer, or with 'teachers' the first pretrained teacher's own
+    (vocabulary() checks that they all agree); None for synthetic ids."""
+    if cfg.data.tokenizer != "teachers":
+        return cfg.data.tokenizer
+    return next((p for p in (kind_of(t).tokenizer(t) for t in cfg.teachers) if p), None)
 
 
 _warned_padding: set[str] = set()
@@ -193,6 +207,15 @@ def _join(pieces: list[tuple[np.ndarray, tuple]]) -> TokenBatch:
     return TokenBatch(torch.cat(tokens), torch.cat(positions), *(torch.cat(f) for f in list(zip(*parts))[2:]))
 
 
+def _next_at(stored, rows: Sequences, picked_rows: np.ndarray) -> torch.Tensor:
+    """[N, K] stored next-token log-probs at make_batch's positions (same order: row by row, j rising)."""
+    width = int(rows.lengths[picked_rows].max())
+    inside = np.arange(1, width)[None, :] < rows.lengths[picked_rows][:, None]
+    r, j = np.nonzero(rows.mask[picked_rows, 1:width] & inside)
+    src = picked_rows[r]
+    return torch.from_numpy(np.stack([values[offsets[src] + j] for offsets, values in stored], axis=1).astype(np.float32))
+
+
 def student_positions(engine, batch: TokenBatch, vocab: int) -> torch.Tensor:
     """The student's logits [N, V] at the batch's target positions."""
     logits = shared_vocabulary(logits_of(engine(batch.tokens)), vocab, "student.model")
@@ -246,6 +269,14 @@ class Token(Task):
                             "use mix_space: prob")
         if d.tokenizer == "teachers" and not any(kind_of(t).tokenizer(t) for t in cfg.teachers):
             raise UserError("data.tokenizer: 'teachers' needs pretrained teachers; give a tokenizer directory or null")
+        if (d.text is not None or d.prepare == "pydoc") and d.tokenizer is None:
+            raise UserError(f"data.tokenizer: {'data.text' if d.text else 'data.prepare: pydoc'} is real text and "
+                            "needs the shared tokenizer; give a tokenizer directory, a .gguf file or 'teachers'")
+        if d.text is not None and d.prepare is not None:
+            raise UserError("data.prepare: data.text already says where the splits come from; remove one of them")
+
+    def tokenizer(self, cfg: Config) -> str | None:
+        return tokenizer_path(cfg)
 
     def store_info(self, cfg: Config) -> dict[str, Any]:
         return vocabulary(cfg)
@@ -257,25 +288,35 @@ class Token(Task):
 
     @torch.inference_mode()
     def label_shard(self, model, inputs, cfg: Config, teacher, device: str, where: str):
+        """The shard's targets. Rows are batched by length (longest first), each batch cut to its own
+        longest row, so padding costs little; each batch's logits are reduced to top-k at once (a
+        [rows, L, V] block of a 49k vocabulary is 50 MB a row), and the rows keep the input's order."""
         ids, tokens, lengths = inputs
         vocab, k = cfg.data.vocab_size, min(cfg.store.top_k, cfg.data.vocab_size)
-        parts = []
+        order = np.argsort(-np.asarray(lengths), kind="stable")
+        per_row: list = [None] * len(ids)
         for start in range(0, len(ids), teacher.batch_size):
-            batch = torch.from_numpy(np.array(tokens[start:start + teacher.batch_size])).to(device)  # a writable copy
+            rows = order[start:start + teacher.batch_size]
+            width = int(lengths[rows].max())
+            batch = torch.from_numpy(np.ascontiguousarray(tokens[rows, :width])).to(device)
             try:
                 logits = logits_of(model(batch)).float()
             except (RuntimeError, IndexError) as exc:
                 raise UserError(f"teacher '{teacher.name}' failed on {where} ({str(exc).splitlines()[0]}); "
                                 "check data.vocab_size and the sequence length against the model") from None
             logits = shared_vocabulary(logits, vocab, f"teacher '{teacher.name}'")
-            keep = [logits[r, :lengths[start + r] - 1] for r in range(len(batch))]  # position j predicts token j + 1
-            flat = torch.cat(keep).cpu()
+            keep = lengths[rows] - 1                                  # position j predicts token j + 1
+            flat = torch.cat([logits[r, :n] for r, n in enumerate(keep)]).cpu()
             if not torch.isfinite(flat).all():
-                raise UserError(f"teacher '{teacher.name}' produced NaN/Inf logits on {where}; fix the teacher or its "
-                                "checkpoint")
-            parts.append(topk_targets(flat, k))
-        logp, idx, tail = (np.concatenate(p) for p in zip(*parts))
-        data, entry = encode(ids, lengths - 1, logp, idx, tail, level=cfg.store.compression_level)
+                raise UserError(f"teacher '{teacher.name}' produced NaN/Inf logits on {where}; fix the teacher or "
+                                "its checkpoint")
+            following = torch.cat([batch[r, 1:n + 1] for r, n in enumerate(keep)]).cpu()
+            targets = topk_targets(flat, k, following=following)
+            bounds = np.concatenate([[0], np.cumsum(keep)])
+            for r, row in enumerate(rows):
+                per_row[row] = [t[bounds[r]:bounds[r + 1]] for t in targets]
+        logp, idx, tail, nxt = (np.concatenate(part) for part in zip(*per_row))
+        data, entry = encode(ids, lengths - 1, logp, idx, tail, level=cfg.store.compression_level, nxt=nxt)
         return data, {**entry, "num_classes": vocab, "dtype": "float16"}
 
     def stored_accuracy(self, cfg: Config, store: Store, split: str, teacher: str) -> float | None:
@@ -345,45 +386,100 @@ class Token(Task):
     @torch.inference_mode()
     def quality(self, cfg: Config, store: Store, teachers: list[str], others: list[str], student, strategy):
         """Over every target token of the test split. Teachers are judged from their stored targets
-        (top-1 = their first top-k id), the ensemble is their reconstructed distributions
-        (topk.dense_from_topk: the tail spread evenly) mixed with the configured rule at T = 1, the
-        student is run here. KL is per token; ECE is not computed."""
+        (top-1 = their first top-k id; NLL from the stored log-prob of the next token, or, in a store
+        without it, from the reconstructed distribution), the ensemble is their reconstructed
+        distributions (topk.dense_from_topk: the tail spread evenly) mixed with the configured rule
+        at T = 1 (its NLL: the rule's mix of the exact next-token probabilities), the student is run
+        here. KL is per token; ECE is not computed. Tokens are taken in chunks so that the dense
+        [tokens, teachers, V] reconstruction stays near 64 MB whatever V."""
         names, vocab = [*teachers, *others], cfg.data.vocab_size
-        stats = torch.zeros(len(names) + 2, 3, dtype=torch.float64)  # per model: correct, agrees with ensemble, KL sum
-        total = 0
-        k_ens = len(teachers)
+        # per model: correct, agrees with the ensemble, KL sum, NLL sum
+        stats = torch.zeros(len(names) + 2, 4, dtype=torch.float64)
+        total, k_ens = 0, len(teachers)
+        chunk = max(1, (16 << 20) // (len(names) * vocab))
         for shard in range(len(store.inputs("test"))):
             rows = self.read_rows(cfg, store, "test", shard, names)
+            stored_next = self._stored_next(store, shard, names)
             order = np.arange(len(rows.tokens))
             for start in range(0, len(order), 32):
                 batch = make_batch(order[start:start + 32], *rows)
                 if not len(batch.labels):
                     continue
-                dense = torch.stack([dense_from_topk(batch.logp[:, k], batch.idx[:, k], batch.tail[:, k], vocab)
-                                     for k in range(len(names))], dim=1)                              # [N, K, V]
-                no_labels = torch.full_like(batch.labels, -100)
-                w = strategy.weights(*rule_inputs(batch.logp[:, :k_ens], batch.idx[:, :k_ens], batch.tail[:, :k_ens],
-                                                  no_labels, vocab), 1.0)
-                p_ens = (w.unsqueeze(-1) * dense[:, :k_ens]).sum(1)
-                log_s = torch.log_softmax(student_positions(student, batch, vocab).float(), -1)
-                log_models = [*(dense[:, k].clamp_min(1e-30).log() for k in range(len(names))),
-                              p_ens.clamp_min(1e-30).log(), log_s]
-                top_ens = p_ens.argmax(-1)
-                for m, log_p in enumerate(log_models):
-                    top = log_p.argmax(-1)
-                    kl = (p_ens * (p_ens.clamp_min(1e-30).log() - log_p)).sum(-1)
-                    stats[m] += torch.tensor([(top == batch.labels).sum().item(), (top == top_ens).sum().item(),
-                                              kl.sum().item()])
+                log_student = torch.log_softmax(student_positions(student, batch, vocab).float(), -1)
+                picked = None if stored_next is None else _next_at(stored_next, rows, order[start:start + 32])
+                for a in range(0, len(batch.labels), chunk):
+                    part = slice(a, a + chunk)
+                    stats += self._chunk_stats(batch, part, log_student[part], None if picked is None else picked[part],
+                                               names, k_ens, vocab, strategy)
                 total += len(batch.labels)
         out = {}
         for m, name in enumerate([*names, "ensemble", "student"]):
-            correct, agree, kl = (stats[m] / max(total, 1)).tolist()
-            out[name] = {"accuracy": correct, "fidelity": agree, "kl": kl, "ece": None}
+            correct, agree, kl, nll = (stats[m] / max(total, 1)).tolist()
+            out[name] = {"accuracy": correct, "fidelity": agree, "kl": kl, "ece": None, "nll": nll,
+                         "perplexity": float(np.exp(nll))}
         return out, total
 
+    def _stored_next(self, store: Store, shard: int, names: list[str]):
+        """Each model's stored next-token log-probs of a test shard (offsets, values), or None if any lacks them."""
+        found = [decode(store.read_table("test", name, shard)) for name in names]
+        if any(t.next is None for t in found):
+            return None
+        return [(np.concatenate([[0], np.cumsum(t.lengths)]), t.next) for t in found]
+
+    @staticmethod
+    def _chunk_stats(batch: TokenBatch, part: slice, log_s: torch.Tensor, picked, names, k_ens: int, vocab: int,
+                     strategy) -> torch.Tensor:
+        labels = batch.labels[part]
+        dense = torch.stack([dense_from_topk(batch.logp[part, k], batch.idx[part, k], batch.tail[part, k], vocab)
+                             for k in range(len(names))], dim=1)                                     # [c, K, V]
+        w = strategy.weights(*rule_inputs(batch.logp[part, :k_ens], batch.idx[part, :k_ens], batch.tail[part, :k_ens],
+                                          torch.full_like(labels, -100), vocab), 1.0)
+        p_ens = (w.unsqueeze(-1) * dense[:, :k_ens]).sum(1)
+        log_models = [*(dense[:, k].clamp_min(1e-30).log() for k in range(len(names))), p_ens.clamp_min(1e-30).log(),
+                      log_s]
+        at_label = [lp.gather(-1, labels[:, None]).squeeze(-1) for lp in log_models]
+        if picked is not None:  # exact: the stored log p of the next token, mixed as the ensemble mixes
+            at_label[:len(names)] = list(picked.T)
+            at_label[len(names)] = (w * picked[:, :k_ens].exp()).sum(-1).clamp_min(1e-30).log()
+        top_ens = p_ens.argmax(-1)
+        stats = torch.zeros(len(log_models), 4, dtype=torch.float64)
+        for m, log_p in enumerate(log_models):
+            top = log_p.argmax(-1)
+            kl = (p_ens * (p_ens.clamp_min(1e-30).log() - log_p)).sum(-1)
+            stats[m] = torch.tensor([(top == labels).sum().item(), (top == top_ens).sum().item(), kl.sum().item(),
+                                     -at_label[m].double().sum().item()])
+        return stats
+
     def latency_inputs(self, cfg: Config) -> tuple[torch.Tensor, str | None]:
-        x = torch.from_numpy(read_token_split(cfg, cfg.data.test)[0])
+        x = torch.from_numpy(read_token_split(cfg, cfg.data.test)[0])[:, :cfg.evaluate.latency_tokens]
         return x, f"sequences of {x.shape[1]} tokens"
+
+    def throughput(self, x: torch.Tensor, batch: int, seconds: float) -> float | None:
+        return batch * x.shape[1] / seconds
+
+    @torch.inference_mode()
+    def continuations(self, cfg: Config, scorers) -> list[dict]:
+        """Greedy: each step appends the model's most likely next token (the full prefix is run
+        again: no cache, as every model here is scored the same way); stops at the tokenizer's
+        end-of-sequence token."""
+        from ensemblekd.lm import load_tokenizer
+
+        path = tokenizer_path(cfg)
+        if path is None:
+            return []
+        tokenizer, out = load_tokenizer(path), []
+        vocab, eos = cfg.data.vocab_size, tokenizer.eos_token_id
+        for prompt in cfg.evaluate.prompts:
+            start = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            for name, score in scorers.items():
+                seq = list(start)
+                for _ in range(cfg.evaluate.max_new_tokens):
+                    following = int(score(torch.tensor([seq]))[0, -1, :vocab].argmax())
+                    if following == eos:
+                        break
+                    seq.append(following)
+                out.append({"prompt": prompt, "model": name, "text": tokenizer.decode(seq[len(start):])})
+        return out
 
     def logits(self, model, x: torch.Tensor, cfg: Config) -> torch.Tensor:
         return shared_vocabulary(logits_of(model(x)), cfg.data.vocab_size, "teacher")

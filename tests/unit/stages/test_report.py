@@ -3,6 +3,9 @@
 
 import time
 
+import numpy as np
+import pytest
+
 import torch
 
 from ensemblekd.stages.evaluate import LATENCY_KEYS, measure_latency, summarise
@@ -47,3 +50,26 @@ def test_tables_of_a_synthetic_report():
     assert max(len(line) for line in table.splitlines()) <= 100
     md = format_markdown(report).splitlines()
     assert md[0].startswith("| model | role | test acc") and len([l for l in md if l.startswith("| ")]) == 2 + 4
+
+
+def test_a_language_model_report_with_a_baseline_and_continuations():
+    """Task token's rows carry NLL and perplexity: the table shows them (not ECE), the summary says how
+    much of the perplexity gap between the student trained alone and the ensemble distilling closed."""
+    report = _synthetic_report()
+    ppl = {"mlp_a": 20.0, "mlp_b": 30.0, "ensemble": 18.0, "student": 40.0}
+    for r in report["rows"]:
+        r.update(nll=float(np.log(ppl[r["model"]])), perplexity=ppl[r["model"]], tokens_per_s=1000.0, ece=None)
+    alone = {**report["rows"][-1], "model": "student_alone", "role": "baseline", "perplexity": 60.0,
+             "nll": float(np.log(60.0))}
+    report["rows"].append(alone)
+    report["summary"] = summarise(report["rows"])
+    assert report["summary"]["gap_closed"] == pytest.approx((60 - 40) / (60 - 18))      # 47.6%
+    assert report["summary"]["perplexity_retained"] == pytest.approx(18 / 40)
+    report["continuations"] = [{"prompt": "def f", "model": m, "text": "(x):\n  return x"} for m in ("mlp_a", "student")]
+    table = format_report(report)
+    assert "ppl" in table and "ECE" not in table and "tok/s" in table
+    assert "closed 47.6% of the perplexity gap between the student trained alone and the ensemble" in table
+    assert "keeps 45.0% of its perplexity" in table
+    assert "greedy continuation of 'def f':" in table and '"(x):\\n  return x"' in table
+    md = format_markdown(report)
+    assert md.startswith("| model | role | ppl | NLL/tok | top-1") and "```" in md

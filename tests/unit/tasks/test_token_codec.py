@@ -21,14 +21,29 @@ def test_store_round_trip_is_exact_and_small():
     lengths = np.array([511, 1, 400, 0, 112])
     data, entry = encode(np.arange(5) + 100, lengths, logp, idx, tail)
     assert entry["rows"] == 5 and entry["tokens"] == n and entry["bytes"] == len(data) and len(entry["sha256"]) == 64
-    ids, lens, logp2, idx2, tail2 = decode(unpack(data))
+    ids, lens, logp2, idx2, tail2, nxt = decode(unpack(data))
+    assert nxt is None  # a store written before next_logprob existed still decodes
     assert ids.tolist() == list(range(100, 105)) and lens.tolist() == lengths.tolist()
     assert logp2.dtype == np.float16 and idx2.dtype == np.uint16 and tail2.dtype == np.float16
     assert np.array_equal(logp2.view(np.uint16), logp.view(np.uint16)) and np.array_equal(idx2, idx)
     assert np.array_equal(tail2.view(np.uint16), tail.view(np.uint16))
     logp, idx, tail = topk_targets(torch.randn(6, 70_000, generator=torch.Generator().manual_seed(9)), 4)
-    _, _, _, idx2, _ = decode(unpack(encode(np.arange(2), np.array([2, 4]), logp, idx, tail)[0]))
+    _, _, _, idx2, _, _ = decode(unpack(encode(np.arange(2), np.array([2, 4]), logp, idx, tail)[0]))
     assert idx2.dtype == np.uint32 and np.array_equal(idx2, idx)
     per_token = len(data) / n
     print(f"store: {per_token:.1f} B/token at k = {k}, V = {v} (plain float16 + int32: 192)")
     assert per_token <= 100
+
+
+def test_next_token_logprob_is_stored_exactly_and_matches_the_softmax():
+    from ensemblekd.topk import next_token_logprobs
+
+    logits = _lm_like_logits(300, 5000, torch.Generator().manual_seed(3))
+    following = torch.randint(0, 5000, (300,), generator=torch.Generator().manual_seed(4))
+    nxt = next_token_logprobs(logits, following, chunk_tokens=64)
+    want = torch.log_softmax(logits, -1).gather(-1, following[:, None]).squeeze(-1)
+    assert np.allclose(nxt.astype(np.float32), want.numpy(), atol=2e-2)  # float16 of values down to about -20
+    logp, idx, tail = topk_targets(logits, 8)
+    data, _ = encode(np.arange(3), np.array([100, 150, 50]), logp, idx, tail, nxt=nxt)
+    got = decode(unpack(data)).next
+    assert np.array_equal(got.view(np.uint16), nxt.view(np.uint16))
