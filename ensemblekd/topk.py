@@ -124,21 +124,41 @@ def _teacher_buckets(logp: torch.Tensor, tail: torch.Tensor, vocab_size: int, te
 def _chunk_kl(z, logp, idx, tail, w, vocab_size: int, temperature: float, need_grad: bool):
     """Σ_tokens Σ_k w_k KL_k over one chunk (z [c, V], logp and idx [c, K, k], tail and w [c, K])
     and its gradient Σ_k w_k (s − q̃_k) / T (module docstring): the tail bucket's target shared
-    over the tail ids as the student shares its own tail."""
+    over the tail ids as the student shares its own tail.
+
+    On teacher k's tail q̃_k = (q_tail / s_tail) · s, so one [c, V] pass serves every teacher's
+    tail and each teacher's own top-k ids get their share back by scatter: O(k) work per teacher.
+    Where the top-k hold more than DIRECT_TAIL_MASS of the student's mass, s_tail is tiny and that
+    shortcut would cancel large numbers, so those (token, teacher) pairs take the exact path: the
+    student's log-probs with the teacher's top-k masked out, c pairs at a time."""
     c, n_teachers, k = idx.shape
     log_s = F.log_softmax(z.float() / temperature, dim=-1)
     log_q = _teacher_buckets(logp, tail, vocab_size, temperature)
-    kl = _xlogx_ratio(log_q[..., :k], log_s.gather(-1, idx.reshape(c, -1)).view(c, n_teachers, k)).sum(-1)
-    grad = log_s.exp() * w.sum(-1, keepdim=True) if need_grad else None
-    for j in range(n_teachers):  # one [c, V] scratch at a time, whatever K
-        if k < vocab_size:       # the student's tail: its log-probs with teacher j's top-k masked out
-            rest = log_s.scatter(-1, idx[:, j], -math.inf)
-            log_s_tail = rest.logsumexp(-1, keepdim=True)
-            kl[:, j] += _xlogx_ratio(log_q[:, j, k], log_s_tail.squeeze(-1))
+    flat_idx = idx.reshape(c, -1)
+    log_s_top = log_s.gather(-1, flat_idx).view(c, n_teachers, k)
+    kl = _xlogx_ratio(log_q[..., :k], log_s_top).sum(-1)                                    # [c, K]
+    s = log_s.exp() if need_grad else None
+    grad = s * w.sum(-1, keepdim=True) if need_grad else None
+    if k < vocab_size:
+        kept = log_s_top.exp().sum(-1)
+        log_s_tail = torch.log1p(-kept.clamp(max=1.0))
+        peaked = kept > DIRECT_TAIL_MASS
+        pairs = peaked.nonzero(as_tuple=True)
+        for a in range(0, len(pairs[0]), c):
+            rows, teachers = pairs[0][a:a + c], pairs[1][a:a + c]
+            rest = log_s[rows].scatter(-1, idx[rows, teachers], -math.inf)
+            log_rest = rest.logsumexp(-1)
+            log_s_tail[rows, teachers] = log_rest
             if need_grad:
-                grad -= (w[:, j, None] * log_q[:, j, k, None].exp()) * (rest - log_s_tail).exp()
+                share = w[rows, teachers] * log_q[rows, teachers, k].exp()
+                grad.index_add_(0, rows, -share[:, None] * (rest - log_rest[:, None]).exp())
+        kl += _xlogx_ratio(log_q[..., k], log_s_tail)
         if need_grad:
-            grad.scatter_add_(-1, idx[:, j], -w[:, j, None] * log_q[:, j, :k].exp())
+            share = torch.where(peaked, 0.0, w * (log_q[..., k] - log_s_tail).exp())        # w_k q_tail / s_tail
+            grad -= share.sum(-1, keepdim=True) * s
+            grad.scatter_add_(-1, flat_idx, (share.unsqueeze(-1) * log_s_top.exp()).reshape(c, -1))
+    if need_grad:
+        grad.scatter_add_(-1, flat_idx, (-w.unsqueeze(-1) * log_q[..., :k].exp()).reshape(c, -1))
     return (w * kl).sum(), (grad / temperature if need_grad else None)
 
 
@@ -197,7 +217,11 @@ def token_loss(student_logits: torch.Tensor, labels: torch.Tensor, logp, idx, ta
 
     CE averages over the unmasked tokens with a label (labels == IGNORE: none); 0 if there are none.
     """
-    kd = sparse_kl(student_logits, logp, idx, tail, vocab_size, temperature, weights, mask)
+    if alpha >= 1.0:  # labels alone (a baseline): the KD term is only reported, so no gradient is computed
+        with torch.no_grad():
+            kd = sparse_kl(student_logits.detach(), logp, idx, tail, vocab_size, temperature, weights, mask)
+    else:
+        kd = sparse_kl(student_logits, logp, idx, tail, vocab_size, temperature, weights, mask)
     keep = labels != IGNORE if mask is None else (labels != IGNORE) & mask
     if keep.any():
         ce = F.cross_entropy(student_logits[keep].float(), labels[keep])
