@@ -36,3 +36,21 @@ def write_results(out: Path, stem: str, res: dict[str, Any], rows: list[dict[str
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))
     print(text)
     print(f"wrote {out / f'{stem}.md'}, {out / f'{stem}.json'}")
+
+
+def lm_machine() -> dict[str, Any]:
+    """machine() with the LM benchmarks' versions and a hash of the measured code: the top-k targets
+    and their reconstruction (ensemblekd/topk.py) and the shard codec (ensemblekd/tasks/token.py)."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+    import torch
+    import transformers
+
+    import ensemblekd.tasks.token
+    import ensemblekd.topk
+
+    code = b"".join(Path(m.__file__).read_bytes() for m in (ensemblekd.topk, ensemblekd.tasks.token))
+    return {**machine(torch=torch.__version__, transformers=transformers.__version__, pyarrow=pa.__version__,
+                      numpy=np.__version__), "topk_codec_sha256": hashlib.sha256(code).hexdigest()[:16]}

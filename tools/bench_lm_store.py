@@ -28,7 +28,6 @@ Writes OUT/lm_store.md (the table) and OUT/lm_store.json (settings, machine, eve
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -376,21 +375,6 @@ def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine() -> dict[str, Any]:
-    import pyarrow as pa
-    import torch
-    import transformers
-    from bench_common import machine as basics
-
-    import ensemblekd.tasks.token
-    import ensemblekd.topk
-
-    # the measured code: top-k targets and their reconstruction (topk.py), the shard codec (tasks/token.py)
-    code = b"".join(Path(m.__file__).read_bytes() for m in (ensemblekd.topk, ensemblekd.tasks.token))
-    return {**basics(torch=torch.__version__, transformers=transformers.__version__, pyarrow=pa.__version__,
-                     numpy=np.__version__), "topk_codec_sha256": hashlib.sha256(code).hexdigest()[:16]}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="tools/results",
@@ -416,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     settings = {"quick": args.quick, "threads": args.threads, "seed": args.seed, "ks": list(KS),
                 "runs": [asdict(r) for r in runs]}
-    res: dict[str, Any] = {"machine": machine(), "settings": settings}
+    from bench_common import lm_machine
+
+    res: dict[str, Any] = {"machine": lm_machine(), "settings": settings}
     res["vocabs"] = [run_vocab(r, args.seed, KS) for r in runs]
     res["throughput"] = label_distill_throughput(args.quick)
     res["minutes"] = (time.perf_counter() - start) / 60
