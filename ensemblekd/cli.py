@@ -143,7 +143,7 @@ def cmd_inspect(args) -> int:
     if m.get("vocab_size"):
         per_token = store.bytes_per_token()
         print(f"store {store.uri}: schema v{m['schema_version']}, task {m.get('task')}, vocabulary {m['vocab_size']} "
-              f"(hash {m['vocab_hash']}), top-{m['top_k']} float16 + tail"
+              f"(hash {m['vocab_hash']}), top-{m['top_k']} {m.get('codec', 'float16')} + tail"
               + (f", {per_token:.1f} bytes/token" if per_token else ""))
     else:
         print(f"store {store.uri}: schema v{m['schema_version']}, {m['num_classes']} classes, {m['dtype']}")

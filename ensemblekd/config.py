@@ -123,6 +123,10 @@ class StoreConfig(_Section):
                        ">= the vocabulary keeps the full distribution")
     compression_level: Int = Field(default=3, ge=1, le=22, description="task token: zstd level of the token "
                                    "shards; 19 is ~11% smaller and ~30x slower to write")
+    codec: Literal["float16", "ranked"] = Field(
+        default="float16", description="task token: float16 keeps the top-k log-probs as computed; ranked codes "
+        "each log-prob in 1 byte (within 1/32 nat for p > e^-4) and the ids by their frequency in the shard, "
+        "~37% fewer bytes at k = 32")
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for the store's protocol, e.g. {endpoint_url: ...}"
     )
@@ -285,7 +289,8 @@ class Config(_Section):
             raise ValueError(f"data.prepare: '{self.data.prepare}' is a data set for task {DATASETS[self.data.prepare]}; "
                              f"this config has task {self.task}")
         lm_only = {"data.text": self.data.text, "evaluate.prompts": self.evaluate.prompts,
-                   "evaluate.latency_tokens": self.evaluate.latency_tokens}
+                   "evaluate.latency_tokens": self.evaluate.latency_tokens,
+                   "store.codec": self.store.codec if self.store.codec != "float16" else None}
         for key, value in lm_only.items():
             if value and self.task != "token":
                 raise ValueError(f"{key}: only used with task: token; remove it")

@@ -137,6 +137,8 @@ class Store:
                 raise UserError(f"{path}: the manifest is not valid JSON; restore the file, or use a new store.uri "
                                 "and relabel") from None
             check_manifest(manifest, path)
+            if manifest.get("vocab_size") and "codec" not in manifest:
+                manifest["codec"] = "float16"  # token stores from before store.codec have only this one
             return cls(uri, manifest)
         if not create:
             raise UserError(f"no soft-target store at '{uri}' (no {MANIFEST}); run 'ensemblekd label CONFIG' first")
@@ -284,7 +286,7 @@ class Store:
         for key, value in {"task": task, **info}.items():
             if self.manifest.get(key) not in (None, value) and self.manifest["shards"]:
                 raise UserError(f"{self.uri}: labelled with {key} {self.manifest[key]}, the config gives {value} "
-                                "(another task, tokenizer or top_k); use a new store.uri")
+                                "(another task, tokenizer, top_k or codec); use a new store.uri")
             self.manifest[key] = value
 
     def check_task(self, task: str, info: dict[str, Any]) -> None:

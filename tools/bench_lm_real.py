@@ -32,11 +32,11 @@ zstd, no dictionary, byte-stream split on every value column):
                (steps of 1/16 nat, |error| ≤ 1/32 nat, clamped at −15.94 nats); the tail float16.
   desc-u8      ids in log-p order (uint16, as current), codes delta-coded along that order
                (c_0, then c_i − c_{i−1} ≥ 0, uint8).
-  ranked-cmp   ids replaced by their rank in the shard's id frequency (the ids by decreasing count,
-               uint16, zstd, in the file's key-value metadata), sorted ascending and delta-coded;
-               log p companded to uint8 codes: the nearest of 256 levels of −log p whose step doubles
-               every 4 nats (1/16 nat to 4 nats, 1/8 to 8, 1/4 to 12, then 1/2 to 83.5): an error of
-               1/32 nat costs a likely id as much KL as 1/4 nat costs an id of p < e^−8.
+  ranked       store.codec: ranked (tasks.token.encode): ids replaced by their rank in the shard's id
+               frequency (the ids by decreasing count, zstd, in the file's key-value metadata), sorted
+               ascending and delta-coded; log p companded to uint8 codes: the nearest of 256 levels of
+               −log p whose step doubles every 4 nats (1/16 nat to 4 nats, 1/8 to 8, 1/4 to 12, then
+               1/2 to 83.5); decoded top-k + tail renormalised to 1. One more student learns from it.
   top-p        sorted-u8 with a variable k per token: ids kept, most likely first, until their
                mass reaches p or K_MAX ids; per row a list<uint8> of counts and the flat ids and
                codes of its tokens.
@@ -68,9 +68,7 @@ K_MAX = 128                            # top-p keeps at most this many ids (and 
 CODES_PER_NAT = 16                     # uint8 log-prob codes: steps of 1/16 nat
 BYTE_GOALS = {128: 150.0, 32: 60.0}    # B/token at k
 PPL_GOAL = 0.02                        # top-32 student's perplexity within 2% of the full-distribution one
-CANDIDATES = ("current", "sorted-f16", "sorted-u8", "desc-u8", "ranked-cmp")
-# ranked-cmp's levels of −log p: 1/16 nat steps to 4 nats, 1/8 to 8, 1/4 to 12, 1/2 to 83.5 (256 in all)
-LEVELS = np.concatenate([np.arange(64) / 16, 4 + np.arange(32) / 8, 8 + np.arange(16) / 4, 12 + np.arange(144) / 2])
+CANDIDATES = ("current", "sorted-f16", "sorted-u8", "desc-u8", "ranked")
 QUICK_NOTE = " (a --quick smoke run: a few rows, students barely trained, the figures mean nothing)"
 
 
@@ -155,13 +153,13 @@ def dequantise(codes: np.ndarray) -> np.ndarray:
     return -codes.astype(np.float32) / CODES_PER_NAT
 
 
-def compand(logp: np.ndarray) -> np.ndarray:
-    """uint8 codes of log-probs: the index of the nearest of LEVELS to −log p."""
-    return np.searchsorted((LEVELS[1:] + LEVELS[:-1]) / 2, -logp.astype(np.float32)).astype(np.uint8)
+def ranked(logp, idx, tail) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What store.codec: ranked gives back for these targets (one shard)."""
+    from ensemblekd.store import unpack
+    from ensemblekd.tasks import token
 
-
-def expand(codes: np.ndarray) -> np.ndarray:
-    return -LEVELS[codes].astype(np.float32)
+    back = token.decode(unpack(token.encode(np.arange(1), np.array([len(logp)]), logp, idx, tail, codec="ranked")[0]))
+    return back.logp, back.idx, back.tail
 
 
 def variable_dense(logp, idx, kept, tail, vocab_size: int):
@@ -222,8 +220,7 @@ class Collect:
             self.kl_u8[k].append(kl_to(lp, topk.dense_from_topk(dequantise(quantise(logp)), idx, tail,
                                                                   vocab_size)).numpy())
             if k in KS:
-                self.kl_cmp[k].append(kl_to(lp, topk.dense_from_topk(expand(compand(logp)), idx, tail,
-                                                                       vocab_size)).numpy())
+                self.kl_cmp[k].append(kl_to(lp, topk.dense_from_topk(*ranked(logp, idx, tail), vocab_size)).numpy())
         for p in TOP_PS:
             logp, idx, kept, tail, mass = top_p_targets(lp, p)
             self.top_p[p].append((logp, idx, kept, tail))
@@ -298,8 +295,6 @@ def unsort_ids(gaps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nda
 
 def encode_candidate(name: str, lengths, logp, idx, tail, level: int) -> bytes:
     """One fixed-k candidate's shard bytes (module docstring)."""
-    import pyarrow as pa
-
     from ensemblekd.tasks import token
 
     rows = np.arange(len(lengths))
@@ -315,15 +310,8 @@ def encode_candidate(name: str, lengths, logp, idx, tail, level: int) -> bytes:
         codes = quantise(logp)
         steps = np.diff(codes.astype(np.int16), axis=1, prepend=0).astype(np.uint8)
         return shard(lengths, {"topk_codes": steps, "topk_indices": idx, "tail_logprob": tail}, level)
-    if name == "ranked-cmp":
-        seen, count = np.unique(idx, return_counts=True)
-        by_count = seen[np.argsort(-count, kind="stable")].astype(np.uint16)
-        rank = np.zeros(int(by_count.max()) + 1, np.uint16)
-        rank[by_count] = np.arange(len(by_count))
-        gaps, values = sort_ids(logp, rank[idx])
-        ranked_ids = pa.compress(by_count.tobytes(), codec="zstd", asbytes=True)
-        return shard(lengths, {"topk_codes": compand(values), "topk_indices": gaps, "tail_logprob": tail}, level,
-                     {"ranked_ids": ranked_ids})
+    if name == "ranked":
+        return token.encode(rows, lengths, logp, idx, tail, level=level, codec="ranked")[0]
     raise ValueError(name)
 
 
@@ -393,7 +381,7 @@ def measure_store(col: Collect, lengths: np.ndarray, vocab_size: int) -> dict[st
                 c[f"zstd{level}"] = len(encode_candidate(name, lengths, logp, idx, tail, level)) / n
                 c[f"zstd{level}_encode_tokens_per_s"] = n / (time.perf_counter() - t0)
             c["kl_mean"] = {"sorted-u8": r["kl_u8_mean"], "desc-u8": r["kl_u8_mean"],
-                            "ranked-cmp": r.get("kl_cmp_mean")}.get(name, r["kl_mean"])
+                            "ranked": r.get("kl_cmp_mean")}.get(name, r["kl_mean"])
         if k in KS:
             r["round_trip"] = round_trips(logp, idx, tail, lengths)
         out["by_k"][k] = r
@@ -476,6 +464,7 @@ def train_student(name: str, train, targets, test, sizes: Sizes, vocab_size: int
 
 def run_students(col: Collect, full: np.ndarray, train, test, sizes: Sizes, vocab_size: int, seed: int) -> list[dict]:
     runs = [(f"top-{k}", ("topk", tuple(np.concatenate(a) for a in zip(*col.topk[k])))) for k in KS]
+    runs.insert(2, ("top-32, codec ranked", ("topk", ranked(*runs[1][1][1]))))
     runs += [("full", ("full", full)), ("next tokens (alpha = 1)", ("ce", None))]
     return [train_student(name, train, targets, test, sizes, vocab_size, seed) for name, targets in runs]
 
@@ -509,16 +498,16 @@ def markdown(res: dict[str, Any]) -> str:
          "`topk.dense_from_topk` renormalised (the tail spread evenly). Full float16 logits: "
          f"{2 * res['vocab_size']:,} B/token."),
         "",
-        "| k | raw B/token | store B/token | at zstd 19 | × smaller than full | mass kept, mean | mass kept, p5 "
-        "| KL nats/token | KL p95 | goal | met |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| k | raw B/token | store B/token | at zstd 19 | codec ranked | × smaller than full | mass kept, mean "
+        "| mass kept, p5 | KL nats/token | KL p95 | goal | met (float16 / ranked) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for k in KS:
         r = by_k[k]
-        c = r["candidates"]["current"]
+        c, rk = r["candidates"]["current"], r["candidates"]["ranked"]
         goal = BYTE_GOALS.get(k)
-        met = "—" if goal is None else ("yes" if c["zstd3"] <= goal else "**no**")
-        lines.append(f"| {k} | {r['raw_bytes_per_token']} | {c['zstd3']:.1f} | {c['zstd19']:.1f} "
+        met = "—" if goal is None else " / ".join("yes" if x["zstd3"] <= goal else "**no**" for x in (c, rk))
+        lines.append(f"| {k} | {r['raw_bytes_per_token']} | {c['zstd3']:.1f} | {c['zstd19']:.1f} | {rk['zstd3']:.1f} "
                      f"| {2 * res['vocab_size'] / c['zstd3']:,.0f}× | {r['mass_mean']:.4f} | {r['mass_p5']:.4f} "
                      f"| {r['kl_mean']:.4f} | {r['kl_p95']:.4f} | {f'≤ {goal:g} B/token' if goal else '—'} | {met} |")
     lines += [
@@ -532,11 +521,11 @@ def markdown(res: dict[str, Any]) -> str:
         ("current = the shard codec; sorted-f16 = ids sorted ascending per token and delta-coded (uint16), "
          "log p float16 permuted alongside, lossless; sorted-u8 = the same with log p as uint8 codes "
          f"round(−{CODES_PER_NAT} log p) clamped to 0..255; desc-u8 = ids in log-p order, codes delta-coded "
-         "along it; ranked-cmp = ids as their rank in the shard's id frequency (the map in the file's "
-         "metadata, counted), sorted and delta-coded, log p companded to uint8 (steps 1/16 nat to 4 nats, "
-         "doubling every 4 nats up to 1/2; measured at k = 8, 32, 128 only). All: Parquet, zstd, no "
+         "along it; ranked = `store.codec: ranked`: ids as their rank in the shard's id frequency (the map "
+         "in the file's metadata), sorted and delta-coded, log p companded to uint8 (steps 1/16 nat to 4 "
+         "nats, doubling every 4 nats up to 1/2), renormalised on decoding; measured at k = 8, 32, 128 only. All: Parquet, zstd, no "
          "dictionary, byte-stream split on every value column, the tail float16. KL: of the float16 log p "
-         "(current, sorted-f16), of the uint8 codes (sorted-u8, desc-u8), of the companded codes (ranked-cmp)."),
+         "(current, sorted-f16), of the uint8 codes (sorted-u8, desc-u8), of the companded codes (ranked)."),
         "",
         "| k | " + " | ".join(CANDIDATES) + " | KL, float16 log p | KL, uint8 codes | KL, companded | goal |",
         "|---:|" + "---:|" * len(CANDIDATES) + "---:|---:|---:|---|",
@@ -574,6 +563,7 @@ def markdown(res: dict[str, Any]) -> str:
             f"{'met' if by_k[k]['candidates'][name]['zstd3'] <= g else 'not met'})" for k, g in sorted(BYTE_GOALS.items())))
     full = next(s for s in students if s["student"] == "full")
     top32 = next(s for s in students if s["student"] == "top-32")
+    ranked32 = next(s for s in students if s["student"] == "top-32, codec ranked")
     gap = top32["test_ppl"] / full["test_ppl"] - 1
     lines += [
         "",
@@ -600,6 +590,11 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         (f"Goal: top-32 within {PPL_GOAL:.0%} of full: {top32['test_ppl']:.2f} against {full['test_ppl']:.2f} "
          f"({gap:+.1%}): **{'met' if gap <= PPL_GOAL else 'not met'}**."),
+        "",
+        (f"What the ranked codec costs the student at k = 32: {ranked32['test_ppl']:.2f} against "
+         f"{top32['test_ppl']:.2f} from the float16 store ({ranked32['test_ppl'] / top32['test_ppl'] - 1:+.2%}), "
+         f"for {by_k[32]['candidates']['ranked']['zstd3']:.1f} against "
+         f"{by_k[32]['candidates']['current']['zstd3']:.1f} B/token."),
     ]
     return "\n".join(lines) + "\n"
 

@@ -1,7 +1,7 @@
 """A GGUF teacher through the whole pipeline on a user's own text: `ensemblekd run` with a 1-layer GGUF
 LM (SmolLM2's tokenizer cut to 1,024 tokens, tests/gguf_models.py) and a fitted GPT-2 teaching a
 smaller GPT-2 on a few pydoc topics given as JSON Lines (data.text), with the student trained alone
-beside it (evaluate.baseline) and greedy continuations in the report. The real SmolLM2 config
+beside it (evaluate.baseline) and greedy continuations in the report; the store uses the ranked codec. The real SmolLM2 config
 (configs/smollm2.yaml) is checked in tests/unit/config; its run is measured in docs/language-models.md."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import mlflow
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -36,7 +37,7 @@ def test_gguf_teacher_on_a_users_text_end_to_end(tmp_path, tiny_gguf):
                                                                             "n_embd": 32, "n_positions": 64},
              "fit": {"epochs": 3, "lr": 0.01, "batch_size": 16}, "checkpoint": str(tmp_path / "gpt2.pt")},
         ],
-        "store": {"uri": str(tmp_path / "store"), "top_k": 16},
+        "store": {"uri": str(tmp_path / "store"), "top_k": 16, "codec": "ranked"},
         "student": {"model": "ensemblekd.lm:tiny_gpt2", "kwargs": {"vocab_size": 1024, "n_layer": 1, "n_embd": 16,
                                                                    "n_positions": 64}},
         "distill": {"temperature": 1.0, "alpha": 0.0},
@@ -56,6 +57,9 @@ def test_gguf_teacher_on_a_users_text_end_to_end(tmp_path, tiny_gguf):
     assert not noise, noise
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
     assert manifest["vocab_size"] == 1024 and manifest["teachers"]["tiny_gguf"]["spec"] == {"pretrained": str(tiny_gguf)}
+    assert manifest["codec"] == "ranked"
+    shard = next((tmp_path / "store" / "train" / "gpt2").glob("*.parquet"))
+    assert "topk_codes" in pq.read_schema(shard).names
     report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
     rows = {r["model"]: r for r in report["rows"]}
     assert set(rows) == {"tiny_gguf", "gpt2", "ensemble", "student", "student_alone"}

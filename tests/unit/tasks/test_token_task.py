@@ -92,6 +92,25 @@ def synthetic_store(tmp_path: Path, lengths: list[int], teachers: int = 2, k: in
     return cfg, store, names, rows, dense
 
 
+def test_a_store_labelled_under_one_codec_refuses_the_other(tmp_path):
+    from ensemblekd.tasks.token import vocabulary
+
+    cfg, store, _, _, _ = synthetic_store(tmp_path, [5, 3], teachers=1)
+    store.set_task("token", vocabulary(cfg))
+    store.save()
+    ranked = ekd.load_config(tiny_lm_config(tmp_path, **{"data.vocab_size": VOCAB, "store.top_k": 4,
+                                                         "store.codec": "ranked"}), check=False)
+    reopened = Store.open(store.uri)
+    with pytest.raises(UserError, match="labelled with codec float16, the config gives ranked"):
+        reopened.set_task("token", vocabulary(ranked))
+    with pytest.raises(UserError, match="labelled with codec float16, the config gives ranked"):
+        reopened.check_task("token", vocabulary(ranked))
+    reopened.manifest.pop("codec")                          # a store from before store.codec existed
+    reopened.save()
+    assert Store.open(store.uri).manifest["codec"] == "float16"
+    Store.open(store.uri).check_task("token", vocabulary(cfg))
+
+
 def test_batches_pick_each_target_token_with_its_teachers_targets(tmp_path):
     lengths = [5, 3, 4]
     cfg, store, names, rows, dense = synthetic_store(tmp_path, lengths)
