@@ -5,9 +5,12 @@ Both label the same pydoc train shards (data.text.prepare_pydoc with SmolLM2's t
 rows) with the same work: 2 processes of 1 torch thread each, batches of 8 rows taken longest
 first and cut to their longest row, the Hugging Face forward, log-softmax and top-32 in float32
 (ensemblekd.topk.topk_targets), and one Parquet shard written per input shard
-(tasks.token.encode). ensemblekd adds what a plain loop lacks: Ray actors (replicas: 2,
-num_cpus: 1), the manifest and its commits, checksums, the next token's log-prob column, and the
+(tasks.token.encode), with the next token's log-prob column. ensemblekd adds what a plain loop
+lacks: Ray actors (replicas: 2, num_cpus: 1), the manifest and its commits, checksums, and the
 input checks before any work. The plain loop is 2 spawned processes, each taking every other shard.
+Where the CPU went during each full run is sampled (psutil, every 0.5 s, this process and all its
+descendants): the labelling processes (Ray workers / the plain loop's), the driver, and Ray's own
+processes (GCS, raylet, dashboard, agents), whose share of the 2 cores the labelling workers lose.
 
 Start-up (Ray, actors, dequantising the GGUF file: ~30 s a process) is separated out as in
 bench_speed.py: each method labels the full input and a tiny one (1 shard of 2 rows), and the
@@ -22,9 +25,11 @@ Writes OUT/label_lm.md and OUT/label_lm.json.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +64,61 @@ def make_inputs(work: Path, gguf: str, shards: int, rows: int) -> dict[str, Path
     pq.write_table(pa.Table.from_batches(pq.read_table(source[0]).to_batches(max_chunksize=2)[:1]),
                    tiny / "part-00000.parquet")
     return {"full": full, "tiny": tiny}
+
+
+class CpuMeter:
+    """CPU seconds (user + system) of this process and its descendants while the block runs, by
+    role: 'driver' (this process), 'labelling' (Ray workers, named ray::..., or the plain loop's
+    processes) and 'ray system' (every other descendant). Sampled every 0.5 s; a process's last
+    half-second before it exits may be missed."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.me = psutil.Process(os.getpid())
+        self.first: dict[int, float] = {}
+        self.last: dict[int, tuple[str, float]] = {}
+        self.stop = threading.Event()
+
+    def role(self, proc) -> str:
+        if proc.pid == self.me.pid:
+            return "driver"
+        cmd = " ".join(proc.cmdline())
+        return "labelling" if cmd.startswith("ray::") or "multiprocessing" in cmd else "ray system"
+
+    def sample(self) -> None:
+        import psutil
+
+        for proc in [self.me, *self.me.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                used = t.user + t.system
+                self.first.setdefault(proc.pid, used if proc.pid in self.last or proc.pid == self.me.pid else 0.0)
+                self.last[proc.pid] = (self.role(proc), used)
+            except psutil.Error:
+                continue
+
+    def __enter__(self) -> CpuMeter:
+        self.sample()
+        self.first = {pid: used for pid, (_, used) in self.last.items()}   # what ran before the block
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.5):
+            self.sample()
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+
+    def by_role(self) -> dict[str, float]:
+        out = {"driver": 0.0, "labelling": 0.0, "ray system": 0.0}
+        for pid, (role, used) in self.last.items():
+            out[role] += used - self.first.get(pid, 0.0)
+        return out
 
 
 def tokens_of(split: Path) -> int:
@@ -109,12 +169,13 @@ def _plain_worker(paths: list[str], gguf: str, out: str) -> None:
             with torch.inference_mode():
                 logits = model(batch).float()
             keep = lengths[picked] - 1
-            targets = topk_targets(torch.cat([logits[r, :n] for r, n in enumerate(keep)]), TOP_K)
+            following = torch.cat([batch[r, 1:n + 1] for r, n in enumerate(keep)])
+            targets = topk_targets(torch.cat([logits[r, :n] for r, n in enumerate(keep)]), TOP_K, following=following)
             bounds = np.concatenate([[0], np.cumsum(keep)])
             for r, row in enumerate(picked):
                 per_row[row] = [t[bounds[r]:bounds[r + 1]] for t in targets]
-        logp, idx, tail = (np.concatenate(p) for p in zip(*per_row))
-        data, _ = encode(table["id"].to_numpy(), lengths - 1, logp, idx, tail)
+        logp, idx, tail, nxt = (np.concatenate(p) for p in zip(*per_row))
+        data, _ = encode(table["id"].to_numpy(), lengths - 1, logp, idx, tail, nxt=nxt)
         Path(out, Path(path).name).write_bytes(data)
 
 
@@ -153,6 +214,10 @@ def markdown(res: dict[str, Any]) -> str:
         *(f"| {name} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['tokens_per_s']:,.0f} | "
           f"{r['tokens_per_s_with_startup']:,.0f} |" for name, r in (("ensemblekd label", e), ("plain loop", p))),
         "", f"ensemblekd / plain, steady: **{ratio:.2f}x** (goal >= 0.9x: {'met' if ratio >= 0.9 else 'not met'}).",
+        "", f"Where the CPU went during the full runs (CPU s; {os.cpu_count()} cores x wall s is the most there was):", "",
+        "| method | labelling processes | driver | Ray's own processes | cores x wall |", "|---|---:|---:|---:|---:|",
+        *(f"| {name} | {r['cpu_s']['labelling']:.1f} | {r['cpu_s']['driver']:.1f} | {r['cpu_s']['ray system']:.1f} "
+          f"| {os.cpu_count() * r['wall_s']:.1f} |" for name, r in (("ensemblekd label", e), ("plain loop", p))),
         ""])
 
 
@@ -178,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
         res.update(shards=shards, tokens=tokens_of(splits["full"]), tiny_tokens=tokens_of(splits["tiny"]))
         for name, fn in (("ensemblekd", label_ensemblekd), ("plain", label_plain)):
             tiny = fn(work, gguf, splits["tiny"], f"{name}-tiny")
-            full = fn(work, gguf, splits["full"], f"{name}-full")
-            log(f"{name}: {full:.1f} s for {res['tokens']:,} tokens (tiny input {tiny:.1f} s)")
-            res[name] = {"wall_s": full, "startup_s": tiny,
+            with CpuMeter() as cpu:
+                full = fn(work, gguf, splits["full"], f"{name}-full")
+            log(f"{name}: {full:.1f} s for {res['tokens']:,} tokens (tiny input {tiny:.1f} s); CPU s "
+                + ", ".join(f"{role} {sec:.1f}" for role, sec in cpu.by_role().items()))
+            res[name] = {"wall_s": full, "startup_s": tiny, "cpu_s": cpu.by_role(),
                          "tokens_per_s": (res["tokens"] - res["tiny_tokens"]) / max(full - tiny, 1e-3),
                          "tokens_per_s_with_startup": res["tokens"] / full}
     res["seconds"] = time.perf_counter() - start

@@ -180,3 +180,41 @@ def test_unlabelled_tokens_do_not_exist_in_a_batch():
     tokens = np.array([[1, 2, 0], [3, 4, 5]])
     b = make_batch(np.array([0, 1]), tokens, np.array([2, 3]), tokens > -1, [])
     assert isinstance(b, TokenBatch) and IGNORE not in b.labels.tolist() and len(b.labels) == 3
+
+
+# -- label -----------------------------------------------------------------------------------
+class _OneOddLogit(torch.nn.Module):
+    """Logits of a fixed ramp, except id 3 at the batch's row 1, position 2, which gets `value`."""
+
+    def __init__(self, value: float):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.arange(VOCAB, dtype=torch.float32).expand(*x.shape, VOCAB).clone() / VOCAB
+        if len(z) > 1:
+            z[1, 2, 3] = self.value
+        return z
+
+
+@pytest.mark.parametrize("value, refused", [(float("nan"), True), (float("inf"), True), (float("-inf"), False)])
+def test_label_refuses_nan_and_inf_logits_but_takes_minus_inf_as_zero(tmp_path, value, refused):
+    cfg = ekd.load_config(tiny_lm_config(tmp_path, **{"data.vocab_size": VOCAB, "store.top_k": VOCAB}), check=False)
+    teacher = cfg.teachers[0].model_copy(update={"batch_size": 2})
+    lengths = np.array([6, 5, 4])
+    tokens = np.zeros((3, 6), np.int32)
+    inputs = (np.arange(3), tokens, lengths)
+    if refused:
+        with pytest.raises(UserError, match=rf"teacher '{teacher.name}' produced NaN/Inf logits on train shard 0"):
+            TOKEN.label_shard(_OneOddLogit(value), inputs, cfg, teacher, "cpu", "train shard 0")
+        return
+    data, entry = TOKEN.label_shard(_OneOddLogit(value), inputs, cfg, teacher, "cpu", "train shard 0")
+    from ensemblekd.store import unpack
+    from ensemblekd.tasks.token import decode
+
+    got = decode(unpack(data))
+    assert entry["tokens"] == 5 + 4 + 3 and got.lengths.tolist() == [5, 4, 3]
+    odd = 5 + 2                                   # row 1's third position in the flattened shard
+    probs = np.exp(got.logp.astype(np.float64))
+    assert probs[odd][got.idx[odd] == 3] == 0 and np.isclose(probs[odd].sum(), 1, atol=1e-2)
+    assert np.isclose(probs[0].sum(), 1, atol=1e-2) and (got.idx[0, 0] == VOCAB - 1)
