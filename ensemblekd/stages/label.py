@@ -15,6 +15,8 @@ reading task is one more process, and its copy into the object store costs about
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import time
 from collections import deque
@@ -48,6 +50,10 @@ class TeacherWorker:
         self.cfg, self.task = cfg, get_task(cfg.task)
         self.device = "cuda" if first.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.hosted: dict[str, tuple[Any, Any, UserError | None]] = {}  # name -> (config, model, load error)
+        # which node and process wrote a shard, kept in its manifest entry: on a cluster it shows
+        # where the work ran, and that no step leaned on one node's local disk
+        self.writer = {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+                       "pid": os.getpid()}
         for i in teacher_indices:
             t = cfg.teachers[i]
             try:
@@ -62,7 +68,7 @@ class TeacherWorker:
         for name, out_uri in jobs:
             data, entry = self._label(name, inputs, where)
             fs.write_bytes_atomic(out_uri, data)
-            results.append(entry)
+            results.append({**entry, "written_by": self.writer})
         return results
 
     def probe(self, shard: dict[str, Any], names: list[str], where: str) -> dict[str, int]:

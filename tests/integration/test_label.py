@@ -1,6 +1,7 @@
 """The label stage on real Ray actors: resume, skip, relabel on a new fingerprint, refuse bad teachers."""
 
 import os
+import socket
 
 import numpy as np
 import pytest
@@ -30,6 +31,14 @@ def test_store_is_complete_aligned_and_has_val_accuracy(labelled):
         assert store.teacher(name)["val_accuracy"] > 0.85
         ids, logits = classification.decode(store.read_table("train", name, 0))
         assert logits.shape == (len(ids), 10) and logits.dtype == np.float16
+    # every entry names the node and process that wrote it: a label actor on this (only) node
+    import ray
+
+    writers = {(e["written_by"]["node_id"], e["written_by"]["host"], e["written_by"]["pid"]) for per_split in store.manifest["shards"].values()
+               for per_teacher in per_split.values() for e in per_teacher.values()}
+    assert {(node, host) for node, host, _ in writers} == {(ray.get_runtime_context().get_node_id(),
+                                                            socket.gethostname())}
+    assert all(pid != os.getpid() for *_, pid in writers)
 
 
 def test_resume_redoes_only_missing_shards(tmp_path, digits_dir, ray_local):
