@@ -110,10 +110,13 @@ class TeacherConfig(_Section):
     replicas: Int = Field(default=1, ge=1)
     num_cpus: Float = Field(default=0.5, ge=0)
     num_gpus: Float = Field(default=0.0, ge=0)
+    resources: dict[str, Float] = Field(default_factory=dict, description="Ray custom resources each of this teacher's "
+                                        "actors asks for beside num_cpus/num_gpus: a node tag (`ray start --resources`) "
+                                        "puts the teacher on the nodes that have it")
     batch_size: Int = Field(default=1024, ge=1)
     group: str | None = Field(default=None, description="label: teachers with the same group share each actor "
                               "(one read of every input shard for all of them); they must share replicas, "
-                              "num_cpus and num_gpus")
+                              "num_cpus, num_gpus and resources")
 
 
 class StoreConfig(_Section):
@@ -164,6 +167,9 @@ class AssistantConfig(_Section):
     replicas: Int = Field(default=1, ge=1)
     num_cpus: Float = Field(default=0.5, ge=0)
     num_gpus: Float = Field(default=0.0, ge=0)
+    resources: dict[str, Float] = Field(default_factory=dict, description="Ray custom resources each of this teacher's "
+                                        "actors asks for beside num_cpus/num_gpus: a node tag (`ray start --resources`) "
+                                        "puts the teacher on the nodes that have it")
     batch_size: Int = Field(default=1024, ge=1)
 
 
@@ -216,6 +222,9 @@ class TrackingConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(default=None, description="None: start local Ray; 'auto': join")
     num_cpus: Int | None = Field(default=None, ge=1, description="CPUs for a local Ray")
+    shared_filesystem: bool = Field(default=False, description="on a Ray cluster of several nodes, local paths "
+                                    "(data, checkpoints, store.uri, trainer.output_dir) are refused unless this says "
+                                    "they are on a filesystem mounted at the same path on every node")
 
 
 class EvaluateConfig(_Section):
@@ -282,9 +291,10 @@ class Config(_Section):
         groups: dict[str, TeacherConfig] = {}
         for t in self.teachers:
             first = groups.setdefault(t.group, t) if t.group else t
-            if (t.replicas, t.num_cpus, t.num_gpus) != (first.replicas, first.num_cpus, first.num_gpus):
+            placement = lambda x: (x.replicas, x.num_cpus, x.num_gpus, x.resources)  # noqa: E731
+            if placement(t) != placement(first):
                 raise ValueError(f"teachers: '{t.name}' and '{first.name}' share group '{t.group}' (one actor pool) "
-                                 "but not replicas/num_cpus/num_gpus; give them the same values")
+                                 "but not replicas/num_cpus/num_gpus/resources; give them the same values")
         if self.data.prepare and DATASETS.get(self.data.prepare, self.task) != self.task:
             raise ValueError(f"data.prepare: '{self.data.prepare}' is a data set for task {DATASETS[self.data.prepare]}; "
                              f"this config has task {self.task}")
@@ -297,6 +307,14 @@ class Config(_Section):
         if self.data.prepare and self.data.prepare not in DATASETS:
             raise ValueError(f"data.prepare: unknown data set '{self.data.prepare}'; choose one of {', '.join(DATASETS)}")
         return self
+
+    def node_paths(self) -> dict[str, str]:
+        """Every path that Ray actors and workers, on any node, read or write, by config key."""
+        paths = {f"data.{split}": getattr(self.data, split) for split in ("train", "val", "test")}
+        for i, t in enumerate(self.teachers):
+            paths.update({f"teachers.{i}.checkpoint": t.checkpoint, f"teachers.{i}.pretrained": t.pretrained})
+        paths.update({"store.uri": self.store.uri, "trainer.output_dir": self.trainer.output_dir})
+        return {key: uri for key, uri in paths.items() if uri}
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -12,10 +12,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from ensemblekd.errors import UserError
+from ensemblekd.io import fs
 
 
-def ensure_ray(ray_cfg) -> None:
-    """Join ray.address (or RAY_ADDRESS), or start a local Ray with ray.num_cpus, unless connected.
+def ensure_ray(ray_cfg, node_paths: dict[str, str] | None = None) -> None:
+    """Join ray.address (or RAY_ADDRESS), or start a local Ray with ray.num_cpus, unless connected;
+    then refuse node-local `node_paths` (config key -> URI) on a cluster of several nodes (see
+    check_paths_reach_every_node).
 
     With neither set, address "local" forces a fresh local Ray: a bare ray.init() would join
     whatever cluster `ray start` last started on this machine. An address where no Ray listens,
@@ -23,8 +26,14 @@ def ensure_ray(ray_cfg) -> None:
     """
     import ray
 
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _connect(ray_cfg)
+    check_paths_reach_every_node(node_paths or {}, ray_cfg.shared_filesystem)
+
+
+def _connect(ray_cfg) -> None:
+    import ray
+
     env = os.environ.get("RAY_ADDRESS") or None
     address = ray_cfg.address or env
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING,
@@ -66,6 +75,24 @@ def ensure_ray(ray_cfg) -> None:
             "; if the cluster has token authentication on, set RAY_AUTH_MODE=token and its token "
             "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)")
         raise UserError(f"{where}: cannot join the Ray cluster ({' '.join(str(exc).split())}){hint}") from None
+
+
+def check_paths_reach_every_node(node_paths: dict[str, str], shared_filesystem: bool) -> None:
+    """On a Ray cluster of several nodes, a local path names a different disk on each node: a shard
+    one node writes is missing on the next, and checkpoints vanish with their node. Refuse the first
+    such path, unless the user says it is a filesystem mounted at the same path on every node."""
+    import ray
+
+    if shared_filesystem or not node_paths:
+        return
+    local = [(key, uri) for key, uri in node_paths.items() if not fs.is_object_store(uri)]
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    if local and nodes > 1:
+        key, uri = local[0]
+        more = f" (and {len(local) - 1} more local path{'s' * (len(local) > 2)})" if len(local) > 1 else ""
+        raise UserError(f"{key}={uri}: a local path, but this Ray cluster has {nodes} nodes, each with its own disk"
+                        f"{more}; use object storage (s3://...) or, if it is a filesystem mounted at the same path "
+                        "on every node, set ray.shared_filesystem=true")
 
 
 def _local_worker_setup() -> None:
@@ -110,14 +137,21 @@ def ray_session() -> Iterator[None]:
             ray.shutdown()
 
 
-def require(what: str, cpus: float, gpus: float = 0.0) -> None:
+def require(what: str, cpus: float, gpus: float = 0.0, resources: dict[str, float] | None = None) -> None:
     """Refuse, with the key to change, a request no alive node can ever satisfy (Ray would
     otherwise wait for it forever). Resources other work holds for a while are not counted."""
     import ray
 
+    wanted = {"CPU": cpus, "GPU": gpus, **(resources or {})}
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+    if any(all(n.get(k, 0) >= v for k, v in wanted.items()) for n in nodes):
         return
+    custom = {k: v for k, v in wanted.items() if k not in ("CPU", "GPU") and v > 0}
+    if custom and not any(all(n.get(k, 0) >= v for k, v in custom.items()) for n in nodes):
+        have = sorted({k for n in nodes for k in n if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                       and not k.startswith("node:")})
+        raise UserError(f"{what}: asks for resources {custom}, but no Ray node has them (custom resources of this "
+                        f"cluster: {', '.join(have) or 'none'}); fix it or start a node with `ray start --resources`")
     biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
     raise UserError(f"{what}: asks for {cpus:g} CPU and {gpus:g} GPU per process, but the largest Ray node has "
                     f"{biggest.get('CPU', 0):g} CPU and {biggest.get('GPU', 0):g} GPU; lower it or add such a node")

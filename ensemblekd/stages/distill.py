@@ -47,22 +47,31 @@ class MlflowLogger(UserCallback):
     The controller runs on the driver's node, so tracking never depends on a worker's disk or
     network, and it sees a report only once every worker has made it and its checkpoint is
     persisted: an epoch re-run after a worker failure was never reported, so no epoch is logged
-    twice. Rank 0 sends its per-step curve along in the report ("steps").
+    twice. Rank 0 sends its per-step curve along in the report ("steps"), every worker where it
+    runs ("worker"): each new placement (the first, and one after every restart) is added to the
+    artifact distill/workers.json, and the tag ensemblekd.train_nodes counts the nodes of the last.
     """
 
     def __init__(self, mlflow_info: dict[str, str]):
         self.info = mlflow_info
+        self.placements: list[dict[str, Any]] = []
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
+        client = MlflowClient(self.info["tracking_uri"])
         report = dict(metrics[0])
+        workers = [m["worker"] for m in metrics]
+        report.pop("worker")
         steps, epoch, now = report.pop("steps", {}), report.pop("epoch"), int(time.time() * 1000)
+        if not self.placements or self.placements[-1]["workers"] != workers:
+            self.placements.append({"from_epoch": int(epoch), "workers": workers})
+            client.log_dict(self.info["run_id"], self.placements, "distill/workers.json")
+            client.set_tag(self.info["run_id"], "ensemblekd.train_nodes", len({w["node_id"] for w in workers}))
         batch = [Metric(k, float(v), now, int(epoch)) for k, v in report.items() if v is not None]
         for i, step in enumerate(steps.get("step", [])):
             batch += [Metric(k, float(steps[k][i]), now, int(step)) for k in STEP_METRICS[1:]]
-        client = MlflowClient(self.info["tracking_uri"])
         for i in range(0, len(batch), 1000):
             client.log_batch(self.info["run_id"], metrics=batch[i:i + 1000])
 
@@ -95,7 +104,7 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bo
         from mlflow.tracking import MlflowClient
 
         MlflowClient(mlflow_info["tracking_uri"]).set_tag(mlflow_info["run_id"], "ensemblekd.stages", plan)
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, cfg.node_paths())
     tr = cfg.trainer
     require("trainer.cpus_per_worker/use_gpu", tr.cpus_per_worker, 1.0 if tr.use_gpu else 0.0)
     start = time.perf_counter()
@@ -107,7 +116,7 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bo
     student_uri = fs.join(tr.output_dir, STUDENT_FILE)
     with result.checkpoint.as_directory() as d:
         fs.write_bytes_atomic(student_uri, open(os.path.join(d, STUDENT_FILE), "rb").read())
-    metrics = {k: v for k, v in result.metrics.items() if k != "steps"}
+    metrics = {k: v for k, v in result.metrics.items() if k not in ("steps", "worker")}
     return {"metrics": metrics, "student": student_uri, "seconds": seconds}
 
 

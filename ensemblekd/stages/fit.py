@@ -33,11 +33,12 @@ def fit_teachers(cfg: Config, progress: bool = True) -> list[dict[str, Any]]:
     todo = [t for t in cfg.teachers if kind_of(t).needs_fit(cfg, t)]
     if not todo:
         return []
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, cfg.node_paths())
     for t in todo:
-        require(f"teacher '{t.name}' (num_cpus)", t.num_cpus)
+        require(f"teacher '{t.name}' (num_cpus/resources)", t.num_cpus, 0.0, t.resources)
     remote = ray.remote(fit_one)
-    refs = {remote.options(num_cpus=t.num_cpus, num_gpus=0, max_retries=1).remote(cfg, t): t for t in todo}
+    refs = {remote.options(num_cpus=t.num_cpus, num_gpus=0, resources=t.resources, max_retries=1).remote(cfg, t): t
+            for t in todo}
     results = []
     with tqdm(total=len(refs), desc="fit teachers", unit="teacher", disable=not progress) as bar:
         pending = list(refs)

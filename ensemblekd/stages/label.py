@@ -164,7 +164,7 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
     read of an input shard); each actor kept busy with IN_FLIGHT_PER_ACTOR shards."""
     from tqdm import tqdm
 
-    ensure_ray(cfg.ray)
+    ensure_ray(cfg.ray, cfg.node_paths())
     start = time.perf_counter()
     missing = set(todo)
     groups: dict[str, list[int]] = {}
@@ -179,8 +179,8 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
     actors: dict[str, list] = {}
     for key, members in groups.items():
         t = cfg.teachers[members[0]]  # a group's members share replicas and resources (checked by the config)
-        require(f"teacher '{t.name}' (num_cpus/num_gpus)", t.num_cpus, t.num_gpus)
-        opts = dict(num_cpus=t.num_cpus, num_gpus=t.num_gpus, max_restarts=-1, max_task_retries=3)
+        require(f"teacher '{t.name}' (num_cpus/num_gpus/resources)", t.num_cpus, t.num_gpus, t.resources)
+        opts = dict(num_cpus=t.num_cpus, num_gpus=t.num_gpus, resources=t.resources, max_restarts=-1, max_task_retries=3)
         actors[key] = [actor_cls.options(**opts).remote(cfg, members) for _ in range(t.replicas)]
 
     in_flight: dict[Any, tuple[str, int, list[str], str, Any]] = {}

@@ -16,6 +16,7 @@ import copy
 import io
 import math
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -217,6 +218,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def _train(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
 
     cfg: Config = config["cfg"]
@@ -237,6 +239,7 @@ def _train(config: dict[str, Any]) -> None:
             start_epoch = int(state["epoch"]) + 1
 
     counter = config.get("progress") if worker.rank == 0 else None
+    placement = {"rank": worker.rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
     for epoch in range(start_epoch, tr.epochs):
         t0 = time.perf_counter()
         sums, steps = worker.train_epoch(engine, epoch, counter)
@@ -245,6 +248,7 @@ def _train(config: dict[str, Any]) -> None:
             metrics["resumed_from_epoch"] = start_epoch
         if worker.rank == 0:
             metrics["steps"] = steps
+        metrics["worker"] = placement
         state = full_state_dict(engine) if epoch == tr.epochs - 1 else None  # collective under ZeRO-3: every rank joins
         with tempfile.TemporaryDirectory() as tmp:
             engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag=f"epoch-{epoch}", client_state={"epoch": epoch})

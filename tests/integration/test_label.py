@@ -161,5 +161,19 @@ def test_grouped_teachers_must_share_resources(tmp_path, digits_dir):
     raw = tiny_config(tmp_path, digits_dir)
     raw["teachers"][0].update(group="g", num_cpus=0.5)
     raw["teachers"][1].update(group="g", num_cpus=0.25)
-    with pytest.raises(UserError, match="share group 'g' .* but not replicas/num_cpus/num_gpus"):
+    with pytest.raises(UserError, match="share group 'g' .* but not replicas/num_cpus/num_gpus/resources"):
         ekd.load_config(write_config(tmp_path, raw), check=False)
+    raw["teachers"][1].update(num_cpus=0.5, resources={"big_mem": 1})
+    with pytest.raises(UserError, match="share group 'g' .* but not replicas/num_cpus/num_gpus/resources"):
+        ekd.load_config(write_config(tmp_path, raw), check=False)
+
+
+def test_a_custom_resource_no_node_has_is_refused_before_any_shard(labelled, tmp_path):
+    cfg = labelled[0].model_copy(deep=True)
+    cfg.store.uri = str(tmp_path / "store")
+    cfg.teachers[1].resources = {"big_mem": 1.0}
+    with pytest.raises(UserError, match=r"^teacher 'mlp_b' \(num_cpus/num_gpus/resources\): asks for resources "
+                                        r"\{'big_mem': 1.0\}, but no Ray node has them \(custom resources of this "
+                                        r"cluster: none\); fix it or start a node with `ray start --resources`$"):
+        ekd.label(cfg, progress=False)
+    assert not list((tmp_path / "store").rglob("*.parquet"))
