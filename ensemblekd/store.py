@@ -3,6 +3,7 @@
 Layout on any fsspec URI:
 
     STORE/manifest.json
+    STORE/_commits/NNNNNNNN.json                  shards committed since manifest.json was last written whole
     STORE/<split>/<teacher>/part-NNNNN.parquet    columns: id int64 and the task's targets (its codec:
                                                   classification: logits fixed_size_list<fp16|fp32>[C];
                                                   token: top-k log-probs, ids and tail mass per position)
@@ -12,6 +13,13 @@ input `id`, so alignment can be checked. Raw logits are stored (temperature is a
 choice). A shard file appears whole (write-then-rename; a single PUT on object stores) and is
 only trusted once the manifest lists it with its rows, bytes and sha256; the manifest is written
 by the driver alone, after the shards it lists.
+
+While a label run goes, the driver does not rewrite the whole manifest about once a second (at
+10,000 shards x 8 teachers that is 37 MB and seconds of JSON each time): it appends the entries
+committed since its last save as one small log object, `_commits/NNNNNNNN.json`, which appears whole
+like a shard. Store.open replays the log objects after the manifest's `log_seq` in order, so a reader
+(or a run resumed after a crash) sees every committed shard; the end of the run writes the manifest
+whole, with the new `log_seq`, and deletes the log objects it holds.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from ensemblekd.io import fs
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+COMMITS = "_commits"  # the commit log: NNNNNNNN.json, each {"seq": N, "commits": [[split, teacher, index, entry]]}
 LOCK = "label.lock"
 LOCK_STALE_S = 120.0  # a holder on another host that has not refreshed its lock for this long is gone
 
@@ -125,6 +134,8 @@ class Store:
         self.uri = uri
         self.manifest = manifest
         self.lock: StoreLock | None = None  # held by the label run that writes this store
+        self.unsaved: list[list[Any]] = []  # commits since the last save, as commit() was given them
+        self.log_seq = manifest.get("log_seq", 0)  # the last commit-log object written or replayed
 
     # -- opening and saving -------------------------------------------------------------
     @classmethod
@@ -139,17 +150,56 @@ class Store:
             check_manifest(manifest, path)
             if manifest.get("vocab_size") and "codec" not in manifest:
                 manifest["codec"] = "float16"  # token stores from before store.codec have only this one
-            return cls(uri, manifest)
+            store = cls(uri, manifest)
+            store._replay()
+            return store
         if not create:
             raise UserError(f"no soft-target store at '{uri}' (no {MANIFEST}); run 'ensemblekd label CONFIG' first")
         return cls(uri, {"schema_version": SCHEMA_VERSION, "task": None, "num_classes": None,
                          "dtype": None, "inputs": {}, "teachers": {}, "shards": {}})
 
-    def save(self) -> None:
+    def save(self, whole: bool = True) -> None:
+        """Write the manifest whole (and drop the commit-log objects it now holds), or, with
+        whole=False, append just the commits since the last save to the commit log: one small
+        object, whatever the size of the store. Only commits go to the log; any other change to the
+        manifest (inputs, teachers, forgotten shards) needs a whole save."""
         if self.lock:
             self.lock.refresh()
+        if not whole:
+            if self.unsaved:
+                self.log_seq += 1
+                record = {"seq": self.log_seq, "commits": self.unsaved}
+                fs.write_bytes_atomic(self._log_uri(self.log_seq), json.dumps(record).encode())
+                self.unsaved = []
+            return
         self.manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.manifest["log_seq"] = self.log_seq
         fs.write_bytes_atomic(fs.join(self.uri, MANIFEST), json.dumps(self.manifest, indent=1, sort_keys=True).encode())
+        self.unsaved = []
+        fs.remove_all([uri for seq, uri in self._log_objects() if seq <= self.log_seq])
+
+    def _log_uri(self, seq: int) -> str:
+        return fs.join(self.uri, COMMITS, f"{seq:08d}.json")
+
+    def _log_objects(self) -> list[tuple[int, str]]:
+        names = fs.file_sizes(fs.join(self.uri, COMMITS))  # one listing, fresh on object stores
+        return sorted((int(n[:-5]), fs.join(self.uri, COMMITS, n)) for n in names
+                      if n.endswith(".json") and n[:-5].isdigit())
+
+    def _replay(self) -> None:
+        """Apply the commit-log objects newer than the manifest, in order."""
+        for seq, uri in self._log_objects():
+            if seq <= self.log_seq:
+                continue  # already in the manifest (a run that stopped before deleting it)
+            try:
+                record = json.loads(fs.read_bytes(uri))
+            except ValueError:
+                raise UserError(f"{uri}: a commit-log object that is not valid JSON; restore or delete it "
+                                "(its shards are then relabelled)") from None
+            for split, teacher, index, entry in record["commits"]:
+                self.commit(split, teacher, int(index), entry)
+            self.log_seq = seq
+        self.unsaved = []
 
     # -- what is there -------------------------------------------------------------------
     @property
@@ -312,6 +362,7 @@ class Store:
         return bad
 
     def commit(self, split: str, teacher: str, index: int, entry: dict[str, Any]) -> None:
+        self.unsaved.append([split, teacher, index, dict(entry)])
         num_classes = entry.pop("num_classes")
         self.set_dtype(entry.pop("dtype"))
         if self.manifest["num_classes"] not in (None, num_classes):  # agree_classes ran: only a teacher that changed

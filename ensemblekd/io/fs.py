@@ -206,6 +206,14 @@ def remove(uri: str) -> None:
         pass
 
 
+def remove_all(uris: list[str]) -> None:
+    """Delete files, in batches where the filesystem has them (S3: 1,000 keys a request)."""
+    if not uris:
+        return
+    fs, _ = filesystem(uris[0])
+    fs.rm([filesystem(u)[1] for u in uris])
+
+
 def table_to_parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)

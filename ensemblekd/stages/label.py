@@ -4,7 +4,8 @@ soft targets into the store, encoded by the task (raw logits, or top-k log-probs
 The unit of work is (split, teacher, input shard). An actor reads the input shard, runs its
 teacher, and writes the label shard straight into the store (the data never passes through
 the driver); the driver only commits the returned entry (rows, bytes, sha256) to the manifest,
-which it saves at most about once a second and at the end. Shards already committed with the
+which it saves at most about once a second (the new entries only, to the store's commit log: see
+Store.save) and whole at the end. Shards already committed with the
 same teacher fingerprint and the same input shard are skipped, so a re-run after a crash redoes
 only what is missing. Actors restart on death and their in-flight shard is retried.
 
@@ -30,7 +31,7 @@ from ensemblekd.data.inputs import input_shards
 from ensemblekd.errors import UserError
 from ensemblekd.io import fs
 from ensemblekd.io.ray_session import ensure_ray, require, unwrap
-from ensemblekd.store import MANIFEST, Store, StoreLock
+from ensemblekd.store import Store, StoreLock
 from ensemblekd.tasks import get_task
 from ensemblekd.teachers import kind_of
 
@@ -127,7 +128,7 @@ def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = Fals
     with StoreLock(cfg.store.uri).held(on_wait=waiting) as lock:
         store = Store.open(cfg.store.uri, create=True)
         store.lock = lock
-        fs.remove_temporaries(cfg.store.uri, ("*.parquet", MANIFEST))  # of a run killed mid-write: we are the writer now
+        fs.remove_temporaries(cfg.store.uri, ("*.parquet", "*.json"))  # of a run killed mid-write: we are the writer now
         repaired = store.forget_corrupt() if repair else []
         todo = plan(cfg, store, splits)
         if todo:
@@ -217,7 +218,7 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
                 count, unit = (tokens, "tokens") if tokens else (rows, "rows")
                 bar.set_postfix_str(f"{count / (time.perf_counter() - start):,.0f} {unit}/s")
                 if time.monotonic() - last_save > 1.0:
-                    store.save()
+                    store.save(whole=False)  # the new commits only: one small object (Store.save)
                     last_save = time.monotonic()
     finally:
         if agreed:

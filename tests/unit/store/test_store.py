@@ -73,6 +73,64 @@ def test_manifest_lists_only_committed_shards_and_survives_reopen(tmp_path):
     assert ids.tolist() == list(range(5)) and logits.shape == (5, 3)
 
 
+def test_commit_log_holds_the_commits_between_whole_saves(tmp_path):
+    """save(whole=False) appends only the new commits, as one small object; a reader (or a run
+    resumed after a crash) sees them; a whole save folds them into the manifest and deletes them."""
+    store = _store(str(tmp_path), n_shards=4)
+    store.save()
+    manifest = (tmp_path / "manifest.json").read_bytes()
+    for i in range(2):
+        _commit(store, "train", "a", i, np.arange(5), np.full((5, 3), i, np.float32))
+    store.save(whole=False)
+    store.save(whole=False)  # nothing new: nothing written
+    _commit(store, "train", "a", 2, np.arange(5), np.ones((5, 3), np.float32))
+    store.save(whole=False)
+    assert (tmp_path / "manifest.json").read_bytes() == manifest  # not rewritten
+    assert sorted(p.name for p in (tmp_path / "_commits").iterdir()) == ["00000001.json", "00000002.json"]
+    assert len(json.loads((tmp_path / "_commits" / "00000002.json").read_text())["commits"]) == 1
+
+    reader = Store.open(str(tmp_path))
+    assert reader.missing("train", "a") == [3] and reader.num_classes == 3 and reader.manifest["dtype"] == "float16"
+    assert reader.entry("train", "a", 1) == store.entry("train", "a", 1)
+    assert all(ok for *_, ok, _ in reader.verify())
+
+    _commit(reader, "train", "a", 3, np.arange(5), np.ones((5, 3), np.float32))  # the resumed run goes on
+    reader.save(whole=False)
+    assert (tmp_path / "_commits" / "00000003.json").exists()
+    reader.save()
+    assert not list((tmp_path / "_commits").iterdir())
+    assert json.loads((tmp_path / "manifest.json").read_text())["log_seq"] == 3
+    assert Store.open(str(tmp_path)).missing("train", "a") == []
+
+
+def test_commit_log_objects_already_in_the_manifest_are_not_replayed(tmp_path):
+    """A run stopped between writing the manifest whole and deleting the log objects it folded in:
+    those are skipped (their seq is at most the manifest's log_seq) and deleted by the next save."""
+    store = _store(str(tmp_path))
+    store.save()
+    _commit(store, "train", "a", 0, np.arange(5), np.ones((5, 3), np.float32))
+    store.save(whole=False)
+    kept = (tmp_path / "_commits" / "00000001.json").read_bytes()
+    store.forget_corrupt()
+    del store.manifest["shards"]["train"]["a"]["0"]  # forgotten after the log object was written
+    store.save()
+    (tmp_path / "_commits").mkdir(exist_ok=True)
+    (tmp_path / "_commits" / "00000001.json").write_bytes(kept)
+    reopened = Store.open(str(tmp_path))
+    assert reopened.missing("train", "a") == [0, 1]
+    reopened.save()
+    assert not list((tmp_path / "_commits").iterdir())
+
+
+def test_a_commit_log_object_that_is_not_json_is_one_line(tmp_path):
+    store = _store(str(tmp_path))
+    store.save()
+    (tmp_path / "_commits").mkdir()
+    (tmp_path / "_commits" / "00000001.json").write_text('{"seq": 1, "commits": [[')
+    with pytest.raises(UserError, match=r"00000001.json: a commit-log object that is not valid JSON; restore or delete"):
+        Store.open(str(tmp_path))
+
+
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "x" / "part.parquet"
 
