@@ -10,70 +10,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config, write_config
+from conftest import free_port, tiny_config, write_config
+from servers import KEY, SECRET, moto_server, s3fs_client, tracking_server
 
 pytestmark = pytest.mark.integration
 
 BUCKET = "ekd-remote-test"
 STORE = f"s3://{BUCKET}/store"
-KEY, SECRET = "ekd-test-key-id", "ekd-test-secret-not-for-mlflow"  # moto accepts any credentials
 EPOCHS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def server(cmd: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None, timeout: float = 180):
-    """Run a server in its own process group until the block ends; stop it (and the workers it
-    spawned) by its process id. Waits until `ready_url` answers at all."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env={**os.environ, **(env or {})})
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(ready_url, timeout=5).close()
-                break
-            except urllib.error.HTTPError:
-                break  # it answers
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"{cmd[:4]} did not start:\n{log.read_text()[-3000:]}") from None
-                time.sleep(0.3)
-        yield proc
-    finally:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(proc.pid, sig)  # the group this server leads: only what it started
-                proc.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-
-
-def s3fs_client(endpoint: str):
-    import s3fs
-
-    return s3fs.S3FileSystem(endpoint_url=endpoint, key=KEY, secret=SECRET, skip_instance_cache=True,
-                             use_listings_cache=False)
 
 
 def cli(*args, cwd, env=None, timeout=300):
@@ -84,10 +33,7 @@ def cli(*args, cwd, env=None, timeout=300):
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's S3 server on a free port with one empty bucket; yields the endpoint URL."""
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    with server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], endpoint, log):
+    with moto_server(tmp_path_factory.mktemp("moto")) as endpoint:
         s3fs_client(endpoint).mkdir(BUCKET)
         yield endpoint
 
@@ -95,15 +41,8 @@ def s3(tmp_path_factory):
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` with a SQLite backend and a served artifact root; yields (URL, artifact root)."""
-    tmp = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-           "--artifacts-destination", str(tmp / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-           "--workers", "1"]
-    # no job runner: it would start eight more processes on a two-core machine, for nothing here
-    with server(cmd, f"{url}/health", tmp / "server.log", env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}):
-        yield url, tmp / "artifacts"
+    with tracking_server(tmp_path_factory.mktemp("mlflow_server")) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
