@@ -1,0 +1,325 @@
+"""How ensemblekd's cost grows with the work: label seconds per million rows as rows grow, and the
+driver's manifest work as shards and teachers grow.
+
+label   `ensemblekd.label` on a local Ray (2 teachers, small MLPs, 16 features, 10 classes,
+        10,000-row shards) at 10^4, 10^5 and 10^6 rows (--max-rows 10000000 for 10^7): seconds,
+        seconds per million rows, and the driver's peak RSS.
+manifest  the label driver's bookkeeping at 10 -> 10,000 shards and 1 -> 8 teachers, with the real
+        Store on local disk: every shard committed as the label loop commits it, saved as the loop
+        saves it (about once a second), against a label stage whose length is the measured label
+        cost per shard and teacher (from `label`, or --entry-seconds). Two designs side by side:
+        the manifest written whole at each save (before), and the commit log (each save appends
+        only the new entries; the manifest is written whole at the start and the end). Reported:
+        seconds of manifest work, its share of the label stage, bytes written, driver peak RSS.
+
+    .venv/bin/python tools/bench_scale.py                 # both, ~10 min on 2 cores
+    .venv/bin/python tools/bench_scale.py --quick         # smoke test: small sizes only
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+SHARD_ROWS = 10_000
+SAVE_EVERY_S = 1.0  # the label loop's cadence (stages/label.py)
+WHOLE_MAX_ENTRIES = 8_000  # the before-design is run up to here
+
+
+def rss_mb() -> float:
+    return psutil.Process().memory_info().rss / 2**20
+
+
+# -- label: rows grow -----------------------------------------------------------------------------
+def synthetic(out: Path, rows: int, features: int = 16, classes: int = 10) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(classes, features)).astype(np.float32)
+    for split, n in (("train", rows), ("val", 2_000), ("test", 2_000)):
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for start in range(0, n, SHARD_ROWS):
+            m = min(SHARD_ROWS, n - start)
+            y = rng.integers(0, classes, m)
+            x = centers[y] + rng.normal(size=(m, features)).astype(np.float32)
+            table = pa.table({"id": np.arange(start, start + m, dtype=np.int64),
+                              "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), features).cast(
+                                  pa.list_(pa.float32())), "y": y.astype(np.int64)})
+            pq.write_table(table, out / split / f"part-{start // SHARD_ROWS:05d}.parquet")
+
+
+def label_config(work: Path, data: Path, store: str) -> dict[str, Any]:
+    teachers = []
+    for name, hidden in (("wide", [256]), ("deep", [128, 128])):
+        teachers.append({"name": name, "model": "ensemblekd.models:mlp",
+                         "kwargs": {"in_features": 16, "num_classes": 10, "hidden": hidden},
+                         "checkpoint": str(work / f"{name}.pt"), "num_cpus": 0.5, "batch_size": 4096})
+    return {"data": {"train": str(data / "train"), "val": str(data / "val"), "test": str(data / "test")},
+            "teachers": teachers, "store": {"uri": store},
+            "student": {"model": "ensemblekd.models:mlp", "kwargs": {"in_features": 16, "num_classes": 10}},
+            "trainer": {"output_dir": str(work / "out")}, "ray": {"num_cpus": 2}}
+
+
+def bench_label(work: Path, sizes: list[int]) -> list[dict[str, Any]]:
+    import torch
+
+    from ensemblekd.config import Config
+    from ensemblekd.models import build_module, save_state
+    from ensemblekd.stages.label import label
+
+    rows_out = []
+    for rows in sizes:
+        data = work / f"data-{rows}"
+        synthetic(data, rows)
+        cfg = Config.model_validate(label_config(work, data, str(work / f"store-{rows}")))
+        for t in cfg.teachers:  # random weights: the cost of labelling does not depend on them
+            if not os.path.exists(t.checkpoint):
+                torch.manual_seed(0)
+                save_state(build_module(t.model, t.kwargs), t.checkpoint)
+        gc.collect()
+        start = time.perf_counter()
+        result = label(cfg, splits=("train",), progress=False)
+        seconds = time.perf_counter() - start
+        entries = result["shards"]
+        previous = rows_out[-1] if rows_out else None
+        marginal = (seconds - previous["seconds"]) / (rows - previous["rows"]) * 1e6 if previous else None
+        rows_out.append({"bench": "label", "rows": rows, "shards": rows // SHARD_ROWS, "teachers": 2,
+                         "seconds": seconds, "s_per_million_rows": seconds / rows * 1e6,
+                         "marginal_s_per_million_rows": marginal,
+                         "s_per_shard_teacher": seconds / entries, "driver_peak_rss_mb": peak_rss_mb()})
+        print(json.dumps(rows_out[-1]), flush=True)
+        shutil.rmtree(data)
+        shutil.rmtree(work / f"store-{rows}")
+    return rows_out
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- manifest: shards and teachers grow ------------------------------------------------------------
+def entry(split: str, teacher: str, index: int) -> dict[str, Any]:
+    """A label shard's entry as a label actor returns it (classification, 10,000 rows)."""
+    digest = hashlib.sha256(f"{split}/{teacher}/{index}".encode()).hexdigest()
+    return {"rows": SHARD_ROWS, "bytes": 201_234, "sha256": digest, "num_classes": 10, "dtype": "float16",
+            "written_by": {"node_id": digest[:56], "host": "ip-10-0-12-34", "pid": 41_234}}
+
+
+class StoreSink:
+    """The real Store: the manifest written whole at each save (before), or the commit log (now)."""
+
+    def __init__(self, uri: str, shards: int, names: list[str], whole: bool):
+        from ensemblekd.store import Store
+
+        self.uri, self.whole_each_save, self.written = uri, whole, 0
+        self.store = store = Store.open(uri, create=True)
+        store.set_inputs("train", [{"uri": f"s3://bucket/data/train/part-{i:05d}.parquet", "rows": SHARD_ROWS,
+                                    "bytes": 412_345, "offset": i * SHARD_ROWS, "footer": f"{i:016x}"}
+                                   for i in range(shards)])
+        for name in names:
+            store.set_teacher(name, f"fp-{name}", {"model": "ensemblekd.models:mlp"})
+        store.manifest["num_classes"] = 10
+
+    def commit(self, split: str, teacher: str, index: int, e: dict[str, Any]) -> None:
+        self.store.commit(split, teacher, index, e)
+
+    def save(self, whole: bool) -> None:
+        whole = whole or self.whole_each_save
+        seq = self.store.log_seq
+        self.store.save(whole=whole)
+        path = os.path.join(self.uri, "manifest.json") if whole else self.store._log_uri(self.store.log_seq)
+        self.written += os.path.getsize(path) if whole or self.store.log_seq != seq else 0
+
+    def read(self) -> int:
+        from ensemblekd.store import Store
+
+        shards = Store.open(self.uri).manifest["shards"]
+        return sum(len(entries) for per in shards.values() for entries in per.values())
+
+
+class DeltaSink:
+    """A Delta Lake table (deltalake) of the entries: each save appends the new ones as one commit."""
+
+    def __init__(self, uri: str, shards: int, names: list[str], whole: bool):
+        self.uri, self.pending, self.written = uri, [], 0
+
+    def commit(self, split: str, teacher: str, index: int, e: dict[str, Any]) -> None:
+        w = e["written_by"]
+        self.pending.append({"split": split, "teacher": teacher, "index": index, "rows": e["rows"], "bytes": e["bytes"],
+                             "sha256": e["sha256"], "node_id": w["node_id"], "host": w["host"], "pid": w["pid"]})
+
+    def save(self, whole: bool) -> None:
+        import pyarrow as pa
+        from deltalake import write_deltalake
+
+        if self.pending:
+            write_deltalake(self.uri, pa.Table.from_pylist(self.pending), mode="append")
+            self.pending = []
+        self.written = sum(f.stat().st_size for f in Path(self.uri).rglob("*") if f.is_file())
+
+    def read(self) -> int:
+        from deltalake import DeltaTable
+
+        if not os.path.exists(self.uri):
+            return 0
+        return DeltaTable(self.uri).to_pyarrow_table().num_rows
+
+
+def bench_manifest(work: Path, shards: int, teachers: int, entry_seconds: float, design: str) -> dict[str, Any]:
+    """The label loop's bookkeeping, on a virtual clock: each commit advances it by entry_seconds
+    (the label cost per shard and teacher), each save by what the save really took (the driver's
+    loop is blocked while it saves). Then what a reader pays to open the store mid-run (before the
+    final whole save)."""
+    uri = str(work / f"manifest-{shards}-{teachers}-{design.replace(' ', '_')}")
+    gc.collect()
+    rss_before = rss_mb()
+    names = [f"teacher_{t}" for t in range(teachers)]
+    sink = (DeltaSink if design == "delta lake" else StoreSink)(uri, shards, names, design == "whole each save")
+    saving, saves, clock, last_save, peak = 0.0, 0, 0.0, 0.0, rss_mb()
+
+    def timed_save(whole: bool) -> None:
+        nonlocal saving, saves, clock
+        t0 = time.perf_counter()
+        sink.save(whole)
+        took = time.perf_counter() - t0
+        saving, saves, clock = saving + took, saves + 1, clock + took
+
+    timed_save(True)  # the plan, as label saves it once the teachers agree
+    for i in range(shards):
+        for name in names:
+            sink.commit("train", name, i, entry("train", name, i))
+            clock += entry_seconds
+            if clock - last_save > SAVE_EVERY_S:
+                timed_save(False)
+                last_save = clock
+                peak = max(peak, rss_mb())
+    t0 = time.perf_counter()
+    seen = sink.read()  # all but the commits since the last save
+    read_s = time.perf_counter() - t0
+    before = saving
+    timed_save(True)  # the end of the run: whole
+    final_save_s = saving - before
+    label_seconds = shards * teachers * entry_seconds
+    row = {"bench": "manifest", "design": design, "shards": shards, "teachers": teachers, "entries": shards * teachers,
+           "saves": saves, "manifest_s": saving, "label_s": label_seconds, "share": saving / (label_seconds + saving),
+           "manifest_mb": sink.written / 2**20, "reader_open_s": read_s, "reader_saw": seen, "final_save_s": final_save_s, "driver_rss_growth_mb": peak - rss_before}
+    shutil.rmtree(uri)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    m = res["machine"]
+    lines = [f"# bench_scale ({m['date']}, {m['cpu']}, {m['cores']} cores)", ""]
+    label = [r for r in rows if r["bench"] == "label"]
+    if label:
+        lines += ["## label: rows grow (2 teachers, 10,000-row shards, local Ray, 2 x 0.5 CPU)", "",
+                  "| rows | shards | seconds | s per million rows | marginal s per million rows | s per shard x teacher "
+                  "| driver peak RSS MB |",
+                  "|---:|---:|---:|---:|---:|---:|---:|"]
+        marginal = lambda r: "" if r["marginal_s_per_million_rows"] is None else f"{r['marginal_s_per_million_rows']:.2f}"  # noqa: E731
+        lines += [f"| {r['rows']:,} | {r['shards']:,} | {r['seconds']:.1f} | {r['s_per_million_rows']:.1f} | {marginal(r)} | "
+                  f"{r['s_per_shard_teacher']:.3f} | {r['driver_peak_rss_mb']:.0f} |" for r in label]
+        lines.append("")
+    manifest = [r for r in rows if r["bench"] == "manifest"]
+    if manifest:
+        lines += [f"## manifest: shards and teachers grow (label cost {res['entry_seconds']:.3f} s per shard x "
+                  "teacher, saved about once a second, local disk)", "",
+                  "| design | shards | teachers | entries | saves | manifest s | share of label | MB written | "
+                  "reader open s | final whole save s | driver RSS growth MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['design']} | {r['shards']:,} | {r['teachers']} | {r['entries']:,} | {r['saves']:,} | "
+                  f"{r['manifest_s']:.2f} | {100 * r['share']:.2f}% | {r['manifest_mb']:.1f} | "
+                  f"{r['reader_open_s']:.2f} | {r['final_save_s']:.2f} | {r['driver_rss_growth_mb']:.0f} |" for r in manifest]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """scale.png: label seconds per million rows against rows; manifest seconds against entries, per design."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    label = [r for r in rows if r["bench"] == "label"]
+    if label:
+        left.loglog([r["rows"] for r in label], [r["s_per_million_rows"] for r in label], "o-")
+    left.set(xlabel="rows labelled", ylabel="label s per million rows", title="label: cost per row")
+    for design in dict.fromkeys(r["design"] for r in rows if r["bench"] == "manifest"):
+        pts = sorted((r["entries"], r["manifest_s"]) for r in rows if r.get("design") == design and r["teachers"] == 8)
+        if pts:
+            right.loglog(*zip(*pts), "o-", label=design)
+    right.set(xlabel="shards x teachers (8 teachers)", ylabel="manifest s in the label stage", title="manifest work")
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="tools/results", help="where scale.md and scale.json go (default tools/results)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 10^4 rows, up to 100 shards")
+    p.add_argument("--max-rows", type=int, default=1_000_000, help="largest label run (default 10^6)")
+    p.add_argument("--only", default="label,manifest", help="label, manifest, or both")
+    p.add_argument("--entry-seconds", type=float, default=None,
+                   help="manifest: label seconds per shard x teacher (default: measured by label)")
+    p.add_argument("--delta", action="store_true", help="manifest: also a Delta Lake table (needs `pip install deltalake`)")
+    p.add_argument("--work", default=None, help="directory for data and stores (default: a temporary one, removed)")
+    args = p.parse_args(argv)
+    from bench_common import machine, write_results
+
+    import pyarrow as pa
+    import ray
+
+    only = args.only.split(",")
+    work = Path(args.work or tempfile.mkdtemp(prefix="ekd-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    res: dict[str, Any] = {"machine": machine(ray=ray.__version__, pyarrow=pa.__version__)}
+    try:
+        if "label" in only:
+            sizes = [10_000] if args.quick else [n for n in (10_000, 100_000, 1_000_000, 10_000_000) if n <= args.max_rows]
+            rows += bench_label(work, sizes)
+        measured = [r["s_per_shard_teacher"] for r in rows if r["bench"] == "label"]
+        res["entry_seconds"] = args.entry_seconds or (measured[-1] if measured else 0.05)
+        if "manifest" in only:
+            designs = ["whole each save", "commit log"] + (["delta lake"] if args.delta else [])
+            for module in ["ensemblekd.store"] + (["deltalake"] if args.delta else []):
+                importlib.import_module(module)  # before any RSS is measured
+            grid = [(10, 1), (100, 8)] if args.quick else [(10, 8), (100, 8), (1_000, 8), (10_000, 1), (10_000, 2),
+                                                           (10_000, 8)]
+            for shards, teachers in grid:
+                for design in designs:
+                    if design == "whole each save" and shards * teachers > WHOLE_MAX_ENTRIES:
+                        continue  # hours: each of thousands of saves rewrites tens of MB (see final whole save)
+                    rows.append(bench_manifest(work, shards, teachers, res["entry_seconds"], design))
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, "scale", res, rows, markdown(res, rows))
+    plot(rows, out / "scale.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
