@@ -131,7 +131,7 @@ def test_resources_no_node_has_are_refused_instead_of_hanging(tmp_path, digits_d
     cfg["teachers"][1]["num_gpus"] = 1                 # no GPU on this machine's Ray
     loaded = ekd.load_config(write_config(tmp_path, cfg))
     ekd.label(loaded.model_copy(update={"teachers": loaded.teachers[:1]}), progress=False)
-    with pytest.raises(UserError, match=r"teacher 'mlp_b' \(num_cpus/num_gpus\): asks for 0.5 CPU and 1 GPU"):
+    with pytest.raises(UserError, match=r"teacher 'mlp_b' \(num_cpus/num_gpus/resources\): asks for 0.5 CPU and 1 GPU"):
         ekd.label(loaded, progress=False)
     assert Store.open(loaded.store.uri).missing("train", "mlp_a") == []   # nothing already written is lost
 
