@@ -1,18 +1,22 @@
-"""How ensemblekd's cost grows with the work: label seconds per million rows as rows grow, and the
-driver's manifest work as shards and teachers grow.
+"""How ensemblekd's cost grows with the work: label and distill seconds per million rows as rows
+grow, and the driver's manifest work as shards and teachers grow.
 
-label   `ensemblekd.label` on a local Ray (2 teachers, small MLPs, 16 features, 10 classes,
-        10,000-row shards) at 10^4, 10^5 and 10^6 rows (--max-rows 10000000 for 10^7): seconds,
-        seconds per million rows, and the driver's peak RSS.
+label   `ensemblekd.label` on a local Ray (2 teachers, small MLPs with random weights, 16 features,
+        10 classes, 10,000-row shards) at 10^4, 10^5 and 10^6 rows (--max-rows 10000000 for 10^7):
+        seconds, seconds per million rows (total, and marginal: against the size before), and the
+        driver's peak RSS.
+distill two epochs of `ensemblekd distill` from each of those stores up to --distill-max-rows (10^6):
+        seconds with start-up, and the second epoch's own seconds per million rows.
 manifest  the label driver's bookkeeping at 10 -> 10,000 shards and 1 -> 8 teachers, with the real
         Store on local disk: every shard committed as the label loop commits it, saved as the loop
         saves it (about once a second), against a label stage whose length is the measured label
-        cost per shard and teacher (from `label`, or --entry-seconds). Two designs side by side:
-        the manifest written whole at each save (before), and the commit log (each save appends
-        only the new entries; the manifest is written whole at the start and the end). Reported:
+        cost per shard and teacher (from `label`, or --entry-seconds). Designs side by side:
+        the manifest written whole at each save (before), the commit log (each save appends only
+        the new entries; the manifest is written whole at the start and the end), and with
+        --delta a Delta Lake table (`pip install deltalake`) appended at each save. Reported:
         seconds of manifest work, its share of the label stage, bytes written, driver peak RSS.
 
-    .venv/bin/python tools/bench_scale.py                 # both, ~10 min on 2 cores
+    .venv/bin/python tools/bench_scale.py --delta --max-rows 10000000   # all, ~15 min on 2 cores
     .venv/bin/python tools/bench_scale.py --quick         # smoke test: small sizes only
 """
 
@@ -75,7 +79,9 @@ def label_config(work: Path, data: Path, store: str) -> dict[str, Any]:
             "trainer": {"output_dir": str(work / "out")}, "ray": {"num_cpus": 2}}
 
 
-def bench_label(work: Path, sizes: list[int]) -> list[dict[str, Any]]:
+def bench_label(work: Path, sizes: list[int], distill_max_rows: int) -> list[dict[str, Any]]:
+    """Label each size's train split (and val, which distill needs), then, up to distill_max_rows,
+    distil one epoch from it."""
     import torch
 
     from ensemblekd.config import Config
@@ -96,16 +102,38 @@ def bench_label(work: Path, sizes: list[int]) -> list[dict[str, Any]]:
         result = label(cfg, splits=("train",), progress=False)
         seconds = time.perf_counter() - start
         entries = result["shards"]
-        previous = rows_out[-1] if rows_out else None
+        if rows <= distill_max_rows:
+            label(cfg, splits=("val",), progress=False)
+        previous = next((r for r in reversed(rows_out) if r["bench"] == "label"), None)
         marginal = (seconds - previous["seconds"]) / (rows - previous["rows"]) * 1e6 if previous else None
         rows_out.append({"bench": "label", "rows": rows, "shards": rows // SHARD_ROWS, "teachers": 2,
                          "seconds": seconds, "s_per_million_rows": seconds / rows * 1e6,
                          "marginal_s_per_million_rows": marginal,
                          "s_per_shard_teacher": seconds / entries, "driver_peak_rss_mb": peak_rss_mb()})
         print(json.dumps(rows_out[-1]), flush=True)
+        if rows <= distill_max_rows:
+            rows_out.append(bench_distill(cfg, rows, [r for r in rows_out if r["bench"] == "distill"]))
         shutil.rmtree(data)
         shutil.rmtree(work / f"store-{rows}")
     return rows_out
+
+
+def bench_distill(cfg, rows: int, before: list[dict[str, Any]]) -> dict[str, Any]:
+    """Two epochs of distill (2 Ray Train workers x 0.5 CPU, DeepSpeed on CPU, global batch 256) from
+    the store just labelled: seconds from the driver's call (Ray Train's start-up included), and
+    the second epoch's own seconds (the steady cost per row)."""
+    from ensemblekd.stages.distill import distill
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.trainer.epochs, cfg.trainer.batch_size = 2, 256
+    result = distill(cfg, None, progress=False)
+    seconds, epoch = result["seconds"], result["metrics"]["epoch_seconds"]
+    marginal = (seconds - before[-1]["seconds"]) / (rows - before[-1]["rows"]) * 1e6 if before else None
+    row = {"bench": "distill", "rows": rows, "shards": rows // SHARD_ROWS, "teachers": 2, "seconds": seconds,
+           "s_per_million_rows": seconds / rows * 1e6, "marginal_s_per_million_rows": marginal,
+           "epoch_s": epoch, "epoch_s_per_million_rows": epoch / rows * 1e6, "driver_peak_rss_mb": peak_rss_mb()}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def peak_rss_mb() -> float:
@@ -228,15 +256,27 @@ def bench_manifest(work: Path, shards: int, teachers: int, entry_seconds: float,
 def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     m = res["machine"]
     lines = [f"# bench_scale ({m['date']}, {m['cpu']}, {m['cores']} cores)", ""]
+    def marginal(r: dict[str, Any]) -> str:
+        return "" if r["marginal_s_per_million_rows"] is None else f"{r['marginal_s_per_million_rows']:.2f}"
+
     label = [r for r in rows if r["bench"] == "label"]
     if label:
         lines += ["## label: rows grow (2 teachers, 10,000-row shards, local Ray, 2 x 0.5 CPU)", "",
                   "| rows | shards | seconds | s per million rows | marginal s per million rows | s per shard x teacher "
                   "| driver peak RSS MB |",
                   "|---:|---:|---:|---:|---:|---:|---:|"]
-        marginal = lambda r: "" if r["marginal_s_per_million_rows"] is None else f"{r['marginal_s_per_million_rows']:.2f}"  # noqa: E731
         lines += [f"| {r['rows']:,} | {r['shards']:,} | {r['seconds']:.1f} | {r['s_per_million_rows']:.1f} | {marginal(r)} | "
                   f"{r['s_per_shard_teacher']:.3f} | {r['driver_peak_rss_mb']:.0f} |" for r in label]
+        lines.append("")
+    distilled = [r for r in rows if r["bench"] == "distill"]
+    if distilled:
+        lines += ["## distill: rows grow (two epochs, 2 Ray Train workers x 0.5 CPU, DeepSpeed on CPU, batch 256)", "",
+                  "| rows | shards | seconds | s per million rows | marginal s per million rows | epoch 2 s | "
+                  "epoch 2 s per million rows | driver peak RSS MB |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['rows']:,} | {r['shards']:,} | {r['seconds']:.1f} | {r['s_per_million_rows']:.1f} | "
+                  f"{marginal(r)} | {r['epoch_s']:.1f} | {r['epoch_s_per_million_rows']:.1f} | "
+                  f"{r['driver_peak_rss_mb']:.0f} |" for r in distilled]
         lines.append("")
     manifest = [r for r in rows if r["bench"] == "manifest"]
     if manifest:
@@ -259,10 +299,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    label = [r for r in rows if r["bench"] == "label"]
-    if label:
-        left.loglog([r["rows"] for r in label], [r["s_per_million_rows"] for r in label], "o-")
-    left.set(xlabel="rows labelled", ylabel="label s per million rows", title="label: cost per row")
+    for bench in ("label", "distill"):
+        pts = [r for r in rows if r["bench"] == bench]
+        if pts:
+            left.loglog([r["rows"] for r in pts], [r["s_per_million_rows"] for r in pts], "o-", label=bench)
+    left.set(xlabel="rows", ylabel="s per million rows (start-up included)", title="label and distill: cost per row")
+    left.legend()
     for design in dict.fromkeys(r["design"] for r in rows if r["bench"] == "manifest"):
         pts = sorted((r["entries"], r["manifest_s"]) for r in rows if r.get("design") == design and r["teachers"] == 8)
         if pts:
@@ -278,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="tools/results", help="where scale.md and scale.json go (default tools/results)")
     p.add_argument("--quick", action="store_true", help="smoke test: 10^4 rows, up to 100 shards")
     p.add_argument("--max-rows", type=int, default=1_000_000, help="largest label run (default 10^6)")
-    p.add_argument("--only", default="label,manifest", help="label, manifest, or both")
+    p.add_argument("--only", default="label,distill,manifest", help="comma-separated subset of label, distill "
+                   "(runs with label), manifest")
+    p.add_argument("--distill-max-rows", type=int, default=1_000_000, help="largest distill run (default 10^6)")
     p.add_argument("--entry-seconds", type=float, default=None,
                    help="manifest: label seconds per shard x teacher (default: measured by label)")
     p.add_argument("--delta", action="store_true", help="manifest: also a Delta Lake table (needs `pip install deltalake`)")
@@ -295,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     res: dict[str, Any] = {"machine": machine(ray=ray.__version__, pyarrow=pa.__version__)}
     try:
-        if "label" in only:
+        if "label" in only or "distill" in only:
             sizes = [10_000] if args.quick else [n for n in (10_000, 100_000, 1_000_000, 10_000_000) if n <= args.max_rows]
-            rows += bench_label(work, sizes)
+            rows += bench_label(work, sizes, args.distill_max_rows if "distill" in only else 0)
         measured = [r["s_per_shard_teacher"] for r in rows if r["bench"] == "label"]
         res["entry_seconds"] = args.entry_seconds or (measured[-1] if measured else 0.05)
         if "manifest" in only:
