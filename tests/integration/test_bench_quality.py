@@ -17,11 +17,10 @@ def test_bench_quality_quick(tmp_path):
                           capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (tmp_path / "quality.md").read_text()
-    for regime in ("full", "low"):
-        for variant in ("alone", "ca_mkd"):
-            assert f"| digits | {regime} | mlp[32] (2,410 p) | {variant} |" in table
+    for regime, variant in (("full", "alone"), ("low", "ca_mkd")):
+        assert f"| digits | {regime} | mlp[32] (2,410 p) | {variant} |" in table
     results = json.loads((tmp_path / "quality.json").read_text())
-    assert len(results) == 4 and all(0.0 <= r["student"] <= 1.0 for r in results)
+    assert len(results) == 2 and all(0.0 <= r["student"] <= 1.0 for r in results)
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     low = next(r for r in results if r["regime"] == "low")
     assert low["teachers"]["wide_mlp"] > 0.9            # teachers were fitted on full labels

@@ -259,7 +259,7 @@ def test_distill_resumes_on_another_node_after_losing_one(label_with_a_node_lost
     from mlflow.tracking import MlflowClient
 
     assert label_with_a_node_lost["returncode"] == 0
-    epochs = 20
+    epochs = 12
     cfg = cluster_config("label_loss", servers, trainer={"epochs": epochs})
     nodes = {v: k for k, v in cluster.node_ids().items()}
     proc = driver(cluster, "distill", write(tmp_path, cfg), cwd=tmp_path)
