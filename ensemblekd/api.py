@@ -46,6 +46,7 @@ class LabelResult:
     seconds: float
     fitted: list[dict[str, Any]] = field(default_factory=list)   # teachers fitted first: name, val_accuracy, seconds
     repaired: list[str] = field(default_factory=list)            # shards found corrupt and relabelled (repair=True)
+    actors: list[dict[str, Any]] = field(default_factory=list)   # label actor pools: teachers, replicas (placement)
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,8 @@ def label(config: ConfigSource, overrides: list[str] | None = None, progress: bo
     with ray_session():
         fitted = _prepare_and_fit(cfg, progress)
         result = label_store(cfg, progress=progress, repair=repair)
-    return LabelResult(cfg.store.uri, result["shards"], result["rows"], result["seconds"], fitted, result["repaired"])
+    return LabelResult(cfg.store.uri, result["shards"], result["rows"], result["seconds"], fitted, result["repaired"],
+                       result["actors"])
 
 
 def distill(config: ConfigSource, overrides: list[str] | None = None, progress: bool = True) -> DistillResult:
@@ -184,6 +186,7 @@ def run(config: ConfigSource, overrides: list[str] | None = None, progress: bool
             tracking.log_metrics({f"teacher_val_accuracy.{t.name}": store.teacher(t.name).get("val_accuracy")
                                   for t in cfg.teachers})
             tracking.log_json(store.manifest, "store/manifest.json")
+            tracking.log_json(labelled["actors"], "label/actors.json")
             trained = chain.distill_chain(cfg, info, progress)
             if cfg.evaluate.baseline:
                 chain.distill_baseline(cfg, info, progress)

@@ -103,7 +103,9 @@ def cmd_label(args) -> int:
     result = api.label(args.config, args.overrides, progress=not args.no_progress, repair=args.repair)
     for shard in result.repaired:
         print(f"repaired {shard}")
-    print(f"labelled {result.shards} shard(s), {result.rows:,} rows in {result.seconds:.1f} s into {result.store}")
+    pools = ", ".join(f"{p['replicas']} × {'+'.join(p['teachers'])}" for p in result.actors)
+    print(f"labelled {result.shards} shard(s), {result.rows:,} rows in {result.seconds:.1f} s into {result.store}"
+          + (f" (actors: {pools})" if pools else ""))
     return 0
 
 

@@ -116,7 +116,8 @@ class TeacherConfig(_Section):
     batch_size: Int = Field(default=1024, ge=1)
     group: str | None = Field(default=None, description="label: teachers with the same group share each actor "
                               "(one read of every input shard for all of them); they must share replicas, "
-                              "num_cpus, num_gpus and resources")
+                              "num_cpus, num_gpus and resources. None: CPU teachers alike in resources share "
+                              "actors when they fit (stages.placement); a group of one labels alone")
 
 
 class StoreConfig(_Section):

@@ -1,15 +1,16 @@
-"""The label stage: one Ray actor pool per teacher (or per `teachers.group`) writes the teachers'
-soft targets into the store, encoded by the task (raw logits, or top-k log-probs for task token).
+"""The label stage: Ray actor pools write the teachers' soft targets into the store, encoded by the
+task (raw logits, or top-k log-probs for task token). An actor hosts several teachers when they fit
+(stages.placement), or as `teachers.group` says.
 
-The unit of work is (split, teacher, input shard). An actor reads the input shard, runs its
-teacher, and writes the label shard straight into the store (the data never passes through
+The unit of work is (split, teacher, input shard). An actor reads the input shard once, runs its
+teachers, and writes the label shard straight into the store (the data never passes through
 the driver); the driver only commits the returned entry (rows, bytes, sha256) to the manifest,
 which it saves at most about once a second (the new entries only, to the store's commit log: see
 Store.save) and whole at the end. Shards already committed with the
 same teacher fingerprint and the same input shard are skipped, so a re-run after a crash redoes
 only what is missing. Actors restart on death and their in-flight shard is retried.
 
-Each teacher's actor decodes the input shard itself. Sharing one decoded copy per shard through
+Each actor decodes the input shard itself. Sharing one decoded copy per shard between actors through
 Ray's object store was measured slower on 2 cores (200k rows: 15.2 s against 13.6 s): the
 reading task is one more process, and its copy into the object store costs about what it saves.
 """
@@ -31,6 +32,7 @@ from ensemblekd.data.inputs import input_shards
 from ensemblekd.errors import UserError
 from ensemblekd.io import fs
 from ensemblekd.io.ray_session import ensure_ray, require, unwrap
+from ensemblekd.stages.placement import Pool, check_fits, pools, room_in_cluster
 from ensemblekd.store import Store, StoreLock
 from ensemblekd.tasks import get_task
 from ensemblekd.teachers import kind_of
@@ -135,7 +137,7 @@ def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = Fals
             result = run_pools(cfg, store, todo, progress)  # saves the plan once the teachers agree
         else:
             store.save()
-            result = {"shards": 0, "rows": 0, "seconds": 0.0}
+            result = {"shards": 0, "rows": 0, "seconds": 0.0, "actors": []}
         result["repaired"] = [f"{split}/{teacher}/shard {index} ({why})" for split, teacher, index, why in repaired]
         teachers = store.manifest["teachers"]
         if "val" in splits and (todo or any(teachers[t.name].get("val_accuracy") is None for t in cfg.teachers)):
@@ -144,76 +146,84 @@ def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = Fals
     return result
 
 
-def agree(cfg: Config, store: Store, todo: list[tuple[str, str, int]], actors: dict[str, list],
-          groups: dict[str, list[int]]) -> None:
+def agree(cfg: Config, store: Store, todo: list[tuple[str, str, int]], actors: dict[Pool, list]) -> None:
     """Before any shard is written: every teacher to label is run on a few rows of its first shard,
     and the store's label space is settled from what they output (Store.agree_classes)."""
     refs = []
-    for key, pool in actors.items():
-        names = [cfg.teachers[m].name for m in groups[key]]
+    for pool, replicas in actors.items():
+        names = pool.names(cfg)
         split, _, i = next(job for job in todo if job[1] in names)
         shard = store.inputs(split)[i]
-        refs.append(pool[0].probe.remote(shard, [n for n in names if any(job[1] == n for job in todo)],
-                                         f"{split} shard {i} ({shard['uri']})"))
+        refs.append(replicas[0].probe.remote(shard, [n for n in names if any(job[1] == n for job in todo)],
+                                             f"{split} shard {i} ({shard['uri']})"))
     counts = {name: count for ref in refs for name, count in unwrap(ray.get, ref).items()}
     for name in store.agree_classes(counts, [t.name for t in cfg.teachers]):
         note(f"forgot teacher '{name}' (no longer configured; its targets hold another number of classes)")
 
 
+def start_actors(cfg: Config, todo: list[tuple[str, str, int]]) -> dict[Pool, list]:
+    """The label actors of each pool (placement.pools: automatic unless the teachers set `group`),
+    once every pool's actors can run at the same time (else one line: a pending actor would hold
+    its queued shards forever)."""
+    indices = [i for i, t in enumerate(cfg.teachers) if any(name == t.name for _, name, _ in todo)]
+    chosen = pools(cfg, indices, lambda t: kind_of(t).memory_bytes(cfg, t), room_in_cluster)
+    for pool in chosen:
+        t = cfg.teachers[pool.members[0]]  # a pool's members share num_cpus/num_gpus/resources (config, placement)
+        who = ", ".join(f"'{name}'" for name in pool.names(cfg))
+        require(f"teacher{'s' if len(pool.members) > 1 else ''} {who} (num_cpus/num_gpus/resources)",
+                t.num_cpus, t.num_gpus, t.resources)
+    check_fits(cfg, chosen, ray.cluster_resources())
+    actor_cls = ray.remote(TeacherWorker)
+    actors: dict[Pool, list] = {}
+    for pool in chosen:
+        t = cfg.teachers[pool.members[0]]
+        opts = dict(num_cpus=t.num_cpus, num_gpus=t.num_gpus, resources=t.resources, max_restarts=-1, max_task_retries=3)
+        actors[pool] = [actor_cls.options(**opts).remote(cfg, list(pool.members)) for _ in range(pool.replicas)]
+    return actors
+
+
 def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progress: bool) -> dict[str, Any]:
-    """One actor pool per teacher, or per `teachers.group` (its teachers share each actor and each
-    read of an input shard); each actor kept busy with IN_FLIGHT_PER_ACTOR shards."""
+    """The teachers' actor pools (start_actors), each actor kept busy with IN_FLIGHT_PER_ACTOR shards;
+    a pool's teachers share each of its actors and each read of an input shard."""
     from tqdm import tqdm
 
     ensure_ray(cfg.ray, cfg.node_paths())
     start = time.perf_counter()
     missing = set(todo)
-    groups: dict[str, list[int]] = {}
-    for i, t in enumerate(cfg.teachers):
-        if any(name == t.name for _, name, _ in todo):
-            groups.setdefault(t.group or t.name, []).append(i)
-    queues: dict[str, deque] = {}
-    for key, members in groups.items():
-        names = {cfg.teachers[i].name for i in members}
-        queues[key] = deque(dict.fromkeys((split, i) for split, name, i in todo if name in names))
-    actor_cls = ray.remote(TeacherWorker)
-    actors: dict[str, list] = {}
-    for key, members in groups.items():
-        t = cfg.teachers[members[0]]  # a group's members share replicas and resources (checked by the config)
-        require(f"teacher '{t.name}' (num_cpus/num_gpus/resources)", t.num_cpus, t.num_gpus, t.resources)
-        opts = dict(num_cpus=t.num_cpus, num_gpus=t.num_gpus, resources=t.resources, max_restarts=-1, max_task_retries=3)
-        actors[key] = [actor_cls.options(**opts).remote(cfg, members) for _ in range(t.replicas)]
+    actors = start_actors(cfg, todo)
+    queues = {pool: deque(dict.fromkeys((split, i) for split, name, i in todo if name in pool.names(cfg)))
+              for pool in actors}
 
-    in_flight: dict[Any, tuple[str, int, list[str], str, Any]] = {}
+    in_flight: dict[Any, tuple[str, int, list[str], Pool, Any]] = {}
 
-    def submit(key: str, actor) -> None:
-        if not queues[key]:
+    def submit(pool: Pool, actor) -> None:
+        if not queues[pool]:
             return
-        split, i = queues[key].popleft()
-        names = [cfg.teachers[m].name for m in groups[key] if (split, cfg.teachers[m].name, i) in missing]
+        split, i = queues[pool].popleft()
+        names = [name for name in pool.names(cfg) if (split, name, i) in missing]
         shard = store.inputs(split)[i]
         jobs = [(name, store.shard_uri(split, name, i)) for name in names]
         ref = actor.label.remote(shard, jobs, f"{split} shard {i} ({shard['uri']})")
-        in_flight[ref] = (split, i, names, key, actor)
+        in_flight[ref] = (split, i, names, pool, actor)
 
     rows, tokens, last_save, agreed = 0, 0, time.monotonic(), False
     try:
-        agree(cfg, store, todo, actors, groups)
+        agree(cfg, store, todo, actors)
         store.save()  # the plan (shards of changed inputs or teachers forgotten) before any shard is rewritten
         agreed = True
-        for key, pool in actors.items():
+        for pool, replicas in actors.items():
             for _ in range(IN_FLIGHT_PER_ACTOR):
-                for actor in pool:
-                    submit(key, actor)
+                for actor in replicas:
+                    submit(pool, actor)
         with tqdm(total=len(todo), desc="label", unit="shard", disable=not progress) as bar:
             while in_flight:
                 done, _ = ray.wait(list(in_flight), num_returns=1)
-                split, i, names, key, actor = in_flight.pop(done[0])
+                split, i, names, pool, actor = in_flight.pop(done[0])
                 for name, entry in zip(names, unwrap(ray.get, done[0])):
                     store.commit(split, name, i, entry)
                     rows += entry["rows"]
                     tokens += entry.get("tokens", 0)  # task token: rows are sequences, tokens the unit of work
-                submit(key, actor)
+                submit(pool, actor)
                 bar.update(len(names))
                 count, unit = (tokens, "tokens") if tokens else (rows, "rows")
                 bar.set_postfix_str(f"{count / (time.perf_counter() - start):,.0f} {unit}/s")
@@ -223,7 +233,8 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
     finally:
         if agreed:
             store.save()  # whatever committed is kept, also on error or Ctrl-C
-        for pool in actors.values():
-            for actor in pool:
+        for replicas in actors.values():
+            for actor in replicas:
                 ray.kill(actor)
-    return {"shards": len(todo), "rows": rows, "seconds": time.perf_counter() - start}
+    return {"shards": len(todo), "rows": rows, "seconds": time.perf_counter() - start,
+            "actors": [{"teachers": pool.names(cfg), "replicas": pool.replicas} for pool in actors]}

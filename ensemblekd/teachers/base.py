@@ -77,6 +77,11 @@ class TeacherKind:
         """Size on disk of what serving the teacher needs."""
         return fs.file_size(self.artifact(cfg, t))
 
+    def memory_bytes(self, cfg: Config, t: TeacherConfig) -> int:
+        """About what one loaded copy of the teacher holds in memory (automatic label placement
+        weighs it): by default its artifact's size, right for float32 weights."""
+        return self.artifact_bytes(cfg, t)
+
     # -- use -------------------------------------------------------------------------------
     def load(self, cfg: Config, t: TeacherConfig) -> nn.Module:
         """The teacher as a module in eval mode: the task's input batch -> logits."""

@@ -4,6 +4,7 @@ import os
 import socket
 
 import numpy as np
+import psutil
 import pytest
 from conftest import tiny_config, write_config
 
@@ -136,25 +137,61 @@ def test_resources_no_node_has_are_refused_instead_of_hanging(tmp_path, digits_d
     assert Store.open(loaded.store.uri).missing("train", "mlp_a") == []   # nothing already written is lost
 
 
-def test_grouped_teachers_share_actors_and_write_the_same_store(tmp_path, digits_dir, ray_local, labelled):
-    """teachers.group: one actor pool hosts both teachers (one read per input shard); the store's
-    shards are byte for byte those of one pool per teacher, and a resume redoes only what is missing."""
+def _writers(store: Store, name: str) -> dict[tuple[str, str], int]:
+    return {(split, index): e["written_by"]["pid"] for split, per in store.manifest["shards"].items()
+            for index, e in per[name].items()}
+
+
+def test_automatic_placement_and_one_pool_per_teacher_write_the_same_store(tmp_path, digits_dir, ray_local, labelled):
+    """By default both CPU teachers share every actor (replicas summed: 2 actors, one read of each input
+    shard); `group` set to each teacher's own name gives one pool per teacher. The shards are byte for
+    byte the same, and a resume redoes only what is missing."""
+    auto_cfg, auto = labelled
+    assert auto.actors == [{"teachers": ["mlp_a", "mlp_b"], "replicas": 2}]
+    shared = Store.open(auto_cfg.store.uri)
+    assert _writers(shared, "mlp_a") == _writers(shared, "mlp_b")  # each input shard: one process, both teachers
+    assert len(set(_writers(shared, "mlp_a").values())) == 2
+
     raw = tiny_config(tmp_path, digits_dir)
-    for t, ref in zip(raw["teachers"], labelled[0].teachers):
-        t.update(group="both", checkpoint=ref.checkpoint, replicas=2)
+    for t, ref in zip(raw["teachers"], auto_cfg.teachers):
+        t.update(group=t["name"], checkpoint=ref.checkpoint)
         t.pop("fit", None)
     cfg = ekd.load_config(write_config(tmp_path, raw))
     result = ekd.label(cfg, progress=False)
-    ref = Store.open(labelled[0].store.uri)
+    assert result.actors == [{"teachers": ["mlp_a"], "replicas": 1}, {"teachers": ["mlp_b"], "replicas": 1}]
     store = Store.open(cfg.store.uri)
     assert result.shards == sum(len(store.inputs(s)) for s in ("train", "val", "test")) * 2
-    for split, teachers in ref.manifest["shards"].items():
+    a, b = _writers(store, "mlp_a"), _writers(store, "mlp_b")
+    assert len(set(a.values())) == len(set(b.values())) == 1 and set(a.values()) != set(b.values())
+    for split, teachers in shared.manifest["shards"].items():
         for name, entries in teachers.items():
             assert {k: e["sha256"] for k, e in entries.items()} == \
                    {k: e["sha256"] for k, e in store.manifest["shards"][split][name].items()}
     del store.manifest["shards"]["train"]["mlp_b"]["1"]
     store.save()
     assert ekd.label(cfg, progress=False).shards == 1
+
+
+def test_the_room_for_shared_actors_is_one_per_core_of_the_local_ray(labelled):
+    from ensemblekd.stages.placement import room_in_cluster
+
+    t = labelled[0].teachers[0]
+    room = room_in_cluster(t)  # 2 CPUs: four 0.5-CPU actors would fit Ray, two 1-thread actors fit the cores
+    assert room.actors == 2 and 0 < room.memory < psutil.virtual_memory().total
+    assert room_in_cluster(t.model_copy(update={"num_cpus": 2})).actors == 1
+    assert room_in_cluster(t.model_copy(update={"resources": {"big_mem": 1}})).actors == 0
+
+
+def test_actors_that_cannot_all_run_at_once_are_refused_before_any_shard(labelled, tmp_path):
+    """Five actors of half a CPU on a 2-CPU Ray: the fifth would never start and hold its shards."""
+    cfg = labelled[0].model_copy(deep=True)
+    cfg.store.uri = str(tmp_path / "store")
+    for t in cfg.teachers:
+        t.group, t.replicas = "both", 5
+    with pytest.raises(UserError, match=r"^teachers: their label actors ask for 2.5 CPU at once \(actors: 5 × "
+                                        r"mlp_a\+mlp_b\), but this Ray cluster has 2; lower the teachers' replicas"):
+        ekd.label(cfg, progress=False)
+    assert not list((tmp_path / "store").rglob("*.parquet"))
 
 
 def test_grouped_teachers_must_share_resources(tmp_path, digits_dir):
