@@ -23,7 +23,7 @@ from ensemblekd.fitting import fit_module
 from ensemblekd.losses import IGNORE, kd_loss
 from ensemblekd.metrics import accuracy, expected_calibration_error, mean_kl
 from ensemblekd.store import Store, pack
-from ensemblekd.tasks.base import Served, Task, read_aligned, row_batches, run_on
+from ensemblekd.tasks.base import Served, Task, gather, read_aligned, row_batches, run_on
 
 
 class Logits(NamedTuple):
@@ -57,7 +57,7 @@ class Rows(NamedTuple):
 
     x: np.ndarray        # [N, F] float32, read-only (a view of Arrow's buffer)
     y: np.ndarray        # [N] int64
-    z: np.ndarray        # [N, K, C] as stored
+    z: np.ndarray        # [N, K, C] float32
 
 
 class Classification(Task):
@@ -137,18 +137,18 @@ class Classification(Task):
                             "fix student.kwargs")
 
     def read_rows(self, cfg: Config, store: Store, split: str, shard: int, teachers: list[str]) -> Rows:
-        """One input shard and its teachers' logits, alignment checked by id."""
+        """One input shard and its teachers' logits, alignment checked by id. Not scanned for NaN:
+        the label stage did, and distill's preflight checks the inputs are unchanged since."""
         d = cfg.data
-        ids, x, y = read_shard(InputShard.of(store.inputs(split)[shard]), d.features, d.label, d.id, writable=False)
+        ids, x, y = read_shard(InputShard.of(store.inputs(split)[shard]), d.features, d.label, d.id, writable=False,
+                               scan=False)
         stacked = [t.logits for t in read_aligned(store, split, shard, teachers, decode, ids)]
-        return Rows(x, y, np.stack(stacked, axis=1) if stacked else np.zeros((len(y), 0, 0), np.float32))
+        return Rows(x, y, np.stack(stacked, axis=1, dtype=np.float32) if stacked else np.zeros((len(y), 0, 0), np.float32))
 
     def batches(self, cfg: Config, store: Store, split: str, teachers: list[str], segments, batch_size: int, rng):
         """(x, y, teacher logits float32) tensors per micro-batch."""
         for pieces in row_batches(segments, lambda s: self.read_rows(cfg, store, split, s, teachers), batch_size, rng):
-            yield tuple(torch.from_numpy(np.concatenate([getattr(rows, f)[idx] for rows, idx in pieces]))
-                        for f in ("x", "y")) + (torch.from_numpy(
-                            np.concatenate([rows.z[idx] for rows, idx in pieces]).astype(np.float32)),)
+            yield tuple(torch.from_numpy(gather([(getattr(rows, f), idx) for rows, idx in pieces])) for f in Rows._fields)
 
     def train_step(self, engine, batch, strategy, cfg: Config, epoch: int):
         x, y, z = (t.to(engine.device) for t in batch)
