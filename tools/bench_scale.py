@@ -1,12 +1,16 @@
-"""How ensemblekd's cost grows with the work: label and distill seconds per million rows as rows
-grow, and the driver's manifest work as shards and teachers grow.
+"""How ensemblekd's cost grows with the work: label and distill seconds per million rows as rows,
+teachers and shards grow, and the driver's manifest work as shards and teachers grow.
 
 label   `ensemblekd.label` on a local Ray (2 teachers, small MLPs with random weights, 16 features,
-        10 classes, 10,000-row shards) at 10^4, 10^5 and 10^6 rows (--max-rows 10000000 for 10^7):
-        seconds, seconds per million rows (total, and marginal: against the size before), and the
-        driver's peak RSS.
+        10 classes, 10,000-row shards, default placement) at 10^4, 10^5 and 10^6 rows (--max-rows
+        10000000 for 10^7): seconds, seconds per million rows (total, and marginal: against the
+        size before), the driver's peak RSS and the label actors' (sampled from the process table).
 distill two epochs of `ensemblekd distill` from each of those stores up to --distill-max-rows (10^6):
-        seconds with start-up, and the second epoch's own seconds per million rows.
+        seconds with start-up, and the second epoch's own seconds per million rows; peak RSS.
+teachers  10^6 rows labelled by 1, 2, 4 and 8 teachers (the two shapes alternating): seconds per
+        million rows x teachers, and the actors default placement chose.
+shards  10^5 rows in 10, 100, 1,000 and 10,000 shards, 2 teachers: what each shard costs beyond
+        its rows.
 manifest  the label driver's bookkeeping at 10 -> 10,000 shards and 1 -> 8 teachers, with the real
         Store on local disk: every shard committed as the label loop commits it, saved as the loop
         saves it (about once a second), against a label stage whose length is the measured label
@@ -16,7 +20,7 @@ manifest  the label driver's bookkeeping at 10 -> 10,000 shards and 1 -> 8 teach
         --delta a Delta Lake table (`pip install deltalake`) appended at each save. Reported:
         seconds of manifest work, its share of the label stage, bytes written, driver peak RSS.
 
-    .venv/bin/python tools/bench_scale.py --delta --max-rows 10000000   # all, ~15 min on 2 cores
+    .venv/bin/python tools/bench_scale.py --delta --max-rows 10000000   # all, ~20 min on 2 cores
     .venv/bin/python tools/bench_scale.py --quick         # smoke test: small sizes only
 """
 
@@ -48,7 +52,7 @@ def rss_mb() -> float:
 
 
 # -- label: rows grow -----------------------------------------------------------------------------
-def synthetic(out: Path, rows: int, features: int = 16, classes: int = 10) -> None:
+def synthetic(out: Path, rows: int, features: int = 16, classes: int = 10, shard_rows: int = SHARD_ROWS) -> None:
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -57,65 +61,124 @@ def synthetic(out: Path, rows: int, features: int = 16, classes: int = 10) -> No
     centers = rng.normal(size=(classes, features)).astype(np.float32)
     for split, n in (("train", rows), ("val", 2_000), ("test", 2_000)):
         (out / split).mkdir(parents=True, exist_ok=True)
-        for start in range(0, n, SHARD_ROWS):
-            m = min(SHARD_ROWS, n - start)
+        for start in range(0, n, shard_rows):
+            m = min(shard_rows, n - start)
             y = rng.integers(0, classes, m)
             x = centers[y] + rng.normal(size=(m, features)).astype(np.float32)
             table = pa.table({"id": np.arange(start, start + m, dtype=np.int64),
                               "x": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), features).cast(
                                   pa.list_(pa.float32())), "y": y.astype(np.int64)})
-            pq.write_table(table, out / split / f"part-{start // SHARD_ROWS:05d}.parquet")
+            pq.write_table(table, out / split / f"part-{start // shard_rows:05d}.parquet")
 
 
-def label_config(work: Path, data: Path, store: str) -> dict[str, Any]:
-    teachers = []
-    for name, hidden in (("wide", [256]), ("deep", [128, 128])):
-        teachers.append({"name": name, "model": "ensemblekd.models:mlp",
+TEACHER_SHAPES = [("wide", [256]), ("deep", [128, 128])]
+
+
+def label_config(work: Path, data: Path, store: str, teachers: int = 2) -> dict[str, Any]:
+    """Teachers alternate between the two shapes (wide, deep, wide_2, deep_2, ...): the same work per
+    teacher whatever their number; default placement (they share actors, stages/placement.py)."""
+    shapes = [(name if k < 2 else f"{name}_{k // 2 + 1}", hidden)
+              for k, (name, hidden) in ((k, TEACHER_SHAPES[k % 2]) for k in range(teachers))]
+    configs = []
+    for name, hidden in shapes:
+        configs.append({"name": name, "model": "ensemblekd.models:mlp",
                          "kwargs": {"in_features": 16, "num_classes": 10, "hidden": hidden},
-                         "checkpoint": str(work / f"{name}.pt"), "num_cpus": 0.5, "batch_size": 4096})
+                        "checkpoint": str(work / f"{name}.pt"), "num_cpus": 0.5, "batch_size": 4096})
     return {"data": {"train": str(data / "train"), "val": str(data / "val"), "test": str(data / "test")},
-            "teachers": teachers, "store": {"uri": store},
+            "teachers": configs, "store": {"uri": store},
             "student": {"model": "ensemblekd.models:mlp", "kwargs": {"in_features": 16, "num_classes": 10}},
             "trainer": {"output_dir": str(work / "out")}, "ray": {"num_cpus": 2}}
 
 
-def bench_label(work: Path, sizes: list[int], distill_max_rows: int) -> list[dict[str, Any]]:
-    """Label each size's train split (and val, which distill needs), then, up to distill_max_rows,
-    distil one epoch from it."""
+class WorkerRss:
+    """Peak RSS of Ray's label actors and Train workers, sampled from the process table (they are
+    other processes: their own peak is not visible from here) every 0.2 s while the block runs."""
+
+    NAMES = ("ray::TeacherWorker", "ray::RayTrainWorker")
+
+    def __enter__(self):
+        import threading
+
+        self.peak_mb, self._stop = 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            for proc in psutil.process_iter(["cmdline", "memory_info"]):
+                cmd = proc.info["cmdline"] or []
+                if cmd and cmd[0].startswith(self.NAMES) and proc.info["memory_info"]:
+                    self.peak_mb = max(self.peak_mb, proc.info["memory_info"].rss / 2**20)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def label_run(work: Path, rows: int, teachers: int = 2, shard_rows: int = SHARD_ROWS, with_val: bool = False):
+    """Synthetic data and a fresh store; the train split labelled (and val, for distill). Returns the
+    config and its row: seconds, per million rows (and per million rows x teachers), per shard x
+    teacher, driver and worker peak RSS. The caller removes work/data and work/store."""
     import torch
 
     from ensemblekd.config import Config
     from ensemblekd.models import build_module, save_state
     from ensemblekd.stages.label import label
 
-    rows_out = []
-    for rows in sizes:
-        data = work / f"data-{rows}"
-        synthetic(data, rows)
-        cfg = Config.model_validate(label_config(work, data, str(work / f"store-{rows}")))
-        for t in cfg.teachers:  # random weights: the cost of labelling does not depend on them
-            if not os.path.exists(t.checkpoint):
-                torch.manual_seed(0)
-                save_state(build_module(t.model, t.kwargs), t.checkpoint)
-        gc.collect()
+    for path in (work / "data", work / "store"):
+        shutil.rmtree(path, ignore_errors=True)
+    synthetic(work / "data", rows, shard_rows=shard_rows)
+    cfg = Config.model_validate(label_config(work, work / "data", str(work / "store"), teachers))
+    for t in cfg.teachers:  # random weights: the cost of labelling does not depend on them
+        if not os.path.exists(t.checkpoint):
+            torch.manual_seed(0)
+            save_state(build_module(t.model, t.kwargs), t.checkpoint)
+    gc.collect()
+    with WorkerRss() as workers:
         start = time.perf_counter()
         result = label(cfg, splits=("train",), progress=False)
         seconds = time.perf_counter() - start
-        entries = result["shards"]
-        if rows <= distill_max_rows:
-            label(cfg, splits=("val",), progress=False)
+    if with_val:
+        label(cfg, splits=("val",), progress=False)
+    shards = -(-rows // shard_rows)
+    row = {"bench": "label", "rows": rows, "shards": shards, "teachers": teachers, "seconds": seconds,
+           "s_per_million_rows": seconds / rows * 1e6, "s_per_million_teacher_rows": seconds / (rows * teachers) * 1e6,
+           "s_per_shard_teacher": seconds / result["shards"], "actors": result["actors"],
+           "driver_peak_rss_mb": peak_rss_mb(), "worker_peak_rss_mb": workers.peak_mb}
+    return cfg, row
+
+
+def bench_label(work: Path, sizes: list[int], distill_max_rows: int) -> list[dict[str, Any]]:
+    """Label each size's train split (and val, which distill needs), then, up to distill_max_rows,
+    distil two epochs from it."""
+    rows_out = []
+    for rows in sizes:
+        cfg, row = label_run(work, rows, with_val=rows <= distill_max_rows)
         previous = next((r for r in reversed(rows_out) if r["bench"] == "label"), None)
-        marginal = (seconds - previous["seconds"]) / (rows - previous["rows"]) * 1e6 if previous else None
-        rows_out.append({"bench": "label", "rows": rows, "shards": rows // SHARD_ROWS, "teachers": 2,
-                         "seconds": seconds, "s_per_million_rows": seconds / rows * 1e6,
-                         "marginal_s_per_million_rows": marginal,
-                         "s_per_shard_teacher": seconds / entries, "driver_peak_rss_mb": peak_rss_mb()})
-        print(json.dumps(rows_out[-1]), flush=True)
+        row["marginal_s_per_million_rows"] = ((row["seconds"] - previous["seconds"]) / (rows - previous["rows"]) * 1e6
+                                              if previous else None)
+        rows_out.append(row)
+        print(json.dumps(row), flush=True)
         if rows <= distill_max_rows:
             rows_out.append(bench_distill(cfg, rows, [r for r in rows_out if r["bench"] == "distill"]))
-        shutil.rmtree(data)
-        shutil.rmtree(work / f"store-{rows}")
     return rows_out
+
+
+def bench_label_shape(work: Path, rows: int, grid: list[tuple[int, int]], bench: str) -> list[dict[str, Any]]:
+    """Label `rows` rows for each (teachers, shard rows) of grid: the cost as teachers, or shards, grow.
+    Ray is started first, by an untimed run, so that the first row does not pay for it."""
+    import ray
+
+    if not ray.is_initialized():
+        label_run(work, SHARD_ROWS)
+    out = []
+    for teachers, shard_rows in grid:
+        _, row = label_run(work, rows, teachers, shard_rows)
+        row["bench"] = bench
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
 
 
 def bench_distill(cfg, rows: int, before: list[dict[str, Any]]) -> dict[str, Any]:
@@ -126,12 +189,14 @@ def bench_distill(cfg, rows: int, before: list[dict[str, Any]]) -> dict[str, Any
 
     cfg = cfg.model_copy(deep=True)
     cfg.trainer.epochs, cfg.trainer.batch_size = 2, 256
-    result = distill(cfg, None, progress=False)
+    with WorkerRss() as workers:
+        result = distill(cfg, None, progress=False)
     seconds, epoch = result["seconds"], result["metrics"]["epoch_seconds"]
     marginal = (seconds - before[-1]["seconds"]) / (rows - before[-1]["rows"]) * 1e6 if before else None
     row = {"bench": "distill", "rows": rows, "shards": rows // SHARD_ROWS, "teachers": 2, "seconds": seconds,
            "s_per_million_rows": seconds / rows * 1e6, "marginal_s_per_million_rows": marginal,
-           "epoch_s": epoch, "epoch_s_per_million_rows": epoch / rows * 1e6, "driver_peak_rss_mb": peak_rss_mb()}
+           "epoch_s": epoch, "epoch_s_per_million_rows": epoch / rows * 1e6, "driver_peak_rss_mb": peak_rss_mb(),
+           "worker_peak_rss_mb": workers.peak_mb}
     print(json.dumps(row), flush=True)
     return row
 
@@ -263,21 +328,35 @@ def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if label:
         lines += ["## label: rows grow (2 teachers, 10,000-row shards, local Ray, 2 x 0.5 CPU)", "",
                   "| rows | shards | seconds | s per million rows | marginal s per million rows | s per shard x teacher "
-                  "| driver peak RSS MB |",
-                  "|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| driver peak RSS MB | worker peak RSS MB |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['rows']:,} | {r['shards']:,} | {r['seconds']:.1f} | {r['s_per_million_rows']:.1f} | {marginal(r)} | "
-                  f"{r['s_per_shard_teacher']:.3f} | {r['driver_peak_rss_mb']:.0f} |" for r in label]
+                  f"{r['s_per_shard_teacher']:.3f} | {r['driver_peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} |"
+                  for r in label]
         lines.append("")
     distilled = [r for r in rows if r["bench"] == "distill"]
     if distilled:
         lines += ["## distill: rows grow (two epochs, 2 Ray Train workers x 0.5 CPU, DeepSpeed on CPU, batch 256)", "",
                   "| rows | shards | seconds | s per million rows | marginal s per million rows | epoch 2 s | "
-                  "epoch 2 s per million rows | driver peak RSS MB |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "epoch 2 s per million rows | driver peak RSS MB | worker peak RSS MB |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['rows']:,} | {r['shards']:,} | {r['seconds']:.1f} | {r['s_per_million_rows']:.1f} | "
                   f"{marginal(r)} | {r['epoch_s']:.1f} | {r['epoch_s_per_million_rows']:.1f} | "
-                  f"{r['driver_peak_rss_mb']:.0f} |" for r in distilled]
+                  f"{r['driver_peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} |" for r in distilled]
         lines.append("")
+    for bench, title in (("teachers", "label: teachers grow"), ("shards", "label: shards grow")):
+        pts = [r for r in rows if r["bench"] == bench]
+        if pts:
+            lines += [f"## {title} ({pts[0]['rows']:,} rows, default placement, local Ray, 2 CPUs)", "",
+                      "| teachers | shards | label actors | seconds | s per million rows | s per million rows x teachers | "
+                      "s per shard x teacher | driver peak RSS MB | worker peak RSS MB |",
+                      "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+            lines += [f"| {r['teachers']} | {r['shards']:,} | "
+                      f"{', '.join(str(a['replicas']) + ' x ' + str(len(a['teachers'])) for a in r['actors'])} | "
+                      f"{r['seconds']:.1f} | {r['s_per_million_rows']:.1f} | {r['s_per_million_teacher_rows']:.1f} | "
+                      f"{r['s_per_shard_teacher']:.3f} | {r['driver_peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} |"
+                      for r in pts]
+            lines.append("")
     manifest = [r for r in rows if r["bench"] == "manifest"]
     if manifest:
         lines += [f"## manifest: shards and teachers grow (label cost {res['entry_seconds']:.3f} s per shard x "
@@ -298,19 +377,28 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
     for bench in ("label", "distill"):
         pts = [r for r in rows if r["bench"] == bench]
         if pts:
             left.loglog([r["rows"] for r in pts], [r["s_per_million_rows"] for r in pts], "o-", label=bench)
     left.set(xlabel="rows", ylabel="s per million rows (start-up included)", title="label and distill: cost per row")
-    left.legend()
+    for bench, key in (("teachers", "teachers"), ("shards", "shards")):
+        pts = [r for r in rows if r["bench"] == bench]
+        if pts:
+            middle.loglog([r[key] for r in pts], [r["s_per_million_teacher_rows"] for r in pts], "o-",
+                          label=f"{key} grow ({pts[0]['rows']:,} rows)")
+    middle.set(xlabel="teachers, or shards", ylabel="s per million rows x teachers", title="label: teachers and shards")
+    if middle.lines:
+        middle.legend()
     for design in dict.fromkeys(r["design"] for r in rows if r["bench"] == "manifest"):
         pts = sorted((r["entries"], r["manifest_s"]) for r in rows if r.get("design") == design and r["teachers"] == 8)
         if pts:
             right.loglog(*zip(*pts), "o-", label=design)
     right.set(xlabel="shards x teachers (8 teachers)", ylabel="manifest s in the label stage", title="manifest work")
-    right.legend()
+    for ax in (left, right):
+        if ax.lines:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -320,8 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="tools/results", help="where scale.md and scale.json go (default tools/results)")
     p.add_argument("--quick", action="store_true", help="smoke test: 10^4 rows, up to 100 shards")
     p.add_argument("--max-rows", type=int, default=1_000_000, help="largest label run (default 10^6)")
-    p.add_argument("--only", default="label,distill,manifest", help="comma-separated subset of label, distill "
-                   "(runs with label), manifest")
+    p.add_argument("--only", default="label,distill,teachers,shards,manifest", help="comma-separated subset of "
+                   "label, distill (runs with label), teachers, shards, manifest")
+    p.add_argument("--max-shards", type=int, default=10_000, help="shards: the most shards of 10^5 rows (default 10,000)")
     p.add_argument("--distill-max-rows", type=int, default=1_000_000, help="largest distill run (default 10^6)")
     p.add_argument("--entry-seconds", type=float, default=None,
                    help="manifest: label seconds per shard x teacher (default: measured by label)")
@@ -342,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         if "label" in only or "distill" in only:
             sizes = [10_000] if args.quick else [n for n in (10_000, 100_000, 1_000_000, 10_000_000) if n <= args.max_rows]
             rows += bench_label(work, sizes, args.distill_max_rows if "distill" in only else 0)
+        if "teachers" in only:
+            rows += bench_label_shape(work, 10_000 if args.quick else 1_000_000,
+                                      [(n, SHARD_ROWS) for n in ((1, 2) if args.quick else (1, 2, 4, 8))], "teachers")
+        if "shards" in only:
+            shape_rows = 10_000 if args.quick else 100_000
+            counts = [n for n in (10, 100, 1_000, 10_000) if n <= (100 if args.quick else args.max_shards)]
+            rows += bench_label_shape(work, shape_rows, [(2, shape_rows // n) for n in counts], "shards")
         measured = [r["s_per_shard_teacher"] for r in rows if r["bench"] == "label"]
         res["entry_seconds"] = args.entry_seconds or (measured[-1] if measured else 0.05)
         if "manifest" in only:
