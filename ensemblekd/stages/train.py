@@ -65,6 +65,8 @@ def build_engine(cfg: Config, total_steps: int):
     brings its own optimizer or scheduler."""
     import deepspeed
 
+    skip_shm_comm_op()
+
     tr = cfg.trainer
     model = build_module(cfg.student.model, cfg.student.kwargs, "student.model")
     ds_config = deepspeed_config(tr)
@@ -79,13 +81,28 @@ def build_engine(cfg: Config, total_steps: int):
     return engine
 
 
+def skip_shm_comm_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op on CPU.
+
+    deepspeed.comm's TorchBackend JIT-compiles deepspeed_shm_comm (30 s to 2.5 min in every new
+    virtualenv, and a load on every worker start), after probing every op with compiler
+    subprocesses, to serve inference_all_reduce (AutoTP inference) alone: training's all_reduce is
+    torch.distributed's (gloo on CPU). build_shm_op skips the op when deepspeed.ops.__compatible_ops__
+    marks it incompatible, the only place that dict is read; setting it first also skips the probe.
+    """
+    import deepspeed.ops
+
+    vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
+
+
 @contextlib.contextmanager
 def _stdout_shown_on_error() -> Iterator[None]:
     """Hold back what the block prints to stdout; show it, on stderr, only if the block raises.
 
     DeepSpeed print()s "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" in
-    every worker's deepspeed.initialize (deepspeed/comm/torch.py, build_shm_op: a bare print that no
-    setting turns off), and Ray forwards each worker's stdout to the user's console. Its logger
+    every worker's deepspeed.initialize when it builds that op (deepspeed/comm/torch.py, build_shm_op:
+    a bare print that no setting turns off; skip_shm_comm_op now keeps the op from being built, and
+    this guard stays for any other bare print), and Ray forwards each worker's stdout to the console. Its logger
     (warnings) writes to the stream it was given at import, so it is not held back.
     """
     held = io.StringIO()
