@@ -3,7 +3,8 @@
 #   tools/gpu_check.sh
 # Makes .venv-gpu (seeing the machine's own torch through --system-site-packages, so no CUDA wheel
 # is downloaded), installs ensemblekd into it without touching torch, and runs the tests marked
-# `gpu` (NCCL all-reduce between Ray Train workers on the GPU). Exits non-zero if there is no CUDA
+# `gpu` (NCCL all-reduce between Ray Train workers on the GPU, in fp32 and under bf16 autocast;
+# two teachers labelling on one GPU at num_gpus 0.5 each, against the CPU's logits). Exits non-zero if there is no CUDA
 # device: on such a machine the tests would only be skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."

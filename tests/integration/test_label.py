@@ -6,6 +6,7 @@ import socket
 import numpy as np
 import psutil
 import pytest
+import torch
 from conftest import tiny_config, write_config
 
 import ensemblekd as ekd
@@ -214,3 +215,22 @@ def test_a_custom_resource_no_node_has_is_refused_before_any_shard(labelled, tmp
                                         r"cluster: none\); fix it or start a node with `ray start --resources`$"):
         ekd.label(cfg, progress=False)
     assert not list((tmp_path / "store").rglob("*.parquet"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_teachers_share_one_gpu_in_halves_and_label_what_the_cpu_did(labelled, tmp_path):
+    """num_gpus: 0.5 each: two label actors on one GPU (GPU teachers keep their own pools), and
+    their float16 logits are the CPU run's within float16 and kernel rounding."""
+    cfg = labelled[0].model_copy(deep=True)
+    cfg.store.uri = str(tmp_path / "store")
+    for t in cfg.teachers:
+        t.num_gpus = 0.5
+    result = ekd.label(cfg, progress=False)
+    assert result.actors == [{"teachers": ["mlp_a"], "replicas": 1}, {"teachers": ["mlp_b"], "replicas": 1}]
+    on_gpu, on_cpu = Store.open(cfg.store.uri), Store.open(labelled[0].store.uri)
+    for name in ("mlp_a", "mlp_b"):
+        ids, gpu = classification.decode(on_gpu.read_table("train", name, 0))
+        ids_cpu, cpu = classification.decode(on_cpu.read_table("train", name, 0))
+        assert np.array_equal(ids, ids_cpu)
+        np.testing.assert_allclose(gpu.astype(np.float32), cpu.astype(np.float32), atol=2e-2, rtol=1e-2)
