@@ -371,34 +371,36 @@ def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """scale.png: label seconds per million rows against rows; manifest seconds against entries, per design."""
+    """scale.png, one panel per part that ran: label and distill seconds per million rows against
+    rows; label per million rows x teachers as teachers or shards grow; manifest seconds against
+    entries, per design."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(15, 4))
-    for bench in ("label", "distill"):
+    def series(bench: str, x: str, y: str) -> list[tuple[list, list]]:
         pts = [r for r in rows if r["bench"] == bench]
-        if pts:
-            left.loglog([r["rows"] for r in pts], [r["s_per_million_rows"] for r in pts], "o-", label=bench)
-    left.set(xlabel="rows", ylabel="s per million rows (start-up included)", title="label and distill: cost per row")
-    for bench, key in (("teachers", "teachers"), ("shards", "shards")):
-        pts = [r for r in rows if r["bench"] == bench]
-        if pts:
-            middle.loglog([r[key] for r in pts], [r["s_per_million_teacher_rows"] for r in pts], "o-",
-                          label=f"{key} grow ({pts[0]['rows']:,} rows)")
-    middle.set(xlabel="teachers, or shards", ylabel="s per million rows x teachers", title="label: teachers and shards")
-    if middle.lines:
-        middle.legend()
-    for design in dict.fromkeys(r["design"] for r in rows if r["bench"] == "manifest"):
-        pts = sorted((r["entries"], r["manifest_s"]) for r in rows if r.get("design") == design and r["teachers"] == 8)
-        if pts:
-            right.loglog(*zip(*pts), "o-", label=design)
-    right.set(xlabel="shards x teachers (8 teachers)", ylabel="manifest s in the label stage", title="manifest work")
-    for ax in (left, right):
-        if ax.lines:
-            ax.legend()
+        return [([r[x] for r in pts], [r[y] for r in pts])] if pts else []
+
+    designs = dict.fromkeys(r["design"] for r in rows if r["bench"] == "manifest")
+    panels = [  # (title, x label, y label, [(label, xs, ys)])
+        ("label and distill: cost per row", "rows", "s per million rows (start-up included)",
+         [(b, *xy) for b in ("label", "distill") for xy in series(b, "rows", "s_per_million_rows")]),
+        ("label: teachers and shards", "teachers, or shards", "s per million rows x teachers",
+         [(f"{b} grow ({next(r['rows'] for r in rows if r['bench'] == b):,} rows)", *xy)
+          for b in ("teachers", "shards") for xy in series(b, b, "s_per_million_teacher_rows")]),
+        ("manifest work", "shards x teachers (8 teachers)", "manifest s in the label stage",
+         [(d, *zip(*sorted((r["entries"], r["manifest_s"]) for r in rows if r.get("design") == d and r["teachers"] == 8)))
+          for d in designs if any(r.get("design") == d and r["teachers"] == 8 for r in rows)]),
+    ]
+    panels = [p for p in panels if p[3]]
+    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(5 * max(len(panels), 1), 4), squeeze=False)
+    for ax, (title, xlabel, ylabel, lines) in zip(axes[0], panels):
+        for label, xs, ys in lines:
+            ax.loglog(xs, ys, "o-", label=label)
+        ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
