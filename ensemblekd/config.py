@@ -114,6 +114,9 @@ class TeacherConfig(_Section):
                                         "actors asks for beside num_cpus/num_gpus: a node tag (`ray start --resources`) "
                                         "puts the teacher on the nodes that have it")
     batch_size: Int = Field(default=1024, ge=1)
+    feature: str | None = Field(default=None, description="store this teacher's features next to its logits (task "
+                                "classification): kind torch, the name of the module whose output they are (as in "
+                                "model.named_modules()); kind sklearn, 'last_hidden' (an MLP's last hidden layer)")
     group: str | None = Field(default=None, description="label: teachers with the same group share each actor "
                               "(one read of every input shard for all of them); they must share replicas, "
                               "num_cpus, num_gpus and resources. None: CPU teachers alike in resources share "
@@ -134,6 +137,8 @@ class StoreConfig(_Section):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options for the store's protocol, e.g. {endpoint_url: ...}"
     )
+    feature_dim: Int | None = Field(default=None, ge=1, description="teachers' stored features reduced to this many "
+                                    "dimensions by a PCA fitted on the train split; None: stored whole")
 
     @model_validator(mode="after")
     def _options_need_a_protocol(self) -> StoreConfig:
@@ -157,6 +162,8 @@ def _redact(options: dict[str, Any]) -> dict[str, Any]:
 class StudentConfig(_Section):
     model: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    feature: str | None = Field(default=None, description="the module whose output is the student's feature (a name "
+                                "from model.named_modules()): what distill.hint_weight and rkd_* compare")
 
 
 class AssistantConfig(_Section):
@@ -172,10 +179,16 @@ class AssistantConfig(_Section):
                                         "actors asks for beside num_cpus/num_gpus: a node tag (`ray start --resources`) "
                                         "puts the teacher on the nodes that have it")
     batch_size: Int = Field(default=1024, ge=1)
+    feature: str | None = Field(default=None, description="the module whose output is the assistant's feature, when "
+                                "the run has feature terms (see student.feature)")
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
 
 
 class DistillConfig(_Section):
-    strategy: str = Field(default="parallel", description="parallel | sequential | assistant, or 'module:callable'")
+    strategy: str = Field(default="parallel", description="parallel | sequential | assistant | born_again, or "
+                          "'module:callable'")
     strategy_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to a 'module:callable' strategy")
     weighting: str = Field(default="uniform", description="uniform | static | accuracy | entropy | ca_mkd, or "
                            "'module:callable'")
@@ -191,9 +204,27 @@ class DistillConfig(_Section):
     stage_epochs: list[Int] | None = Field(default=None, description="epochs per stage; default: split evenly")
     # assistant (TAKD)
     assistants: list[AssistantConfig] = Field(default_factory=list, description="largest first, down to the student")
-    ensemble_blend: Float = Field(default=0.0, ge=0, le=1, description="share of the ensemble kept at every level")
+    ensemble_blend: Float = Field(default=0.0, ge=0, le=1, description="assistant, born_again: share of the ensemble "
+                                  "kept at every level")
+    # born_again
+    generations: Int = Field(default=1, ge=1, description="born_again: students distilled one after another, each of "
+                             "the student's architecture and taught by the one before (the first by the ensemble)")
     temperature: Float = Field(default=4.0, gt=0)
     alpha: Float = Field(default=0.5, ge=0, le=1)
+    loss: Literal[DIVERGENCES] = Field(default="forward_kl", description="the divergence between the teachers' "
+                                       "targets and the student: " + ", ".join(DIVERGENCES))
+    jsd_beta: Float = Field(default=0.5, gt=0, lt=1, description="loss jsd: the teacher's share beta of the mixture")
+    skew_alpha: Float = Field(default=0.1, gt=0, lt=1, description="loss skew_kl, skew_reverse_kl: the share of the "
+                              "first argument mixed into the second")
+    hint_weight: Float = Field(default=0.0, ge=0, description="FitNets hint: MSE between a learned projection of "
+                               "the student's feature and each teacher's stored feature")
+    rkd_distance_weight: Float = Field(default=0.0, ge=0, description="RKD distance: the batch's pairwise distances")
+    rkd_angle_weight: Float = Field(default=0.0, ge=0, description="RKD angle: the batch's triplet angles")
+
+    @property
+    def feature_terms(self) -> bool:
+        """Whether the student learns from the teachers' stored features."""
+        return bool(self.hint_weight or self.rkd_distance_weight or self.rkd_angle_weight)
 
 
 class TrainerConfig(_Section):
@@ -279,8 +310,35 @@ class Config(_Section):
             raise ValueError(f"trainer.epochs: sequential needs at least one epoch per teacher ({len(names)})")
         if d.strategy != "sequential" and (d.stage_epochs or d.cumulative or d.order != "config"):
             raise ValueError("distill.order/cumulative/stage_epochs: only used with strategy: sequential")
-        if d.strategy != "assistant" and (d.assistants or d.ensemble_blend):
-            raise ValueError("distill.assistants/ensemble_blend: only used with strategy: assistant")
+        if d.strategy != "assistant" and d.assistants:
+            raise ValueError("distill.assistants: only used with strategy: assistant")
+        if d.strategy not in ("assistant", "born_again") and d.ensemble_blend:
+            raise ValueError("distill.ensemble_blend: only used with strategy: assistant or born_again")
+        if d.strategy == "born_again" and d.generations < 2:
+            raise ValueError("distill.generations: born_again needs 2 or more (one generation is strategy: parallel)")
+        if d.strategy != "born_again" and d.generations != 1:
+            raise ValueError("distill.generations: only used with strategy: born_again")
+        if d.loss != "jsd" and d.jsd_beta != 0.5:
+            raise ValueError("distill.jsd_beta: only used with loss: jsd")
+        if d.loss not in ("skew_kl", "skew_reverse_kl") and d.skew_alpha != 0.1:
+            raise ValueError("distill.skew_alpha: only used with loss: skew_kl or skew_reverse_kl")
+        featured = [t.name for t in self.teachers if t.feature]
+        if (featured or self.student.feature or d.feature_terms) and self.task != "classification":
+            raise ValueError("teachers.feature/student.feature/distill.hint_weight/rkd_*: features are stored and "
+                             "learnt from with task: classification only")
+        if self.store.feature_dim and not featured:
+            raise ValueError("store.feature_dim: no teacher stores features; give teachers a feature or remove it")
+        if d.feature_terms:
+            missing = [t.name for t in self.teachers if not t.feature]
+            if missing:
+                raise ValueError(f"teachers: distill.hint_weight/rkd_* learn from every teacher's features, and "
+                                 f"{missing} give none; set their feature (a module name) or set the weights to 0")
+            if not self.student.feature:
+                raise ValueError("student.feature: distill.hint_weight/rkd_* need the student's feature module; "
+                                 "name it (see model.named_modules())")
+            if any(not a.feature for a in d.assistants):
+                raise ValueError("distill.assistants: with feature terms each assistant needs a feature (a module "
+                                 "name), as it becomes a teacher")
         for a in d.assistants:
             if a.name in names or [x.name for x in d.assistants].count(a.name) > 1:
                 raise ValueError(f"distill.assistants: the name '{a.name}' is taken; give each assistant a unique name")

@@ -9,6 +9,8 @@ contribute only the soft term.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
@@ -18,9 +20,13 @@ IGNORE = -100
 
 
 class KDLoss(NamedTuple):
+    """The loss of one micro-batch and its parts: `terms` holds the feature and relation terms
+    (name -> value before weighting), the same names at every step of a run."""
+
     loss: torch.Tensor
     ce: torch.Tensor
     kd: torch.Tensor
+    terms: Mapping[str, torch.Tensor] = MappingProxyType({})
 
 
 def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor,
