@@ -1,14 +1,21 @@
 """The distillation loss (Hinton, Vinyals, Dean 2015) as a pure tensor function.
 
-    L = alpha * CE(y, softmax(z_s)) + (1 - alpha) * T^2 * KL(p_mix || softmax(z_s / T))
+    L = alpha * CE(y, softmax(z_s)) + (1 - alpha) * T^2 * D(p_mix, softmax(z_s / T))
 
-CE is averaged over the labelled rows of the batch (label == IGNORE marks a row without one) and
-is 0 for a batch with none; KL is averaged over all rows ("batchmean"), so unlabelled rows
-contribute only the soft term.
+D is the divergence chosen by distill.loss (`Divergence`, whose call is the one place for the
+formulas), forward KL(p_mix || s) by default. CE is averaged over the labelled rows of the
+batch (label == IGNORE marks a row without one) and is 0 for a batch with none; D is averaged over
+all rows ("batchmean"), so unlabelled rows contribute only the soft term.
+
+T^2 multiplies the soft term for every divergence, so alpha and T mean the same whichever is
+chosen. Hinton's reason carries over to the smooth ones: near q = s each is (f''(1) / 2) chi^2,
+whose gradient in z shrinks like 1 / T^2 as T grows. TVD is not smooth there and shrinks only
+like 1 / T, so with TVD a large T weighs the soft term more.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import NamedTuple
@@ -17,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
 
 
 class KDLoss(NamedTuple):
@@ -29,12 +38,66 @@ class KDLoss(NamedTuple):
     terms: Mapping[str, torch.Tensor] = MappingProxyType({})
 
 
+class Divergence(NamedTuple):
+    """D(q, s) between the target q and the student s (distill.loss, jsd_beta, skew_alpha):
+
+    forward_kl        KL(q || s)                                  Hinton et al. 2015
+    reverse_kl        KL(s || q)                                  MiniLLM, Gu et al. 2024
+    jsd               b KL(q || m) + (1 - b) KL(s || m),  m = b q + (1 - b) s     GKD, Agarwal et al. 2024
+    tvd               1/2 sum |q - s|                             Wen et al. 2023
+    skew_kl           KL(q || a q + (1 - a) s)                    DistiLLM, Ko et al. 2024
+    skew_reverse_kl   KL(s || a s + (1 - a) q)                    DistiLLM
+
+    with b = jsd_beta, a = skew_alpha."""
+
+    name: str
+    jsd_beta: float = 0.5
+    skew_alpha: float = 0.1
+
+    def __call__(self, log_q: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+        """D(q, s) per row [...] from log-probabilities over the last dim: log_q the target's (−inf for
+        an exact 0 is fine), log_s the student's (a log_softmax, finite).
+
+        log q is floored at the smallest normal float (log ≈ −87 in float32): a q of 0 then adds
+        nothing measurable to forward KL, and reverse KL, +inf where the student puts mass on a class
+        the target excludes, becomes a large finite penalty instead of an inf or NaN step. The
+        mixtures of the other four are never 0 where either side is positive, so they stay finite.
+        """
+        log_q = log_q.clamp_min(math.log(torch.finfo(log_q.dtype).tiny))
+        if self.name == "forward_kl":
+            return _kl(log_q, log_s)
+        if self.name == "reverse_kl":
+            return _kl(log_s, log_q)
+        if self.name == "jsd":
+            b = self.jsd_beta
+            log_m = _log_mix(log_q, log_s, b)
+            return b * _kl(log_q, log_m) + (1.0 - b) * _kl(log_s, log_m)
+        if self.name == "tvd":
+            return 0.5 * (log_q.exp() - log_s.exp()).abs().sum(-1)
+        if self.name == "skew_kl":
+            return _kl(log_q, _log_mix(log_q, log_s, self.skew_alpha))
+        if self.name == "skew_reverse_kl":
+            return _kl(log_s, _log_mix(log_s, log_q, self.skew_alpha))
+        raise ValueError(f"unknown divergence '{self.name}'; expected one of {', '.join(DIVERGENCES)}")
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) over the last dim; a term with a = 0 is 0 (no 0 · (−inf) = NaN, in value or gradient)."""
+    a = log_a.exp()
+    return (a * torch.where(a > 0, log_a - log_b, 0.0)).sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, share_a: float) -> torch.Tensor:
+    """log(share_a · a + (1 − share_a) · b), stable (a logaddexp)."""
+    return torch.logaddexp(log_a + math.log(share_a), log_b + math.log1p(-share_a))
+
+
 def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: torch.Tensor,
-            temperature: float, alpha: float) -> KDLoss:
+            temperature: float, alpha: float, divergence: Divergence = Divergence("forward_kl")) -> KDLoss:
     """student_logits [B, C], target_probs [B, C] (already softened at T), labels [B]."""
-    z = student_logits.float()
+    z = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))  # float32, or float64 kept
     log_s_t = F.log_softmax(z / temperature, dim=-1)
-    kd = F.kl_div(log_s_t, target_probs.float(), reduction="batchmean")
+    kd = divergence(target_probs.to(z.dtype).log(), log_s_t).mean()
     labelled = labels != IGNORE
     if labelled.any():
         ce = F.cross_entropy(z[labelled], labels[labelled])
@@ -42,3 +105,4 @@ def kd_loss(student_logits: torch.Tensor, target_probs: torch.Tensor, labels: to
         ce = z.sum() * 0.0
     loss = alpha * ce + (1.0 - alpha) * temperature**2 * kd
     return KDLoss(loss, ce, kd)
+

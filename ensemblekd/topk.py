@@ -10,17 +10,36 @@ The KD term of one token against teacher k, over k + 1 buckets (its top-k ids an
     q_i    ∝ exp(log p_i / T)                                   i in top-k
     q_tail ∝ (V − k) · exp((log r − log(V − k)) / T)            the tail, spread evenly over V − k ids
     s      = softmax(z / T) over the full vocabulary,  s_tail = Σ_{j ∉ top-k} s_j (a logsumexp)
-    KL_k   = Σ_i q_i (log q_i − log s_i) + q_tail (log q_tail − log s_tail),   0 · log 0 = 0
+    D_k    = D(q, s) over the buckets (q_1 .. q_k, q_tail) and (s_1 .. s_k, s_tail)
 
-q is normalised over the k + 1 buckets. Spreading r evenly makes tempering act on each tail id as
-it would on the full distribution; at T = 1 the buckets are the teacher's exact masses. Then
+D is distill.loss (losses.Divergence), forward KL by default: Σ_b q_b (log q_b − log s_b),
+0 · log 0 = 0. q is normalised over the k + 1 buckets. Spreading r evenly makes tempering act on
+each tail id as it would on the full distribution; at T = 1 the buckets are the teacher's exact
+masses. Then
 
-    L_kd = Σ_tokens mask · Σ_k w_k KL_k / max(1, Σ mask)             (the caller multiplies by T²)
+    L_kd = Σ_tokens mask · Σ_k w_k D_k / max(1, Σ mask)             (the caller multiplies by T²)
+
+What the buckets compute. All six divergences are f-divergences, D(q, s) = Σ_j s_j f(q_j / s_j).
+Let q̃_k be teacher k with its tail mass shaped like the student's tail, q̃_kj = q_tail · s_j / s_tail
+for j outside its top-k: then q̃_kj / s_j is the same over the tail and D_k = D(q̃_k, s) exactly,
+over the full vocabulary. Against the teacher's true tail (not stored) D_k is a lower bound (data
+processing: merging ids into one bucket never increases an f-divergence; at T ≠ 1 the bucket's
+mass itself assumes an even tail); exact when k = V.
+
+Several teachers: D is applied per teacher and summed with the strategy's weights, Σ_k w_k D(q_k, s).
+For forward KL that has the gradient of D(Σ_k w_k q_k, s) (they differ by a term of the teachers
+alone); for the others it is the per-teacher form, which upper-bounds D(mixture, s) since every
+f-divergence is convex in q. Classification (losses.kd_loss) mixes first, then applies D.
 
 Its gradient, computed chunk by chunk in the forward (no [N, V] activation is kept for autograd):
+with h_kb = ∂(Σ_k w_k D_k) / ∂ log s_b of teacher k's buckets (autograd on that [c, K, k + 1]
+tensor alone, log s_b taken as free variables),
 
-    dL_kd/dz_j = Σ_k w_k (s_j − q̃_kj) / T / max(1, Σ mask),
-    q̃_kj = q_j for j in teacher k's top-k,  q_tail · s_j / s_tail otherwise
+    dL_kd/dz_j = (Σ_k g_kj − s_j Σ_k Σ_b h_kb) / T / max(1, Σ mask),
+    g_kj = h_ki for j = teacher k's top-k id i,  h_k,tail · s_j / s_tail for j in its tail
+
+from ∂ log s_i / ∂z_j = (δ_ij − s_j) / T and ∂ log s_tail / ∂z_j = ([j in tail] s_j / s_tail − s_j) / T.
+For forward KL h_kb = −w_k q_kb, which gives Σ_k w_k (s_j − q̃_kj) / T.
 
 How these targets are stored is the token task's codec (ensemblekd.tasks.token).
 """
@@ -34,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ensemblekd.losses import IGNORE, KDLoss
+from ensemblekd.losses import IGNORE, Divergence, KDLoss
 
 # An empty bucket for the weighting rules: probability exactly 0 in float32 at any sane
 # temperature, but finite, because entropy_weights computes p · log p and 0 · (−inf) is NaN.
@@ -105,12 +124,6 @@ def _float(x) -> torch.Tensor:
     return torch.from_numpy(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x.float()
 
 
-def _xlogx_ratio(log_q: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
-    """q (log q − log s), 0 where q = 0 (an empty tail, an underflow): no 0 · (−inf) = NaN."""
-    q = log_q.exp()
-    return q * (torch.where(q > 0, log_q, log_s) - log_s)
-
-
 def _teacher_buckets(logp: torch.Tensor, tail: torch.Tensor, vocab_size: int, temperature: float) -> torch.Tensor:
     """log q over the k + 1 buckets [.., k + 1] (the last one the tail; dropped when k = V)."""
     a = logp / temperature
@@ -121,53 +134,62 @@ def _teacher_buckets(logp: torch.Tensor, tail: torch.Tensor, vocab_size: int, te
     return a - a.logsumexp(-1, keepdim=True)
 
 
-def _chunk_kl(z, logp, idx, tail, w, vocab_size: int, temperature: float, need_grad: bool):
-    """Σ_tokens Σ_k w_k KL_k over one chunk (z [c, V], logp and idx [c, K, k], tail and w [c, K])
-    and its gradient Σ_k w_k (s − q̃_k) / T (module docstring): the tail bucket's target shared
-    over the tail ids as the student shares its own tail.
+def _peaked_rest(log_s: torch.Tensor, idx: torch.Tensor, pairs, size: int):
+    """Per (token, teacher) pair: the student's log-probs [size, V] with that teacher's top-k masked
+    out, `size` pairs at a time -> (tokens, teachers, rest)."""
+    for a in range(0, len(pairs[0]), size):
+        rows, teachers = pairs[0][a:a + size], pairs[1][a:a + size]
+        yield rows, teachers, log_s[rows].scatter(-1, idx[rows, teachers], -math.inf)
 
-    On teacher k's tail q̃_k = (q_tail / s_tail) · s, so one [c, V] pass serves every teacher's
-    tail and each teacher's own top-k ids get their share back by scatter: O(k) work per teacher.
-    Where the top-k hold more than DIRECT_TAIL_MASS of the student's mass, s_tail is tiny and that
-    shortcut would cancel large numbers, so those (token, teacher) pairs take the exact path: the
-    student's log-probs with the teacher's top-k masked out, c pairs at a time."""
+
+def _chunk_divergence(z, logp, idx, tail, w, vocab_size: int, temperature: float, divergence: Divergence,
+                      need_grad: bool):
+    """Σ_tokens Σ_k w_k D_k over one chunk (z [c, V], logp and idx [c, K, k], tail and w [c, K])
+    and its gradient (module docstring).
+
+    On teacher k's tail the gradient is (h_tail / s_tail) · s, so one [c, V] pass serves every
+    teacher's tail and each teacher's own top-k ids get their share back by scatter: O(k) work per
+    teacher. Where the top-k hold more than DIRECT_TAIL_MASS of the student's mass, s_tail is tiny
+    and that shortcut would cancel large numbers, so those (token, teacher) pairs take the exact
+    path: the student's log-probs with the teacher's top-k masked out, c pairs at a time."""
     c, n_teachers, k = idx.shape
     log_s = F.log_softmax(z.float() / temperature, dim=-1)
     log_q = _teacher_buckets(logp, tail, vocab_size, temperature)
     flat_idx = idx.reshape(c, -1)
-    log_s_top = log_s.gather(-1, flat_idx).view(c, n_teachers, k)
-    kl = _xlogx_ratio(log_q[..., :k], log_s_top).sum(-1)                                    # [c, K]
-    s = log_s.exp() if need_grad else None
-    grad = s * w.sum(-1, keepdim=True) if need_grad else None
+    log_s_b = log_s.gather(-1, flat_idx).view(c, n_teachers, k)
     if k < vocab_size:
-        kept = log_s_top.exp().sum(-1)
+        kept = log_s_b.exp().sum(-1)
         log_s_tail = torch.log1p(-kept.clamp(max=1.0))
         peaked = kept > DIRECT_TAIL_MASS
         pairs = peaked.nonzero(as_tuple=True)
-        for a in range(0, len(pairs[0]), c):
-            rows, teachers = pairs[0][a:a + c], pairs[1][a:a + c]
-            rest = log_s[rows].scatter(-1, idx[rows, teachers], -math.inf)
-            log_rest = rest.logsumexp(-1)
-            log_s_tail[rows, teachers] = log_rest
-            if need_grad:
-                share = w[rows, teachers] * log_q[rows, teachers, k].exp()
-                grad.index_add_(0, rows, -share[:, None] * (rest - log_rest[:, None]).exp())
-        kl += _xlogx_ratio(log_q[..., k], log_s_tail)
-        if need_grad:
-            share = torch.where(peaked, 0.0, w * (log_q[..., k] - log_s_tail).exp())        # w_k q_tail / s_tail
-            grad -= share.sum(-1, keepdim=True) * s
-            grad.scatter_add_(-1, flat_idx, (share.unsqueeze(-1) * log_s_top.exp()).reshape(c, -1))
-    if need_grad:
-        grad.scatter_add_(-1, flat_idx, (-w.unsqueeze(-1) * log_q[..., :k].exp()).reshape(c, -1))
-    return (w * kl).sum(), (grad / temperature if need_grad else None)
+        for rows, teachers, rest in _peaked_rest(log_s, idx, pairs, c):
+            log_s_tail[rows, teachers] = rest.logsumexp(-1)
+        log_s_b = torch.cat([log_s_b, log_s_tail.unsqueeze(-1)], dim=-1)              # [c, K, k + 1]
+    leaf = log_s_b.detach().requires_grad_(need_grad)
+    with torch.set_grad_enabled(need_grad):
+        total = (w * divergence(log_q, leaf)).sum()
+    if not need_grad:
+        return total, None
+    h, = torch.autograd.grad(total, leaf)
+    s = log_s.exp()
+    grad = -h.sum((1, 2)).unsqueeze(-1) * s
+    grad.scatter_add_(-1, flat_idx, h[..., :k].reshape(c, -1))
+    if k < vocab_size:
+        h_tail = h[..., k]
+        share = torch.where(peaked, 0.0, h_tail * (-log_s_tail).exp())                   # h_tail / s_tail
+        grad += share.sum(-1, keepdim=True) * s
+        grad.scatter_add_(-1, flat_idx, (-share.unsqueeze(-1) * log_s_b[..., :k].exp()).reshape(c, -1))
+        for rows, teachers, rest in _peaked_rest(log_s, idx, pairs, c):
+            grad.index_add_(0, rows, h_tail[rows, teachers, None] * (rest - log_s_tail[rows, teachers, None]).exp())
+    return total.detach(), grad / temperature
 
 
-class _SparseKL(torch.autograd.Function):
+class _SparseDivergence(torch.autograd.Function):
     """The forward writes each chunk's gradient into one [N, V] buffer that the backward hands on:
     nothing of size N · V is kept but that gradient, and nothing is recomputed."""
 
     @staticmethod
-    def forward(ctx, z, logp, idx, tail, w, mask, vocab_size, temperature, chunk_tokens):
+    def forward(ctx, z, logp, idx, tail, w, mask, vocab_size, temperature, chunk_tokens, divergence):
         grad = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
         count = len(z) if mask is None else int(mask.sum())
         total = torch.zeros((), device=z.device)
@@ -177,8 +199,8 @@ class _SparseKL(torch.autograd.Function):
                 rows = a + mask[rows].nonzero().squeeze(-1)
                 if len(rows) == 0:
                     continue
-            loss, g = _chunk_kl(z[rows], logp[rows], idx[rows], tail[rows], w[rows], vocab_size, temperature,
-                                grad is not None)
+            loss, g = _chunk_divergence(z[rows], logp[rows], idx[rows], tail[rows], w[rows], vocab_size, temperature,
+                                        divergence, grad is not None)
             total += loss
             if grad is not None:
                 grad[rows] = (g / max(1, count)).to(grad.dtype)
@@ -189,14 +211,14 @@ class _SparseKL(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         if ctx.grad is None:
-            raise RuntimeError("sparse_kl: a second backward through the same graph is not supported")
+            raise RuntimeError("sparse_divergence: a second backward through the same graph is not supported")
         grad, ctx.grad = ctx.grad, None
-        return grad.mul_(g.to(grad.dtype)), None, None, None, None, None, None, None, None
+        return grad.mul_(g.to(grad.dtype)), None, None, None, None, None, None, None, None, None
 
 
-def sparse_kl(student_logits: torch.Tensor, logp, idx, tail, vocab_size: int, temperature: float,
-              weights: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-              chunk_tokens: int = 1024) -> torch.Tensor:
+def sparse_divergence(student_logits: torch.Tensor, logp, idx, tail, vocab_size: int, temperature: float,
+                      weights: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                      chunk_tokens: int = 1024, divergence: Divergence = Divergence("forward_kl")) -> torch.Tensor:
     """The KD term above (a scalar, not × T²). student_logits [N, V]; logp, idx [N, K, k]; tail,
     weights [N, K] (None: 1/K); mask [N] bool (None: all). Tensors or numpy arrays.
 
@@ -207,21 +229,24 @@ def sparse_kl(student_logits: torch.Tensor, logp, idx, tail, vocab_size: int, te
     logp, idx, tail = _float(logp).to(dev), _long(idx).to(dev), _float(tail).to(dev)
     w = torch.full(tail.shape, 1.0 / tail.shape[1], device=dev) if weights is None else weights.float().to(dev)
     mask = None if mask is None else mask.to(dev, torch.bool)
-    return _SparseKL.apply(student_logits, logp, idx, tail, w, mask, vocab_size, temperature, chunk_tokens)
+    return _SparseDivergence.apply(student_logits, logp, idx, tail, w, mask, vocab_size, temperature, chunk_tokens,
+                                   divergence)
 
 
 def token_loss(student_logits: torch.Tensor, labels: torch.Tensor, logp, idx, tail, vocab_size: int,
                temperature: float, alpha: float, weights: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None) -> KDLoss:
-    """alpha · CE(labels, student at T = 1) + (1 − alpha) · T² · sparse_kl, as losses.kd_loss.
+               mask: torch.Tensor | None = None, divergence: Divergence = Divergence("forward_kl")) -> KDLoss:
+    """alpha · CE(labels, student at T = 1) + (1 − alpha) · T² · sparse_divergence, as losses.kd_loss.
 
     CE averages over the unmasked tokens with a label (labels == IGNORE: none); 0 if there are none.
     """
     if alpha >= 1.0:  # labels alone (a baseline): the KD term is only reported, so no gradient is computed
         with torch.no_grad():
-            kd = sparse_kl(student_logits.detach(), logp, idx, tail, vocab_size, temperature, weights, mask)
+            kd = sparse_divergence(student_logits.detach(), logp, idx, tail, vocab_size, temperature, weights, mask,
+                                   divergence=divergence)
     else:
-        kd = sparse_kl(student_logits, logp, idx, tail, vocab_size, temperature, weights, mask)
+        kd = sparse_divergence(student_logits, logp, idx, tail, vocab_size, temperature, weights, mask,
+                               divergence=divergence)
     keep = labels != IGNORE if mask is None else (labels != IGNORE) & mask
     if keep.any():
         ce = F.cross_entropy(student_logits[keep].float(), labels[keep])
