@@ -56,7 +56,7 @@ class DistillResult:
     seconds: float
     run_id: str | None = None                   # the MLflow run (None when called inside `run`'s run)
     tracking_uri: str | None = None
-    chain: list[dict[str, Any]] = field(default_factory=list)    # TAKD levels: name, student, val_accuracy
+    chain: list[dict[str, Any]] = field(default_factory=list)    # chain levels: name, student, val_accuracy
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,8 @@ class ModelRow:
     """One model of an evaluation (accuracies are fractions; latency in ms on one CPU thread)."""
 
     model: str
-    role: str                                   # teacher | ensemble | assistant | student | baseline
+    role: str                                   # teacher | ensemble | assistant | generation | student
+                                                # | baseline
     accuracy: float | None                      # task token: top-1 next-token accuracy
     fidelity: float | None                      # top-1 agreement with the ensemble
     kl: float | None                            # mean KL(ensemble || model), nats
@@ -130,7 +131,9 @@ def load_config(config: ConfigSource, overrides: list[str] | None = None, check:
     the store's object store)."""
     cfg = parse_config(config, overrides)
     try:
-        return validate(cfg, touch=check)
+        validate(cfg, touch=check)
+        chain.level_configs(cfg)  # the chain's levels are named apart from the teachers
+        return cfg
     except UserError as exc:
         if isinstance(config, (str, os.PathLike)):
             raise UserError(f"{config}: {exc}") from None
@@ -162,7 +165,7 @@ def distill(config: ConfigSource, overrides: list[str] | None = None, progress: 
 
 def evaluate(config: ConfigSource, overrides: list[str] | None = None, student: str | None = None,
              warmup: int | None = None, repeats: int | None = None) -> Evaluation:
-    """Teachers, ensemble, assistants and student on the test split, in a new MLflow run. `student`:
+    """Teachers, ensemble, assistants (or generations) and student on the test split, in a new MLflow run. `student`:
     a state dict (default trainer.output_dir/student.pt); warmup/repeats default to evaluate.warmup
     and evaluate.repeats; repeats=0 skips the latency timing."""
     cfg = load_config(config, overrides)

@@ -92,9 +92,16 @@ def cmd_run(args) -> int:
     print()
     print(result.table)
     print()
+    _print_levels(result.distill.chain)
     print(f"MLflow run: {result.run_id}  ({result.tracking_uri})")
     print(f"student: {result.student}   store: {result.store}   wall time: {result.seconds:.1f} s")
     return 0
+
+
+def _print_levels(chain: list[dict]) -> None:
+    """The levels of a chain above the student (TAKD assistants, born-again generations), first to last."""
+    for level in chain[:-1]:
+        print(f"{level['name']}: {level['student']}  val accuracy {100 * level['val_accuracy']:.2f}%")
 
 
 def cmd_label(args) -> int:
@@ -113,6 +120,7 @@ def cmd_distill(args) -> int:
     from ensemblekd import api
 
     result = api.distill(args.config, args.overrides, progress=not args.no_progress)
+    _print_levels(result.chain)
     print(f"student: {result.student}  val accuracy {100 * result.metrics['val_accuracy']:.2f}%  "
           f"({result.seconds:.1f} s)  MLflow run {result.run_id}")
     return 0

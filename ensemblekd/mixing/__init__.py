@@ -12,12 +12,14 @@ from functools import partial
 
 from ensemblekd.errors import UserError
 from ensemblekd.mixing.rules import CAMKD, Accuracy, Entropy, Static, Uniform, WeightingRule
-from ensemblekd.mixing.strategies import Assistant, Parallel, RuleMaker, Sequential, Strategy, mix
+from ensemblekd.mixing.strategies import (Assistant, BornAgain, Parallel, RuleMaker, Sequential, Strategy,
+                                         generation_names, mix)
 from ensemblekd.plugins import import_callable, is_import_path
 
 WEIGHTINGS: dict[str, type] = {"uniform": Uniform, "static": Static, "accuracy": Accuracy, "entropy": Entropy,
                                "ca_mkd": CAMKD}
-STRATEGIES: dict[str, type[Strategy]] = {"parallel": Parallel, "sequential": Sequential, "assistant": Assistant}
+STRATEGIES: dict[str, type[Strategy]] = {"parallel": Parallel, "sequential": Sequential, "assistant": Assistant,
+                                         "born_again": BornAgain}
 
 
 def _resolve(name: str, registry: dict, key: str):
@@ -65,5 +67,6 @@ def build_strategy(distill_cfg, teacher_names: Sequence[str], val_accuracy: dict
     return strategy
 
 
-__all__ = ["STRATEGIES", "WEIGHTINGS", "Assistant", "CAMKD", "Accuracy", "Entropy", "Parallel", "Sequential",
-           "Static", "Strategy", "Uniform", "WeightingRule", "build_strategy", "check_names", "mix", "rule_maker"]
+__all__ = ["STRATEGIES", "WEIGHTINGS", "Assistant", "BornAgain", "CAMKD", "Accuracy", "Entropy", "Parallel",
+           "Sequential", "Static", "Strategy", "Uniform", "WeightingRule", "build_strategy", "check_names",
+           "generation_names", "mix", "rule_maker"]

@@ -171,3 +171,22 @@ class Assistant(Strategy):
         if self.assistant is not None:
             w[:, self.assistant] = 1.0 - self.beta
         return w
+
+
+def generation_names(generations: int) -> list[str]:
+    """born_again: the generations before the last (the student), first to last: gen1, gen2, ..."""
+    return [f"gen{g}" for g in range(1, generations)]
+
+
+class BornAgain(Assistant):
+    """Born-again networks (Furlanello et al. 2018): a chain of generations, each of the student's
+    architecture. Generation 1 learns from the ensemble (parallel, with the weighting rule);
+    generation g + 1 from generation g, blended with a share `ensemble_blend` (beta) of the
+    ensemble exactly as Assistant blends a TAKD level:
+
+        p = beta * p_ensemble + (1 - beta) * p_generation_g
+    """
+
+    @classmethod
+    def config_kwargs(cls, d) -> dict:
+        return {"assistant_names": generation_names(d.generations), "ensemble_blend": d.ensemble_blend}

@@ -1,9 +1,11 @@
-"""Teacher-assistant chains (TAKD, Mirzadeh et al. 2020): ensemble -> assistant 1 -> ... -> student.
+"""Chains of students: ensemble -> level 1 -> ... -> student, each level taught by the one above.
 
-With `distill.assistants`, distillation runs once per level: level i distils assistant i (the
-last level: the student) from the ensemble teachers plus assistant i-1, whose checkpoint is the
-level above's student.pt and which is labelled into the store like any teacher (kind torch)
-before level i starts. Each level is a nested MLflow run.
+TAKD (Mirzadeh et al. 2020, `distill.assistants`) and born-again networks (Furlanello et al. 2018,
+`distill.strategy: born_again`, `distill.generations: n`: n - 1 earlier generations of the
+student's own architecture) are the same chain: distillation runs once per level; level i distils
+its student from the ensemble teachers plus level i-1, whose checkpoint is the level above's
+student.pt and which is labelled into the store like any teacher (kind torch) before level i
+starts. Each level is a nested MLflow run.
 """
 
 from __future__ import annotations
@@ -13,27 +15,49 @@ from contextlib import nullcontext
 from typing import Any
 
 from ensemblekd import tracking
-from ensemblekd.config import Config, StudentConfig, TeacherConfig
+from ensemblekd.config import AssistantConfig, Config, StudentConfig, TeacherConfig
+from ensemblekd.errors import UserError
 from ensemblekd.io import fs
-from ensemblekd.mixing import Strategy
+from ensemblekd.mixing import Strategy, generation_names
 from ensemblekd.stages.distill import distill
 from ensemblekd.stages.label import label
 from ensemblekd.stages.train import STUDENT_FILE
 
 
+def level_role(cfg: Config) -> str:
+    """What the levels above the student are: 'generation' (born_again) or 'assistant' (TAKD). Their
+    students go to trainer.output_dir/<role>s/<name>; evaluation shows them with this role."""
+    return "generation" if cfg.distill.strategy == "born_again" else "assistant"
+
+
+def chain_levels(cfg: Config) -> list[AssistantConfig]:
+    """The levels above the student, first to last: distill.assistants, or born_again's earlier
+    generations (gen1, gen2, ...), each the student's model and kwargs with the default label actors."""
+    if cfg.distill.strategy != "born_again":
+        return list(cfg.distill.assistants)
+    names = generation_names(cfg.distill.generations)
+    taken = [n for n in names if n in {t.name for t in cfg.teachers}]
+    if taken:
+        raise UserError(f"distill.generations: the earlier generations are named {', '.join(names)}, and "
+                        f"{', '.join(taken)} is already a teacher's name; rename that teacher")
+    s = cfg.student
+    return [AssistantConfig(name=n, model=s.model, kwargs=s.kwargs, feature=s.feature) for n in names]
+
+
 def level_configs(cfg: Config) -> list[tuple[str, Config]]:
     """The chain as one config per level (name, config), the last one the student's."""
-    levels, previous = [], None
-    for a in [*cfg.distill.assistants, None]:
+    levels, previous, where = [], None, fs.join(cfg.trainer.output_dir, level_role(cfg) + "s")
+    for a in [*chain_levels(cfg), None]:
         name = a.name if a else "student"
-        out = cfg.trainer.output_dir if a is None else fs.join(cfg.trainer.output_dir, "assistants", name)
+        out = cfg.trainer.output_dir if a is None else fs.join(where, name)
         teachers = list(cfg.teachers)
         if previous is not None:
             teachers.append(TeacherConfig(
                 name=previous.name, model=previous.model, kwargs=previous.kwargs, replicas=previous.replicas,
-                num_cpus=previous.num_cpus, num_gpus=previous.num_gpus, batch_size=previous.batch_size,
-                checkpoint=fs.join(cfg.trainer.output_dir, "assistants", previous.name, STUDENT_FILE)))
-        student = cfg.student if a is None else StudentConfig(model=a.model, kwargs=a.kwargs)
+                num_cpus=previous.num_cpus, num_gpus=previous.num_gpus, resources=previous.resources,
+                batch_size=previous.batch_size, feature=previous.feature if cfg.distill.feature_terms else None,
+                checkpoint=fs.join(where, previous.name, STUDENT_FILE)))
+        student = cfg.student if a is None else StudentConfig(model=a.model, kwargs=a.kwargs, feature=a.feature)
         trainer = cfg.trainer.model_copy(update={"output_dir": out})
         levels.append((name, cfg.model_copy(update={"teachers": teachers, "student": student, "trainer": trainer})))
         previous = a
@@ -41,18 +65,20 @@ def level_configs(cfg: Config) -> list[tuple[str, Config]]:
 
 
 def assistant_teachers(cfg: Config) -> list[TeacherConfig]:
-    """Each assistant as the teacher it becomes for the level below (for evaluation)."""
+    """Each level above the student (assistant or generation) as the teacher it becomes for the
+    level below (for evaluation); none without a chain."""
     levels = level_configs(cfg)
     return [level.teachers[-1] for _, level in levels[1:]]
 
 
 def distill_chain(cfg: Config, info: dict[str, str] | None, progress: bool = True,
                   strategy: Strategy | None = None) -> dict[str, Any]:
-    """Distil the student; with assistants, each level of the chain in its nested run. Returns
-    distill's result for the student plus `chain`: each level's name, student path and val accuracy."""
-    if not cfg.distill.assistants:
-        return {**distill(cfg, info, progress, strategy), "chain": []}
+    """Distil the student; with assistants or born-again generations, each level of the chain in
+    its nested run. Returns distill's result for the student plus `chain`: each level's name,
+    student path and val accuracy."""
     levels = level_configs(cfg)
+    if len(levels) == 1:
+        return {**distill(cfg, info, progress, strategy), "chain": []}
     chain, seconds = [], 0.0
     for i, (name, level_cfg) in enumerate(levels):
         params = {"level": i, "model": level_cfg.student.model,
@@ -60,7 +86,7 @@ def distill_chain(cfg: Config, info: dict[str, str] | None, progress: bool = Tru
                   "teachers": ",".join(t.name for t in level_cfg.teachers)}
         with tracking.nested_run(info, name, params) if info else nullcontext(None) as level_info:
             result = distill(level_cfg, level_info, progress)
-            if i + 1 < len(levels):  # an assistant: label it into the store for the next level
+            if i + 1 < len(levels):  # a level above the student: label it into the store for the next
                 label(levels[i + 1][1], progress=progress)
         seconds += result["seconds"]
         chain.append({"name": name, "student": result["student"], "val_accuracy": result["metrics"]["val_accuracy"]})

@@ -1,6 +1,7 @@
-"""The evaluate stage: teachers, their ensemble, any TAKD assistants and the student on the test split.
+"""The evaluate stage: teachers, their ensemble, any chain levels (TAKD assistants, born-again
+generations) and the student on the test split.
 
-Quality comes from the task (task.quality): the teachers' and assistants' stored test targets (no
+Quality comes from the task (task.quality): the teachers' and levels' stored test targets (no
 teacher is run again), the ensemble mixed from them as the run mixes it (at T = 1, without
 labels), the student run here; every model measured against the ensemble (ensemblekd.metrics).
 
@@ -23,7 +24,7 @@ from ensemblekd.config import Config
 from ensemblekd.io import fs
 from ensemblekd.mixing import build_strategy
 from ensemblekd.models import count_parameters, load_student
-from ensemblekd.stages.chain import assistant_teachers, baseline_config
+from ensemblekd.stages.chain import assistant_teachers, baseline_config, level_role
 from ensemblekd.stages.train import STUDENT_FILE
 from ensemblekd.stages.validate import check_labelled_inputs
 from ensemblekd.store import Store
@@ -63,16 +64,17 @@ def measure_latency(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, bat
 
 
 def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: int | None = None) -> dict[str, Any]:
-    """Rows for each teacher, the ensemble, each TAKD assistant, the student (and with
-    evaluate.baseline the student trained alone): accuracy, fidelity, KL, ECE (task token: also NLL
-    and perplexity), parameters, bytes, p50/p99 latency at batch 1 and 64 (None with repeats=0)
-    and, where the task counts tokens, tokens/s; plus the student-against-ensemble summary and,
-    for evaluate.prompts, each model's greedy continuations. warmup/repeats: evaluate.* by default."""
+    """Rows for each teacher, the ensemble, each chain level (role assistant, or generation for
+    born_again), the student (and with evaluate.baseline the student trained alone): accuracy,
+    fidelity, KL, ECE (task token: also NLL and perplexity), parameters, bytes, p50/p99 latency at
+    batch 1 and 64 (None with repeats=0) and, where the task counts tokens, tokens/s; plus the
+    student-against-ensemble summary and, for evaluate.prompts, each model's greedy continuations.
+    warmup/repeats: evaluate.* by default."""
     ev = cfg.evaluate
     warmup, repeats = (ev.warmup if warmup is None else warmup), (ev.repeats if repeats is None else repeats)
     task = get_task(cfg.task)
     names = [t.name for t in cfg.teachers]
-    assistants = assistant_teachers(cfg) if cfg.distill.assistants else []
+    assistants, role = assistant_teachers(cfg), level_role(cfg)
     store = Store.open(cfg.store.uri)
     store.check_complete("test", [*names, *(a.name for a in assistants)])
     check_labelled_inputs(cfg, store, ("test",))
@@ -91,7 +93,7 @@ def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: 
     models = [*teachers, None]
     for a in assistants:
         module = kind_of(a).load(cfg, a)
-        rows.append(_row(a.name, "assistant", quality, count_parameters(module), kind_of(a).artifact_bytes(cfg, a)))
+        rows.append(_row(a.name, role, quality, count_parameters(module), kind_of(a).artifact_bytes(cfg, a)))
         models.append(module)
     rows.append(_row("student", "student", quality, count_parameters(student), fs.file_size(student_uri)))
     models.append(student)

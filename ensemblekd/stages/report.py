@@ -97,7 +97,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"\n```{extra}\n```\n" if extra else "")
 
 
-ROLE_COLOURS = {"teacher": "tab:blue", "ensemble": "tab:red", "assistant": "tab:green", "student": "tab:orange"}
+ROLE_COLOURS = {"teacher": "tab:blue", "ensemble": "tab:red", "assistant": "tab:green", "generation": "tab:purple",
+                "student": "tab:orange"}
 
 
 def bubble_chart(report: dict[str, Any]) -> bytes:

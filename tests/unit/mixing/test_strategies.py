@@ -51,3 +51,21 @@ def test_assistant_blends_the_ensemble_and_reduces_to_parallel_without_one():
     first_level = Assistant(NAMES, rule_maker("entropy"), assistant_names=["x"], ensemble_blend=0.5)
     parallel = Parallel(NAMES, rule_maker("entropy"))
     assert torch.allclose(first_level.targets(z, None, 2.0)[0], parallel.targets(z, None, 2.0)[0])
+
+
+def test_born_again_generation_one_is_the_rule_then_each_generation_teaches_the_next():
+    from ensemblekd.config import DistillConfig
+    from ensemblekd.mixing import BornAgain, build_strategy
+
+    d = DistillConfig(strategy="born_again", generations=3, ensemble_blend=0.25, weighting="static",
+                      weights={"a": 1, "b": 1, "c": 2})
+    assert BornAgain.config_kwargs(d) == {"assistant_names": ["gen1", "gen2"], "ensemble_blend": 0.25}
+    z = torch.randn(3, 4, 5)
+    first = build_strategy(d, NAMES)                                  # generation 1: the ensemble alone
+    assert isinstance(first, BornAgain)
+    assert torch.allclose(first.targets(z[:, :3], None, 2.0)[1][0], torch.tensor([0.25, 0.25, 0.5]))
+    for previous in ("gen1", "gen2"):                                 # generations 2 and 3 (the student)
+        w = build_strategy(d, [*NAMES, previous]).targets(z, None, 2.0)[1]
+        assert torch.allclose(w, torch.tensor([0.0625, 0.0625, 0.125, 0.75]).expand(3, 4))
+    alone = build_strategy(d.model_copy(update={"ensemble_blend": 0.0}), [*NAMES, "gen2"])
+    assert torch.allclose(alone.targets(z, None, 2.0)[0], torch.softmax(z[:, 3] / 2.0, -1))
