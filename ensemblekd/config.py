@@ -42,6 +42,8 @@ def _not_a_bool(value: Any) -> Any:
 
 Int = Annotated[int, BeforeValidator(_not_a_bool)]
 Float = Annotated[float, BeforeValidator(_not_a_bool)]
+# a module name as model.named_modules() gives it: an nn.Sequential's are numbers, and `feature: 3` means '3'
+ModuleName = Annotated[str, BeforeValidator(lambda v: str(v) if isinstance(v, int) and not isinstance(v, bool) else v)]
 
 
 class _Section(BaseModel):
@@ -114,7 +116,7 @@ class TeacherConfig(_Section):
                                         "actors asks for beside num_cpus/num_gpus: a node tag (`ray start --resources`) "
                                         "puts the teacher on the nodes that have it")
     batch_size: Int = Field(default=1024, ge=1)
-    feature: str | None = Field(default=None, description="store this teacher's features next to its logits (task "
+    feature: ModuleName | None = Field(default=None, description="store this teacher's features next to its logits (task "
                                 "classification): kind torch, the name of the module whose output they are (as in "
                                 "model.named_modules()); kind sklearn, 'last_hidden' (an MLP's last hidden layer)")
     group: str | None = Field(default=None, description="label: teachers with the same group share each actor "
@@ -162,7 +164,7 @@ def _redact(options: dict[str, Any]) -> dict[str, Any]:
 class StudentConfig(_Section):
     model: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    feature: str | None = Field(default=None, description="the module whose output is the student's feature (a name "
+    feature: ModuleName | None = Field(default=None, description="the module whose output is the student's feature (a name "
                                 "from model.named_modules()): what distill.hint_weight and rkd_* compare")
 
 
@@ -179,7 +181,7 @@ class AssistantConfig(_Section):
                                         "actors asks for beside num_cpus/num_gpus: a node tag (`ray start --resources`) "
                                         "puts the teacher on the nodes that have it")
     batch_size: Int = Field(default=1024, ge=1)
-    feature: str | None = Field(default=None, description="the module whose output is the assistant's feature, when "
+    feature: ModuleName | None = Field(default=None, description="the module whose output is the assistant's feature, when "
                                 "the run has feature terms (see student.feature)")
 
 

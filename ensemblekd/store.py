@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
@@ -282,6 +283,44 @@ class Store:
             self.manifest["teachers"][name] = {"fingerprint": fingerprint, "spec": spec}
         return changed
 
+    def set_projection(self, teacher: str, pca: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """Keep the PCA (mean, components) a teacher's stored features were reduced by
+        (store.feature_dim) beside the shards, as projections/<teacher>.npz; the manifest holds its
+        path and checksum. None: the features are stored whole (no wider than feature_dim)."""
+        if pca is None:
+            self.manifest["teachers"][teacher]["projection"] = None
+            return
+        mean, components = pca
+        buf = io.BytesIO()
+        np.savez(buf, mean=mean, components=components)
+        path = f"projections/{teacher}.npz"
+        fs.write_bytes_atomic(fs.join(self.uri, path), buf.getvalue())
+        self.manifest["teachers"][teacher]["projection"] = {
+            "path": path, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "width": int(components.shape[0]),
+            "dim": int(components.shape[1])}
+
+    def projection(self, teacher: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean [F], components [F, d]) of a teacher's feature PCA, or None if it has none."""
+        entry = self.teacher(teacher).get("projection")
+        if entry is None:
+            return None
+        uri = fs.join(self.uri, entry["path"])
+        data = fs.read_bytes(uri)
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
+            raise UserError(f"{uri}: checksum mismatch (the projection is corrupt); relabel the teacher into a new "
+                            "store.uri")
+        arrays = np.load(io.BytesIO(data))
+        return arrays["mean"], arrays["components"]
+
+    def feature_dims(self, teachers: list[str]) -> list[int]:
+        """Each teacher's stored feature width, or a UserError for one that stores none."""
+        dims = [self.teacher(t).get("feature_dim") for t in teachers]
+        lacking = [t for t, d in zip(teachers, dims) if d is None]
+        if lacking:
+            raise UserError(f"{self.uri}: teachers {lacking} store no features; set their feature and re-run "
+                            "'ensemblekd label CONFIG'")
+        return dims
+
     def class_count(self, teacher: str) -> int | None:
         """The classes (or vocabulary) of a teacher's stored targets; None before it has any."""
         entry = self.manifest["teachers"].get(teacher, {})
@@ -370,6 +409,8 @@ class Store:
                             f"{self.manifest['num_classes']}; all teachers must share one label space")
         self.manifest["num_classes"] = num_classes
         self.manifest["teachers"][teacher]["num_classes"] = num_classes
+        if "feature_dim" in entry:
+            self.manifest["teachers"][teacher]["feature_dim"] = entry.pop("feature_dim")
         entry["path"] = "/".join([split, teacher, shard_name(index)])
         self.manifest["shards"].setdefault(split, {}).setdefault(teacher, {})[str(index)] = entry
 

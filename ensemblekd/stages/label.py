@@ -17,6 +17,8 @@ reading task is one more process, and its copy into the object store costs about
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import socket
 import sys
@@ -24,12 +26,14 @@ import time
 from collections import deque
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 
 from ensemblekd.config import Config
 from ensemblekd.data.inputs import input_shards
 from ensemblekd.errors import UserError
+from ensemblekd.features import PCA_ROWS, Projected, fit_pca
 from ensemblekd.io import fs
 from ensemblekd.io.ray_session import ensure_ray, require, unwrap
 from ensemblekd.stages.placement import Pool, check_fits, pools, room_in_cluster
@@ -60,19 +64,43 @@ class TeacherWorker:
         for i in teacher_indices:
             t = cfg.teachers[i]
             try:
-                self.hosted[t.name] = (t, kind_of(t).load(cfg, t).to(self.device), None)
+                kind = kind_of(t)
+                model = kind.load(cfg, t)
+                if t.feature:
+                    model = kind.with_features(cfg, t, model)
+                self.hosted[t.name] = (t, model.to(self.device), None)
             except UserError as exc:  # raised from `label`, where the driver sees it as itself
                 self.hosted[t.name] = (t, None, exc)
 
-    def label(self, shard: dict[str, Any], jobs: list[tuple[str, str]], where: str) -> list[dict[str, Any]]:
-        """jobs: (teacher name, label shard URI); returns their manifest entries in that order."""
+    def label(self, shard: dict[str, Any], jobs: list[tuple[str, str]], where: str,
+              projections: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> list[dict[str, Any]]:
+        """jobs: (teacher name, label shard URI); returns their manifest entries in that order.
+        projections: the PCA of each teacher whose features are reduced (store.feature_dim), sent
+        with every call so that a restarted actor applies it too."""
         inputs = self.task.read_inputs(self.cfg, shard)
         results = []
         for name, out_uri in jobs:
-            data, entry = self._label(name, inputs, where)
+            data, entry = self._label(name, inputs, where, (projections or {}).get(name))
             fs.write_bytes_atomic(out_uri, data)
             results.append({**entry, "written_by": self.writer})
         return results
+
+    def fit_projection(self, name: str, shards: list[dict[str, Any]], dim: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The PCA (features.fit_pca) of a hosted teacher's features over the first PCA_ROWS rows of
+        `shards` (the train split); None when its features are no wider than `dim`."""
+        t, model, error = self.hosted[name]
+        if error:
+            raise error
+        parts, rows = [], 0
+        for i, shard in enumerate(shards):
+            where = f"train shard {i} ({shard['uri']})"
+            part = self.task.features(model, self.task.read_inputs(self.cfg, shard), self.cfg, t, self.device, where)
+            parts.append(part[:PCA_ROWS - rows])
+            rows += len(parts[-1])
+            if rows >= PCA_ROWS:
+                break
+        features = np.concatenate(parts)
+        return None if features.shape[1] <= dim else fit_pca(features, dim)
 
     def probe(self, shard: dict[str, Any], names: list[str], where: str) -> dict[str, int]:
         """What each named teacher outputs (classes, or vocabulary) on the first rows of a shard, so
@@ -80,10 +108,12 @@ class TeacherWorker:
         inputs = tuple(part[:PROBE_ROWS] for part in self.task.read_inputs(self.cfg, shard))
         return {name: self._label(name, inputs, where)[1]["num_classes"] for name in names}
 
-    def _label(self, name: str, inputs, where: str) -> tuple[bytes, dict[str, Any]]:
+    def _label(self, name: str, inputs, where: str, projection=None) -> tuple[bytes, dict[str, Any]]:
         t, model, error = self.hosted[name]
         if error:
             raise error
+        if projection is not None:
+            model = Projected(model, *projection).to(self.device)
         return self.task.label_shard(model, inputs, self.cfg, t, self.device, where)
 
 
@@ -101,9 +131,52 @@ def plan(cfg: Config, store: Store, splits=SPLITS) -> list[tuple[str, str, int]]
         store.set_inputs(split, [s.signature() for s in shards])
     store.set_task(cfg.task, task.store_info(cfg))
     for t in cfg.teachers:
-        kind = kind_of(t)
-        store.set_teacher(t.name, kind.fingerprint(cfg, t), kind.spec(t))
+        store.set_teacher(t.name, *identity(cfg, t))
     return [(split, t.name, i) for t in cfg.teachers for split in splits for i in store.missing(split, t.name)]
+
+
+def identity(cfg: Config, t) -> tuple[str, dict[str, Any]]:
+    """The fingerprint and spec the store keeps of a teacher: its kind's, and, for a teacher that
+    stores features, which feature and at what width (a change relabels it)."""
+    kind = kind_of(t)
+    fingerprint, spec = kind.fingerprint(cfg, t), kind.spec(t)
+    if t.feature:
+        stored = {"feature": t.feature, "feature_dim": cfg.store.feature_dim}
+        fingerprint = hashlib.sha256(json.dumps([fingerprint, stored]).encode()).hexdigest()[:16]
+        spec = {**spec, **stored}
+    return fingerprint, spec
+
+
+def projections(cfg: Config, store: Store, todo: list[tuple[str, str, int]], actors: dict[Pool, list]) -> dict:
+    """The PCA of each teacher to label whose features are reduced (store.feature_dim): the one the
+    store keeps, or one fitted now on the train split by one of its actors and kept in the store
+    before any of its shards is written. {name: (mean, components)}."""
+    dim, out, fitting = cfg.store.feature_dim, {}, {}
+    if not dim:
+        return out
+    labelling = {name for _, name, _ in todo}
+    for pool, replicas in actors.items():
+        for name in pool.names(cfg):
+            t = next(x for x in cfg.teachers if x.name == name)
+            if not t.feature or name not in labelling:
+                continue
+            if "projection" in store.teacher(name):  # fitted by an earlier run (None: stored whole)
+                kept = store.projection(name)
+                if kept is not None:
+                    out[name] = kept
+            elif "train" not in store.manifest["inputs"]:
+                raise UserError("store.feature_dim: the PCA of the teachers' features is fitted on the train split; "
+                                "label train first (or with the other splits)")
+            else:
+                fitting[name] = replicas[0].fit_projection.remote(name, store.inputs("train"), dim)
+    for name, ref in fitting.items():
+        fitted = unwrap(ray.get, ref)
+        store.set_projection(name, fitted)
+        if fitted is None:
+            note(f"teacher '{name}': its features are no wider than store.feature_dim ({dim}); they are stored whole")
+        else:
+            out[name] = fitted
+    return out
 
 
 def record_val_accuracy(cfg: Config, store: Store) -> None:
@@ -195,6 +268,7 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
               for pool in actors}
 
     in_flight: dict[Any, tuple[str, int, list[str], Pool, Any]] = {}
+    projection_ref = None  # ray.put of projections(): each teacher's PCA, when store.feature_dim reduces its features
 
     def submit(pool: Pool, actor) -> None:
         if not queues[pool]:
@@ -203,12 +277,13 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
         names = [name for name in pool.names(cfg) if (split, name, i) in missing]
         shard = store.inputs(split)[i]
         jobs = [(name, store.shard_uri(split, name, i)) for name in names]
-        ref = actor.label.remote(shard, jobs, f"{split} shard {i} ({shard['uri']})")
+        ref = actor.label.remote(shard, jobs, f"{split} shard {i} ({shard['uri']})", projection_ref)
         in_flight[ref] = (split, i, names, pool, actor)
 
     rows, tokens, last_save, agreed = 0, 0, time.monotonic(), False
     try:
         agree(cfg, store, todo, actors)
+        projection_ref = ray.put(projections(cfg, store, todo, actors))
         store.save()  # the plan (shards of changed inputs or teachers forgotten) before any shard is rewritten
         agreed = True
         for pool, replicas in actors.items():

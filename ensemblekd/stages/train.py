@@ -60,15 +60,16 @@ def deepspeed_config(trainer) -> dict[str, Any]:
     return merge(generated, trainer.deepspeed)
 
 
-def build_engine(cfg: Config, total_steps: int):
-    """The student in a DeepSpeed engine: AdamW and a per-step cosine decay unless trainer.deepspeed
-    brings its own optimizer or scheduler."""
+def build_engine(cfg: Config, total_steps: int, store: Store):
+    """The student (as the task wraps it: Task.student_module) in a DeepSpeed engine: AdamW and a
+    per-step cosine decay unless trainer.deepspeed brings its own optimizer or scheduler."""
     import deepspeed
 
     skip_shm_comm_op()
 
     tr = cfg.trainer
-    model = build_module(cfg.student.model, cfg.student.kwargs, "student.model")
+    model = get_task(cfg.task).student_module(cfg, store, build_module(cfg.student.model, cfg.student.kwargs,
+                                                                          "student.model"))
     ds_config = deepspeed_config(tr)
     optimizer = None
     if "optimizer" not in ds_config:
@@ -124,14 +125,15 @@ def all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
 
 
 def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """The student's full fp32 weights on CPU (gathered from all ranks under ZeRO-3)."""
+    """The student's full fp32 weights on CPU (gathered from all ranks under ZeRO-3): of the
+    student alone where the task wrapped it (Task.student_module)."""
     import deepspeed
 
-    module = engine.module
+    student = getattr(engine.module, "student", engine.module)
     if engine.zero_optimization_stage() == 3:
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in student.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in student.state_dict().items()}
 
 
 # -- one epoch -------------------------------------------------------------------------------------
@@ -152,17 +154,19 @@ class Worker:
         self.shard_rows = [s["rows"] for s in self.store.inputs("train")]
         self.micro = cfg.trainer.batch_size // cfg.trainer.num_workers
         self.steps_per_epoch = epoch_steps(sum(self.shard_rows), world, self.micro)
+        self.terms: list[str] = []  # the loss's extra terms (KDLoss.terms), known from the first step
         if self.steps_per_epoch == 0:
             raise UserError(f"the train split has {sum(self.shard_rows)} rows, fewer than the {world} workers")
 
     def train_epoch(self, engine, epoch: int, counter) -> tuple[torch.Tensor, dict[str, list[float]]]:
-        """Sums over this worker's steps (loss, ce, kd, rows, then each teacher's weight) and rank 0's
-        per-step curve; rank 0 tells `counter` (the driver's progress bar) its step twice a second."""
+        """Sums over this worker's steps (loss, ce, kd, rows, each of the loss's `terms`, then each
+        teacher's weight) and rank 0's per-step curve; rank 0 tells `counter` (the driver's progress
+        bar) its step twice a second."""
         tr = self.cfg.trainer
         engine.train()
         rng = np.random.default_rng([tr.seed, epoch, self.rank])
         segments = worker_segments(self.shard_rows, self.world, self.rank, tr.seed, epoch)
-        sums = torch.zeros(4 + len(self.names), dtype=torch.float64)
+        sums = None
         steps: dict[str, list[float]] = {k: [] for k in STEP_METRICS}
         shown = 0.0
         batches = self.task.batches(self.cfg, self.store, "train", self.names, segments, self.micro, rng)
@@ -171,8 +175,11 @@ class Worker:
             out, weights, n = self.task.train_step(engine, batch, self.strategy, self.cfg, epoch)
             engine.backward(out.loss)
             engine.step()
-            sums += torch.cat([torch.tensor([out.loss.item() * n, out.ce.item() * n, out.kd.item() * n, n]),
-                               weights.sum(0).detach().cpu()]).double()
+            row = torch.cat([torch.tensor([out.loss.item() * n, out.ce.item() * n, out.kd.item() * n, n,
+                                           *(t.item() * n for t in out.terms.values())]),
+                             weights.sum(0).detach().cpu()]).double()
+            self.terms = list(out.terms)  # the same names at every step (the config says which)
+            sums = row if sums is None else sums + row
             if self.rank == 0:
                 for key, value in zip(STEP_METRICS, (epoch * self.steps_per_epoch + step, out.loss.item(), out.ce.item(),
                                                      out.kd.item(), engine.get_lr()[0],
@@ -210,10 +217,11 @@ class Worker:
         return next(self.task.batches(self.cfg, self.store, split, [], [(0, 0, 1)], 1, None))
 
     def metrics(self, epoch: int, sums: torch.Tensor, val_accuracy: float, seconds: float) -> dict[str, Any]:
-        n = sums[3].item()
+        n, t = sums[3].item(), len(self.terms)
         metrics = {"epoch": epoch, "train_loss": sums[0].item() / n, "train_ce": sums[1].item() / n,
                    "train_kd": sums[2].item() / n, "val_accuracy": val_accuracy, "epoch_seconds": seconds,
-                   **{f"teacher_weight.{name}": sums[4 + k].item() / n for k, name in enumerate(self.names)}}
+                   **{f"train_{name}": sums[4 + i].item() / n for i, name in enumerate(self.terms)},
+                   **{f"teacher_weight.{name}": sums[4 + t + k].item() / n for k, name in enumerate(self.names)}}
         stage = self.strategy.stage(epoch)
         if stage is not None:
             metrics["stage"] = stage
@@ -246,7 +254,7 @@ def _train(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(tr.cpus_per_worker)))
     torch.manual_seed(tr.seed)
     worker = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size())
-    engine = build_engine(cfg, worker.steps_per_epoch * tr.epochs)
+    engine = build_engine(cfg, worker.steps_per_epoch * tr.epochs, worker.store)
 
     start_epoch = 0
     resume = ray.train.get_checkpoint()

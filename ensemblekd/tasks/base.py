@@ -55,6 +55,10 @@ class Task:
         """A teacher over one input shard -> the encoded label shard and its manifest entry."""
         raise NotImplementedError
 
+    def features(self, model: torch.nn.Module, inputs, cfg: Config, teacher, device: str, where: str) -> np.ndarray:
+        """A teacher's features [N, F] on one input shard (what the PCA of store.feature_dim is fitted on)."""
+        raise UserError(f"teacher '{teacher.name}': task {self.name} stores no features")
+
     def stored_accuracy(self, cfg: Config, store: Store, split: str, teacher: str) -> float | None:
         """A teacher's accuracy on a split from its stored targets (None without labels)."""
         raise NotImplementedError
@@ -77,6 +81,11 @@ class Task:
     def preflight(self, cfg: Config, store: Store, student: torch.nn.Module) -> None:
         """In the driver, before any worker: the student runs on the data and fits the stored targets."""
         raise NotImplementedError
+
+    def student_module(self, cfg: Config, store: Store, student: torch.nn.Module) -> torch.nn.Module:
+        """The module the trainer steps and checkpoints: the student itself, or the student wrapped
+        with what its loss needs beside it (its `student` attribute is then the student)."""
+        return student
 
     def batches(self, cfg: Config, store: Store, split: str, teachers: list[str], segments, batch_size: int,
                 rng: np.random.Generator | None) -> Iterator:

@@ -1,9 +1,11 @@
 """task: classification — a row of features, one label, C logits per teacher.
 
 Label shards hold raw logits (not softened: temperature is a training choice): `id` int64 and
-`logits` fixed_size_list<float16|float32>[C], row-aligned with the input shard. The student
-trains on `losses.kd_loss` against the strategy's mixed target; evaluation reads the teachers'
-test logits from the store and runs the student.
+`logits` fixed_size_list<float16|float32>[C], row-aligned with the input shard, and for a teacher
+with a `feature`, `features` fixed_size_list<float16>[d] (ensemblekd.features). The student trains
+on `losses.kd_loss` (the configured divergence) against the strategy's mixed target, plus the
+feature and relation terms when configured; evaluation reads the teachers' test logits from the
+store and runs the student.
 """
 
 from __future__ import annotations
@@ -19,37 +21,62 @@ from ensemblekd.config import Config
 from ensemblekd.data.inputs import (InputShard, check_columns, label_span, labelled_split, negative_labels, read_shard,
                                     read_split)
 from ensemblekd.errors import UserError
+from ensemblekd.features import feature_terms, student_with_features
 from ensemblekd.fitting import fit_module
-from ensemblekd.losses import IGNORE, kd_loss
+from ensemblekd.losses import IGNORE, Divergence, KDLoss, kd_loss
 from ensemblekd.metrics import accuracy, expected_calibration_error, mean_kl
 from ensemblekd.store import Store, pack
 from ensemblekd.tasks.base import Served, Task, gather, read_aligned, row_batches, run_on
 
 
 class Logits(NamedTuple):
-    ids: np.ndarray      # int64 [N]
-    logits: np.ndarray   # [N, C] as stored (float16 or float32)
+    ids: np.ndarray                  # int64 [N]
+    logits: np.ndarray               # [N, C] as stored (float16 or float32)
+    features: np.ndarray | None      # float16 [N, d], for a teacher that stores its feature
 
 
-def encode(ids: np.ndarray, logits: np.ndarray, dtype: str) -> tuple[bytes, dict[str, Any]]:
+def _fixed_lists(values: np.ndarray, arrow_type) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=arrow_type), values.shape[1])
+
+
+def encode(ids: np.ndarray, logits: np.ndarray, dtype: str, features: np.ndarray | None = None) -> tuple[bytes, dict[str, Any]]:
     """Parquet bytes of one label shard and its manifest entry (rows, bytes, sha256)."""
     arrow_type = pa.float16() if dtype == "float16" else pa.float32()
-    values = pa.array(logits.astype(np.dtype(dtype), copy=False).reshape(-1), type=arrow_type)
-    return pack(pa.table({"id": pa.array(ids, pa.int64()),
-                          "logits": pa.FixedSizeListArray.from_arrays(values, logits.shape[1])}))
+    columns = {"id": pa.array(ids, pa.int64()), "logits": _fixed_lists(logits.astype(np.dtype(dtype), copy=False),
+                                                                      arrow_type)}
+    if features is not None:
+        columns["features"] = _fixed_lists(features.astype(np.float16), pa.float16())
+    return pack(pa.table(columns))
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    col = table[name].combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
 
 
 def decode(table: pa.Table) -> Logits:
-    col = table["logits"].combine_chunks()
-    logits = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
-    return Logits(table["id"].to_numpy().astype(np.int64), logits)
+    features = _column(table, "features") if "features" in table.column_names else None
+    return Logits(table["id"].to_numpy().astype(np.int64), _column(table, "logits"), features)
 
 
 @torch.no_grad()
 def predict(module: torch.nn.Module, x: np.ndarray, batch_size: int = 1024, device: str = "cpu") -> np.ndarray:
     """float32 logits [N, C] of a model over features [N, F], batch_size rows at a time."""
-    out = [module(torch.from_numpy(x[i:i + batch_size]).to(device)).float().cpu() for i in range(0, len(x), batch_size)]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    return predict_outputs(module, x, batch_size, device)[0]
+
+
+@torch.no_grad()
+def predict_outputs(module: torch.nn.Module, x: np.ndarray, batch_size: int = 1024,
+                    device: str = "cpu") -> list[np.ndarray]:
+    """Each output of a model over features [N, F] as float32 arrays: [logits] or, for a teacher
+    with a feature (features.WithFeatures), [logits, features]."""
+    parts = []
+    for i in range(0, len(x), batch_size):
+        out = module(torch.from_numpy(x[i:i + batch_size]).to(device))
+        parts.append([o.float().cpu() for o in (out if isinstance(out, tuple) else (out,))])
+    if not parts:
+        return [np.zeros((0, 0), np.float32)]
+    return [torch.cat(column).numpy() for column in zip(*parts)]
 
 
 class Rows(NamedTuple):
@@ -58,6 +85,7 @@ class Rows(NamedTuple):
     x: np.ndarray        # [N, F] float32, read-only (a view of Arrow's buffer)
     y: np.ndarray        # [N] int64
     z: np.ndarray        # [N, K, C] float32
+    f: np.ndarray        # [N, d_1 + ... + d_K] float32: the teachers' features side by side ([N, 0]: none read)
 
 
 class Classification(Task):
@@ -75,19 +103,32 @@ class Classification(Task):
 
     def label_shard(self, model, inputs, cfg: Config, teacher, device: str, where: str):
         ids, x = inputs
-        try:
-            logits = predict(model, x, teacher.batch_size, device)
-        except RuntimeError as exc:
-            raise UserError(f"teacher '{teacher.name}' failed on {where} ({str(exc).splitlines()[0]}); "
-                            "check data.features matches the model's input") from None
+        logits, *features = self._outputs(model, x, teacher, device, where)
         if logits.ndim != 2 or len(logits) != len(ids):
             raise UserError(f"teacher '{teacher.name}' returned shape {tuple(logits.shape)} on {where}; "
                             "expected [rows, classes]")
         if not np.isfinite(logits).all():
             raise UserError(f"teacher '{teacher.name}' produced NaN/Inf logits on {where}; fix the teacher or its "
                             "checkpoint")
-        data, entry = encode(ids, logits, cfg.store.dtype)
-        return data, {**entry, "num_classes": int(logits.shape[1]), "dtype": cfg.store.dtype}
+        feature = features[0] if features else None
+        if feature is not None and not np.isfinite(feature.astype(np.float16)).all():
+            raise UserError(f"teacher '{teacher.name}': its feature '{teacher.feature}' holds NaN/Inf or values beyond "
+                            f"float16 (max |f| {np.abs(feature).max():.3g}) on {where}; name a normalised module, or "
+                            "set store.feature_dim")
+        data, entry = encode(ids, logits, cfg.store.dtype, feature)
+        extra = {} if feature is None else {"feature_dim": int(feature.shape[1])}
+        return data, {**entry, **extra, "num_classes": int(logits.shape[1]), "dtype": cfg.store.dtype}
+
+    @staticmethod
+    def _outputs(model, x: np.ndarray, teacher, device: str, where: str) -> list[np.ndarray]:
+        try:
+            return predict_outputs(model, x, teacher.batch_size, device)
+        except RuntimeError as exc:
+            raise UserError(f"teacher '{teacher.name}' failed on {where} ({str(exc).splitlines()[0]}); "
+                            "check data.features matches the model's input") from None
+
+    def features(self, model, inputs, cfg: Config, teacher, device: str, where: str) -> np.ndarray:
+        return self._outputs(model, inputs[1], teacher, device, where)[1]
 
     def split_logits(self, cfg: Config, store: Store, split: str, teacher: str, ids: np.ndarray) -> np.ndarray:
         """A teacher's float32 logits for a whole (small) split, checked against the input ids."""
@@ -135,28 +176,58 @@ class Classification(Task):
         if out.shape[-1] != store.num_classes:
             raise UserError(f"student.model: outputs {out.shape[-1]} classes but the teachers have {store.num_classes}; "
                             "fix student.kwargs")
+        if cfg.distill.feature_terms:
+            store.feature_dims([t.name for t in cfg.teachers])
+            self.student_module(cfg, store, student)
+
+    def student_module(self, cfg: Config, store: Store, student: torch.nn.Module) -> torch.nn.Module:
+        """The module the trainer steps: the student, wrapped with its feature tap and hint
+        projections (features.StudentWithFeatures) when the run has feature terms."""
+        if not cfg.distill.feature_terms:
+            return student
+        dims = store.feature_dims([t.name for t in cfg.teachers])
+        _, x, _ = read_shard(InputShard.of(store.inputs("val")[0]), cfg.data.features, None, cfg.data.id)
+        return student_with_features(student, cfg.student.feature, dims, bool(cfg.distill.hint_weight),
+                                     torch.from_numpy(x[:2]))
 
     def read_rows(self, cfg: Config, store: Store, split: str, shard: int, teachers: list[str]) -> Rows:
-        """One input shard and its teachers' logits, alignment checked by id. Not scanned for NaN:
-        the label stage did, and distill's preflight checks the inputs are unchanged since."""
+        """One input shard and its teachers' logits (and features, when the run learns from them),
+        alignment checked by id. Not scanned for NaN: the label stage did, and distill's preflight
+        checks the inputs are unchanged since."""
         d = cfg.data
         ids, x, y = read_shard(InputShard.of(store.inputs(split)[shard]), d.features, d.label, d.id, writable=False,
                                scan=False)
-        stacked = [t.logits for t in read_aligned(store, split, shard, teachers, decode, ids)]
-        return Rows(x, y, np.stack(stacked, axis=1, dtype=np.float32) if stacked else np.zeros((len(y), 0, 0), np.float32))
+        found = read_aligned(store, split, shard, teachers, decode, ids)
+        z = np.stack([t.logits for t in found], axis=1, dtype=np.float32) if found else np.zeros((len(y), 0, 0), np.float32)
+        with_features = cfg.distill.feature_terms and found
+        f = (np.concatenate([t.features for t in found], axis=1, dtype=np.float32) if with_features
+             else np.zeros((len(y), 0), np.float32))
+        return Rows(x, y, z, f)
 
     def batches(self, cfg: Config, store: Store, split: str, teachers: list[str], segments, batch_size: int, rng):
-        """(x, y, teacher logits float32) tensors per micro-batch."""
+        """(x, y, teacher logits, teacher features) float32 tensors per micro-batch."""
         for pieces in row_batches(segments, lambda s: self.read_rows(cfg, store, split, s, teachers), batch_size, rng):
             yield tuple(torch.from_numpy(gather([(getattr(rows, f), idx) for rows, idx in pieces])) for f in Rows._fields)
 
     def train_step(self, engine, batch, strategy, cfg: Config, epoch: int):
-        x, y, z = (t.to(engine.device) for t in batch)
-        targets, weights = strategy.targets(z, y, cfg.distill.temperature, epoch)
-        return kd_loss(engine(x), targets, y, cfg.distill.temperature, cfg.distill.alpha), weights, len(y)
+        d = cfg.distill
+        x, y, z, f = (t.to(engine.device) for t in batch)
+        targets, weights = strategy.targets(z, y, d.temperature, epoch)
+        out = kd_loss(engine(x), targets, y, d.temperature, d.alpha, Divergence(d.loss, d.jsd_beta, d.skew_alpha))
+        if d.feature_terms:
+            out = self._with_feature_terms(out, engine.module, f, weights, d)
+        return out, weights, len(y)
+
+    @staticmethod
+    def _with_feature_terms(out: KDLoss, student, f: torch.Tensor, weights: torch.Tensor, d) -> KDLoss:
+        """The loss plus hint_weight·hint + rkd_distance_weight·distance + rkd_angle_weight·angle."""
+        terms = feature_terms(student, student.split(f), weights, bool(d.hint_weight), bool(d.rkd_distance_weight),
+                              bool(d.rkd_angle_weight))
+        scale = {"hint": d.hint_weight, "rkd_distance": d.rkd_distance_weight, "rkd_angle": d.rkd_angle_weight}
+        return out._replace(loss=out.loss + sum(scale[n] * t for n, t in terms.items()), terms=terms)
 
     def count_correct(self, engine, batch, cfg: Config) -> tuple[int, int]:
-        x, y, _ = batch
+        x, y, *_ = batch
         pred = engine(x.to(engine.device)).argmax(-1).cpu()
         keep = y >= 0
         return int((pred[keep] == y[keep]).sum()), int(keep.sum())

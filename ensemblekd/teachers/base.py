@@ -87,6 +87,11 @@ class TeacherKind:
         """The teacher as a module in eval mode: the task's input batch -> logits."""
         raise NotImplementedError(f"teacher kind {self.name} does not implement load")
 
+    def with_features(self, cfg: Config, t: TeacherConfig, model: nn.Module) -> nn.Module:
+        """The loaded teacher as a module giving (logits, feature [B, F]), for `feature` (the kind
+        says what names a feature); by default a kind has none."""
+        raise UserError(f"{key_of(cfg, t)}.feature: teachers of kind {self.name} give no features here; remove feature")
+
     def num_parameters(self, module: nn.Module) -> int:
         return count_parameters(module)
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from ensemblekd.config import Config, TeacherConfig
 from ensemblekd.errors import UserError
+from ensemblekd.features import WithFeatures
 from ensemblekd.models import build_module, load_state, save_state
 from ensemblekd.plugins import import_callable
 from ensemblekd.teachers.base import TeacherKind, key_of
@@ -36,6 +37,10 @@ class TorchKind(TeacherKind):
     def load(self, cfg: Config, t: TeacherConfig) -> nn.Module:
         key = key_of(cfg, t)
         return load_state(build_module(t.model, t.kwargs, f"{key}.model"), self.artifact(cfg, t), key)
+
+    def with_features(self, cfg: Config, t: TeacherConfig, model: nn.Module) -> nn.Module:
+        """`feature` names a module (model.named_modules()); its output, flattened, is the feature."""
+        return WithFeatures(model, t.feature, f"{key_of(cfg, t)}.feature").eval()
 
     def train(self, cfg: Config, t: TeacherConfig, task) -> float | None:
         torch.manual_seed(t.fit.seed)

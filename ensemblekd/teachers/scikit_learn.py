@@ -76,6 +76,39 @@ class EstimatorModule(nn.Module):
         return torch.from_numpy(estimator_logits(self.estimator, x.detach().cpu().numpy())).to(x.device)
 
 
+LAST_HIDDEN = "last_hidden"
+ACTIVATIONS = {"identity": lambda a: a, "relu": lambda a: np.maximum(a, 0), "tanh": np.tanh,
+               "logistic": lambda a: 1 / (1 + np.exp(-a))}  # MLPClassifier's own (sklearn.neural_network)
+
+
+def last_hidden(estimator, x: np.ndarray) -> np.ndarray:
+    """The last hidden layer's activations [N, H] of an MLPClassifier (or of a Pipeline ending in
+    one, its earlier steps applied first)."""
+    if hasattr(estimator, "steps"):
+        x, estimator = estimator[:-1].transform(x), estimator[-1]
+    act = ACTIVATIONS[estimator.activation]
+    for w, b in zip(estimator.coefs_[:-1], estimator.intercepts_[:-1]):
+        x = act(x @ w + b)
+    return np.asarray(x, np.float32)
+
+
+def has_hidden_layer(estimator) -> bool:
+    final = estimator[-1] if hasattr(estimator, "steps") else estimator
+    return len(getattr(final, "coefs_", ())) > 1 and getattr(final, "activation", None) in ACTIVATIONS
+
+
+class EstimatorFeatures(nn.Module):
+    """An MLPClassifier teacher giving (logits, its last hidden layer)."""
+
+    def __init__(self, module: EstimatorModule):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = last_hidden(self.module.estimator, x.detach().cpu().numpy())
+        return self.module(x), torch.from_numpy(hidden).to(x.device)
+
+
 class SklearnKind(TeacherKind):
     name = "sklearn"
     tasks = ("classification",)
@@ -93,6 +126,9 @@ class SklearnKind(TeacherKind):
         if t.fit is None and t.checkpoint is None:
             raise UserError(f"{key}.checkpoint: teacher '{t.name}' needs a saved estimator (a skops file) or "
                             "model + a fit block")
+        if t.feature not in (None, LAST_HIDDEN):
+            raise UserError(f"{key}.feature: a scikit-learn teacher's feature is its MLP's '{LAST_HIDDEN}' layer, "
+                            f"not '{t.feature}'")
 
     def check_files(self, cfg: Config, t: TeacherConfig) -> None:
         if t.model is not None:
@@ -138,6 +174,13 @@ class SklearnKind(TeacherKind):
                             "predict classes 0 .. C-1 (the label column's values)")
         if not (hasattr(estimator, "predict_proba") or hasattr(estimator, "decision_function")):
             raise UserError(f"{key}: {type(estimator).__name__} has neither predict_proba nor decision_function")
+
+    def with_features(self, cfg: Config, t: TeacherConfig, model: nn.Module) -> nn.Module:
+        """The last hidden layer of an MLPClassifier; other estimators have none to give."""
+        if not has_hidden_layer(model.estimator):
+            raise UserError(f"{key_of(cfg, t)}.feature: {type(model.estimator).__name__} has no hidden layer to take "
+                            "features from (only an MLPClassifier, or a Pipeline ending in one, has); remove feature")
+        return EstimatorFeatures(model).eval()
 
     # -- fit ---------------------------------------------------------------------------------
     def train(self, cfg: Config, t: TeacherConfig, task) -> float | None:

@@ -56,7 +56,7 @@ def test_batches_zip_inputs_with_every_teacher(labelled):
     assert [len(b[1]) for b in batches] == [32, 32, 16]
     x, y, z = batches[0]
     assert x.shape == (32, 64) and z.shape == (32, 2, 10) and z.dtype == torch.float32
-    _, logits_a = classification.decode(store.read_table("train", "mlp_a", 0))
+    _, logits_a, _ = classification.decode(store.read_table("train", "mlp_a", 0))
     assert torch.allclose(z[:, 0], torch.from_numpy(logits_a[:32].astype(np.float32)))
 
 
@@ -126,13 +126,14 @@ def test_batches_cover_every_row_once_across_uneven_shards(monkeypatch, batch_si
     def fake_rows(cfg, store, split, shard, teachers):
         rows = np.arange(offsets[shard], offsets[shard + 1])
         return classification.Rows(rows[:, None].astype(np.float32), rows,
-                                   np.repeat(rows[:, None, None], 2, axis=1).astype(np.float16))
+                                   np.repeat(rows[:, None, None], 2, axis=1).astype(np.float16),
+                                   np.zeros((len(rows), 0), np.float32))
 
     monkeypatch.setattr(task, "read_rows", fake_rows)
     segments = [(4, 3, 13), (0, 0, 5), (3, 0, 1), (1, 0, 2), (2, 1, 9)]
     batches = list(task.batches(None, None, "train", ["a", "b"], segments, batch_size, None))
     expected = np.concatenate([np.arange(offsets[s] + a, offsets[s] + b) for s, a, b in segments])
-    assert all(len(y) == batch_size for _, y, _ in batches[:-1]) and 0 < len(batches[-1][1]) <= batch_size
-    assert np.array_equal(torch.cat([y for _, y, _ in batches]).numpy(), expected)
-    assert np.array_equal(torch.cat([x[:, 0] for x, _, _ in batches]).numpy(), expected)
-    assert torch.equal(torch.cat([z[:, 1, 0] for _, _, z in batches]), torch.from_numpy(expected).float())
+    assert all(len(y) == batch_size for _, y, _, _ in batches[:-1]) and 0 < len(batches[-1][1]) <= batch_size
+    assert np.array_equal(torch.cat([y for _, y, _, _ in batches]).numpy(), expected)
+    assert np.array_equal(torch.cat([x[:, 0] for x, _, _, _ in batches]).numpy(), expected)
+    assert torch.equal(torch.cat([z[:, 1, 0] for _, _, z, _ in batches]), torch.from_numpy(expected).float())

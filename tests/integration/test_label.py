@@ -31,7 +31,7 @@ def test_store_is_complete_aligned_and_has_val_accuracy(labelled):
     assert all(ok for *_, ok, _ in store.verify())
     for name in ("mlp_a", "mlp_b"):
         assert store.teacher(name)["val_accuracy"] > 0.85
-        ids, logits = classification.decode(store.read_table("train", name, 0))
+        ids, logits, _ = classification.decode(store.read_table("train", name, 0))
         assert logits.shape == (len(ids), 10) and logits.dtype == np.float16
     # every entry names the node and process that wrote it: a label actor on this (only) node
     import ray
@@ -230,7 +230,7 @@ def test_two_teachers_share_one_gpu_in_halves_and_label_what_the_cpu_did(labelle
     assert result.actors == [{"teachers": ["mlp_a"], "replicas": 1}, {"teachers": ["mlp_b"], "replicas": 1}]
     on_gpu, on_cpu = Store.open(cfg.store.uri), Store.open(labelled[0].store.uri)
     for name in ("mlp_a", "mlp_b"):
-        ids, gpu = classification.decode(on_gpu.read_table("train", name, 0))
-        ids_cpu, cpu = classification.decode(on_cpu.read_table("train", name, 0))
+        ids, gpu, _ = classification.decode(on_gpu.read_table("train", name, 0))
+        ids_cpu, cpu, _ = classification.decode(on_cpu.read_table("train", name, 0))
         assert np.array_equal(ids, ids_cpu)
         np.testing.assert_allclose(gpu.astype(np.float32), cpu.astype(np.float32), atol=2e-2, rtol=1e-2)

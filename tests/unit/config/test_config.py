@@ -157,3 +157,44 @@ def test_real_text_needs_a_tokenizer_and_one_source(tmp_path):
     assert _token_error(tmp_path, {"text": text, "prepare": "markov", "tokenizer": str(tmp_path)}) == (
         "data.prepare: data.text already says where the splits come from; remove one of them")
     assert "data.seq_len: Input should be greater than or equal to 2" in _token_error(tmp_path, {"seq_len": 1})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.jsd_beta=0.3"], "distill.jsd_beta: only used with loss: jsd"),
+    (["distill.loss=tvd", "distill.skew_alpha=0.2"], "distill.skew_alpha: only used with loss: skew_kl or skew_reverse_kl"),
+    (["distill.loss=hellinger"], "distill.loss: Input should be 'forward_kl', 'reverse_kl', 'jsd', 'tvd', 'skew_kl' or "
+                                 "'skew_reverse_kl'"),
+    (["distill.loss=jsd", "distill.jsd_beta=1"], "distill.jsd_beta: Input should be less than 1"),
+    (["distill.strategy=born_again"], "distill.generations: born_again needs 2 or more (one generation is strategy: "
+                                      "parallel)"),
+    (["distill.generations=3"], "distill.generations: only used with strategy: born_again"),
+    (["distill.ensemble_blend=0.5"], "distill.ensemble_blend: only used with strategy: assistant or born_again"),
+    (["store.feature_dim=8"], "store.feature_dim: no teacher stores features; give teachers a feature or remove it"),
+    (["distill.hint_weight=1", "teachers.0.feature=1", "student.feature=1"],
+     "teachers: distill.hint_weight/rkd_* learn from every teacher's features, and ['mlp_b'] give none; set their "
+     "feature (a module name) or set the weights to 0"),
+    (["distill.rkd_angle_weight=1", "teachers.0.feature=1", "teachers.1.feature=3"],
+     "student.feature: distill.hint_weight/rkd_* need the student's feature module; name it"),
+])
+def test_the_distillation_familys_keys_are_checked(tmp_path, digits_dir, overrides, message):
+    assert message in _error(tmp_path, digits_dir, overrides=overrides)
+
+
+def test_a_born_again_run_and_feature_terms_validate(tmp_path, digits_dir):
+    path = write_config(tmp_path, tiny_config(tmp_path, digits_dir))
+    cfg = load_config(path, ["distill.strategy=born_again", "distill.generations=3", "distill.ensemble_blend=0.25",
+                             "distill.loss=skew_reverse_kl", "distill.skew_alpha=0.2", "teachers.0.feature=1",
+                             "teachers.1.feature=3", "student.feature=1", "store.feature_dim=8",
+                             "distill.rkd_distance_weight=1"])
+    assert cfg.distill.feature_terms and cfg.distill.generations == 3 and cfg.distill.skew_alpha == 0.2
+
+
+def test_features_are_for_classification_only(tmp_path):
+    raw = {"task": "token", "data": {"train": str(tmp_path), "val": str(tmp_path), "test": str(tmp_path),
+                                     "features": "tokens", "vocab_size": 512},
+           "teachers": [{"name": "t", "model": "ensemblekd.lm:tiny_gpt2", "kwargs": {"vocab_size": 512}, "fit": {},
+                         "feature": "transformer.ln_f"}],
+           "store": {"uri": str(tmp_path / "store")}, "student": {"model": "ensemblekd.lm:tiny_gpt2"}}
+    with pytest.raises(UserError, match="teachers.feature/student.feature/distill.hint_weight/rkd_\\*: features are "
+                                        "stored and learnt from with task: classification only"):
+        load_config(raw, check=False)

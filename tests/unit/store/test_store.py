@@ -30,7 +30,7 @@ def test_round_trip(dtype):
     ids = np.arange(10, 16)
     logits = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
     data, entry = classification.encode(ids, logits, dtype)
-    got_ids, got = classification.decode(unpack(data))
+    got_ids, got, _ = classification.decode(unpack(data))
     assert entry["rows"] == 6 and entry["bytes"] == len(data)
     assert got_ids.tolist() == ids.tolist() and got.dtype == np.dtype(dtype)
     assert np.allclose(got, logits, atol=1e-2 if dtype == "float16" else 0)
@@ -69,7 +69,7 @@ def test_manifest_lists_only_committed_shards_and_survives_reopen(tmp_path):
         classification.decode(reopened.read_table("train", "a", 1))
     with pytest.raises(UserError, match="1 train shard"):
         reopened.check_complete("train", ["a"])
-    ids, logits = classification.decode(reopened.read_table("train", "a", 0))
+    ids, logits, _ = classification.decode(reopened.read_table("train", "a", 0))
     assert ids.tolist() == list(range(5)) and logits.shape == (5, 3)
 
 
