@@ -36,7 +36,7 @@ def mix(teacher_logits: torch.Tensor, weights: torch.Tensor, temperature: float,
 
 class Strategy:
     """The base of every strategy: subclasses implement `weights`. Token-level runs use `weights`
-    alone: their loss sums per-teacher top-k terms with these weights (topk.sparse_kl), which has
+    alone: their loss sums per-teacher top-k terms with these weights (topk.sparse_divergence), which for forward KL has
     the gradient of the mixed target's."""
 
     mix_space = "prob"
