@@ -75,8 +75,8 @@ class Projected(nn.Module):
     def __init__(self, model: nn.Module, mean: np.ndarray, components: np.ndarray):
         super().__init__()
         self.model = model
-        self.register_buffer("mean", torch.from_numpy(np.asarray(mean, np.float32)))
-        self.register_buffer("components", torch.from_numpy(np.asarray(components, np.float32)))
+        self.register_buffer("mean", torch.tensor(np.asarray(mean), dtype=torch.float32))  # a copy: Ray's arrays are read-only
+        self.register_buffer("components", torch.tensor(np.asarray(components), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits, feature = self.model(x)
