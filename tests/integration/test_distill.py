@@ -54,8 +54,9 @@ def test_batches_zip_inputs_with_every_teacher(labelled):
     segments = [(0, 0, 50), (1, 10, 40)]
     batches = list(get_task(cfg.task).batches(cfg, store, "train", ["mlp_a", "mlp_b"], segments, 32, None))
     assert [len(b[1]) for b in batches] == [32, 32, 16]
-    x, y, z = batches[0]
+    x, y, z, f = batches[0]
     assert x.shape == (32, 64) and z.shape == (32, 2, 10) and z.dtype == torch.float32
+    assert f.shape == (32, 0)                                   # no feature terms: no features read
     _, logits_a, _ = classification.decode(store.read_table("train", "mlp_a", 0))
     assert torch.allclose(z[:, 0], torch.from_numpy(logits_a[:32].astype(np.float32)))
 
