@@ -36,14 +36,15 @@ Variants (--variants takes names or these groups):
 
 The full plan (python tools/bench_quality.py; PLAN), 30 epochs, 3 seeds, student mlp[32]:
 
-  digits       full: alone, rules, staged (and the size chart: alone and uniform at mlp[8], mlp[128]);
+  digits       full: alone, rules, staged, divergences (and the size chart: alone and uniform at
+               mlp[8], mlp[128]);
                low: every group (19 student runs a seed: assistant and born_again count 2)
   specialists  full: every group; low: alone, uniform, entropy, ca_mkd
   wine         full: alone and rules
 
-that is 3 x (12 + 17 + 17 + 4 + 6) = 168 student runs (183 counting a TA level and a second
+that is 3 x (17 + 17 + 17 + 4 + 6) = 183 student runs (198 counting a TA level and a second
 generation); at ~15 s a run on digits (Ray Train start, 30 epochs, evaluate without latency), ~18 s
-on specialists, ~10 s on wine, plus the fits and labels: about 50 min on 2 cores. The run prints
+on specialists, ~10 s on wine, plus the fits and labels: about 55 min on 2 cores. The run prints
 its estimate before it starts; --dry-run prints only that.
 
 Reports mean ± std test accuracy over seeds and gap closed = (KD - alone) / (ensemble - alone)
@@ -52,7 +53,7 @@ the best variant and the goals checked, writes OUT/quality.md, OUT/quality.json 
 (accuracy against student size, and every variant's mean ± std per data set and regime), and
 logs every run to one MLflow experiment in OUT/mlflow.db.
 
-    python tools/bench_quality.py                 # the full benchmark (about 50 min on 2 cores)
+    python tools/bench_quality.py                 # the full benchmark (about 55 min on 2 cores)
     python tools/bench_quality.py --quick         # smoke test: digits low ca_mkd, specialists full alone; 1 seed, 3 epochs
     python tools/bench_quality.py --datasets specialists --variants rules,alone --seeds 2
     python tools/bench_quality.py --summarise-only
@@ -239,7 +240,7 @@ RULES = [v for v, (group, _) in VARIANTS.items() if group == "rules"]
 PER_SAMPLE_RULES = ("entropy", "ca_mkd")
 COST = {"assistant": 2, "born_again": 2}  # student runs a variant costs (a TA level, 2 generations)
 # the full plan: (data set, regime) -> the variant groups and names it runs at the main student size
-PLAN = {("digits", "full"): ["alone", "rules", "staged"], ("digits", "low"): GROUPS,
+PLAN = {("digits", "full"): ["alone", "rules", "staged", "divergences"], ("digits", "low"): GROUPS,
         ("specialists", "full"): GROUPS, ("specialists", "low"): ["alone", "uniform", "entropy", "ca_mkd"],
         ("wine", "full"): ["alone", "rules"], ("breast_cancer", "full"): ["alone", "rules"]}
 SIZE_CHART = {("digits", "full"): ("alone", "uniform")}  # the variants run at --sizes for the size chart
