@@ -34,18 +34,23 @@ Variants (--variants takes names or these groups):
                ReLU) stored in a separate store (store_features) reduced to 32 dims by PCA
   born_again   strategy born_again, 2 generations
 
-The full plan (python tools/bench_quality.py; PLAN), 30 epochs, 3 seeds, student mlp[32]:
+The full plan (python tools/bench_quality.py; PLAN), 30 epochs, 3 seeds, student mlp[32]: each
+variant where it has something to show, so that the whole family fits in about an hour on 2 cores
+(a student run is ~32 s here: Ray Train's start, 30 epochs each checkpointed and reported, the
+evaluation):
 
-  digits       full: alone, rules, staged, divergences (and the size chart: alone and uniform at
-               mlp[8], mlp[128]);
-               low: every group (19 student runs a seed: assistant and born_again count 2)
-  specialists  full: every group; low: alone, uniform, entropy, ca_mkd
-  wine         full: alone and rules
+  specialists  full: alone and the rules (uniform, accuracy, entropy, ca_mkd); low: alone, uniform,
+               entropy, ca_mkd (the teachers disagree: the rules can differ only here)
+  digits       full: alone, uniform, the five other divergences (never worse than alone?)
+               low: alone, uniform, the divergences, the feature and relation terms, TAKD and
+               born-again (the regime where the soft targets matter)
+  wine         full: alone, uniform
 
-that is 3 x (17 + 17 + 17 + 4 + 6) = 183 student runs (198 counting a TA level and a second
-generation); at ~15 s a run on digits (Ray Train start, 30 epochs, evaluate without latency), ~18 s
-on specialists, ~10 s on wine, plus the fits and labels: about 55 min on 2 cores. The run prints
-its estimate before it starts; --dry-run prints only that.
+that is 3 x (5 + 4 + 7 + 16 + 2) = 102 student runs (a TA level and a second generation count);
+~55 min. The run prints its estimate before it starts; --dry-run prints only that. Any other
+combination runs with --datasets/--regimes/--variants (e.g. --variants all), and --sizes adds the
+student-size chart (digits, full labels: alone and uniform at other widths). Results are saved
+after every run to OUT/quality.partial.json.
 
 Reports mean ± std test accuracy over seeds and gap closed = (KD - alone) / (ensemble - alone)
 (each variant's own ensemble: its rule's mix at T = 1, without labels), per data set and regime
@@ -240,17 +245,19 @@ RULES = [v for v, (group, _) in VARIANTS.items() if group == "rules"]
 PER_SAMPLE_RULES = ("entropy", "ca_mkd")
 COST = {"assistant": 2, "born_again": 2}  # student runs a variant costs (a TA level, 2 generations)
 # the full plan: (data set, regime) -> the variant groups and names it runs at the main student size
-PLAN = {("digits", "full"): ["alone", "rules", "staged", "divergences"], ("digits", "low"): GROUPS,
-        ("specialists", "full"): GROUPS, ("specialists", "low"): ["alone", "uniform", "entropy", "ca_mkd"],
-        ("wine", "full"): ["alone", "rules"], ("breast_cancer", "full"): ["alone", "rules"]}
+PLAN = {("specialists", "full"): ["alone", "uniform", "accuracy (γ=4)", "entropy", "ca_mkd"],
+        ("specialists", "low"): ["alone", "uniform", "entropy", "ca_mkd"],
+        ("digits", "full"): ["alone", "uniform", "divergences"],
+        ("digits", "low"): ["alone", "uniform", "divergences", "features", "assistant", "born_again"],
+        ("wine", "full"): ["alone", "uniform"], ("breast_cancer", "full"): ["alone", "rules"]}
 SIZE_CHART = {("digits", "full"): ("alone", "uniform")}  # the variants run at --sizes for the size chart
 # --quick, a smoke test in CI: a per-sample rule on scarce labels, the specialists' baseline (2 distill runs)
 QUICK = {("digits", "low"): ["ca_mkd"], ("specialists", "full"): ["alone"]}
 # seconds a student run takes on 2 cores (Ray Train start, epochs, evaluate without latency):
 # RUN_S + EPOCH_S[dataset] * epochs, about 15 s for digits at 30 epochs (a --quick run took 22 s at 3
 # epochs with other work on the machine); and each data set's one-off fits and labels
-RUN_S = 9.0
-EPOCH_S = {"digits": 0.2, "specialists": 0.3, "wine": 0.03, "breast_cancer": 0.08}
+RUN_S = 20.0
+EPOCH_S = {"digits": 0.4, "specialists": 0.45, "wine": 0.25, "breast_cancer": 0.3}
 SETUP_S = {"digits": 60.0, "specialists": 25.0, "wine": 20.0, "breast_cancer": 20.0}
 
 def slug(name: str) -> str:
@@ -636,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--hidden", type=int, default=32, help="the student's hidden width")
-    p.add_argument("--sizes", default="8,128", help="extra student widths for the digits size chart (alone, uniform)")
+    p.add_argument("--sizes", default="", help="student widths for the size chart (digits, full labels: alone, uniform), e.g. 8,128")
     p.add_argument("--low-label-fraction", type=float, default=0.1)
     p.add_argument("--dry-run", action="store_true", help="print the plan and its estimated time, run nothing")
     p.add_argument("--summarise-only", action="store_true", help="rewrite the report and chart from OUT/quality.json")
@@ -694,6 +701,8 @@ def main(argv: list[str] | None = None) -> int:
                                         "teachers": {r["model"]: r["accuracy"] for r in teacher_rows},
                                         "teacher_params": {r["model"]: r["params"] for r in teacher_rows},
                                         "seconds": time.perf_counter() - t0})
+                        (out / "quality.partial.json").write_text(json.dumps({"results": results,
+                                                                              "right_weight": weights}))
                         print(f"[bench] {dataset} {regime} {variant:22s} h{hidden:<4d} seed {seed}: "
                               f"{100 * results[-1]['student']:.2f}% ({results[-1]['seconds']:.0f} s)", flush=True)
     minutes = (time.perf_counter() - start) / 60
