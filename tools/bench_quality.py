@@ -130,7 +130,7 @@ def prepare_specialists(out: Path, shard_rows: int = 128, seed: int = 0) -> None
 def read_split(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, x [n, F] float32, y [n] int64 with -100 where the label is missing) of a prepared split."""
     t = pa.concat_tables([pq.read_table(f) for f in sorted(path.glob("*.parquet"))])
-    x = np.asarray(t["x"].combine_chunks().flatten(), np.float32).reshape(t.num_rows, -1)
+    x = np.array(t["x"].combine_chunks().flatten(), np.float32).reshape(t.num_rows, -1)  # a writable copy
     y = np.array([-100 if v is None else v for v in t["y"].to_pylist()], np.int64)
     return t["id"].to_numpy(), x, y
 

