@@ -46,8 +46,8 @@ evaluation):
                born-again (the regime where the soft targets matter)
   wine         full: alone, uniform
 
-that is 3 x (5 + 4 + 7 + 16 + 2) = 102 student runs (a TA level and a second generation count);
-~55 min. The run prints its estimate before it starts; --dry-run prints only that. Any other
+that is 3 x (5 + 4 + 7 + 12 + 2) = 90 student runs (96 distills: a TA level and a second
+generation add one each); 59 min on 2026-11-29. The run prints its estimate before it starts; --dry-run prints only that. Any other
 combination runs with --datasets/--regimes/--variants (e.g. --variants all), and --sizes adds the
 student-size chart (digits, full labels: alone and uniform at other widths). Results are saved
 after every run to OUT/quality.partial.json.
@@ -58,7 +58,7 @@ the best variant and the goals checked, writes OUT/quality.md, OUT/quality.json 
 (accuracy against student size, and every variant's mean ± std per data set and regime), and
 logs every run to one MLflow experiment in OUT/mlflow.db.
 
-    python tools/bench_quality.py                 # the full benchmark (about 55 min on 2 cores)
+    python tools/bench_quality.py                 # the full benchmark (59 min on 2 cores)
     python tools/bench_quality.py --quick         # smoke test: digits low ca_mkd, specialists full alone; 1 seed, 3 epochs
     python tools/bench_quality.py --datasets specialists --variants rules,alone --seeds 2
     python tools/bench_quality.py --summarise-only
@@ -569,7 +569,7 @@ def chart(rows: list[dict], results: list[dict], path: Path) -> None:
         ax.set_title(f"{dataset}, {regime} labels: variants", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
         if alone or uniform:
-            ax.legend(fontsize=7, loc="lower right")
+            ax.legend(fontsize=7, loc="best")  # never over a variant's dot
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
