@@ -549,7 +549,7 @@ def bench_store(ctx: dict) -> dict[str, Any]:
         t0 = time.perf_counter()
         seen = 0
         segments = worker_segments(shard_rows, 1, 0, 0, 0)
-        for x, y, z in get_task(cfg.task).batches(cfg, store, "train", names, segments, micro,
+        for x, y, z, _ in get_task(cfg.task).batches(cfg, store, "train", names, segments, micro,
                                                    np.random.default_rng([0, 0, 0])):
             seen += len(y)
         reader_s = time.perf_counter() - t0
