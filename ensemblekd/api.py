@@ -27,7 +27,6 @@ from ensemblekd.stages.distill import preflight
 from ensemblekd.stages.evaluate import LATENCY_KEYS
 from ensemblekd.stages.evaluate import evaluate as evaluate_models
 from ensemblekd.stages.export import export_config, export_run, log_student, serve_command
-from ensemblekd.stages.fit import fit_teachers
 from ensemblekd.stages.prepare import prepare
 from ensemblekd.stages.label import label as label_store
 from ensemblekd.stages.train import STUDENT_FILE
@@ -146,9 +145,9 @@ def label(config: ConfigSource, overrides: list[str] | None = None, progress: bo
     shard of the store (repair: first verify every committed shard and relabel corrupt ones)."""
     cfg = load_config(config, overrides)
     with ray_session():
-        fitted = _prepare_and_fit(cfg, progress)
+        prepare(cfg)
         result = label_store(cfg, progress=progress, repair=repair)
-    return LabelResult(cfg.store.uri, result["shards"], result["rows"], result["seconds"], fitted, result["repaired"],
+    return LabelResult(cfg.store.uri, result["shards"], result["rows"], result["seconds"], result["fitted"], result["repaired"],
                        result["actors"])
 
 
@@ -182,8 +181,8 @@ def run(config: ConfigSource, overrides: list[str] | None = None, progress: bool
     start = time.perf_counter()
     with tracking.mlflow_run(cfg, "run") as info:
         with ray_session():  # a Ray started here is shut down before evaluate times the models
-            _prepare_and_fit(cfg, progress)
-            labelled = label_store(cfg, progress=progress)
+            prepare(cfg)
+            labelled = label_store(cfg, progress=progress)  # fits the teachers that need it first
             store = Store.open(cfg.store.uri)
             tracking.log_metrics({f"label_{k}": labelled[k] for k in ("shards", "rows", "seconds")})
             tracking.log_metrics({f"teacher_val_accuracy.{t.name}": store.teacher(t.name).get("val_accuracy")
@@ -236,8 +235,3 @@ def student_path(cfg: Config) -> str:
     return fs.join(cfg.trainer.output_dir, STUDENT_FILE)
 
 
-def _prepare_and_fit(cfg: Config, progress: bool) -> list[dict[str, Any]]:
-    """The optional first stages: put built-in teachers in place, write data.prepare's data set (or
-    tokenize data.text), then fit the teachers with a fit block."""
-    prepare(cfg)
-    return fit_teachers(cfg, progress)

@@ -108,6 +108,9 @@ def cmd_label(args) -> int:
     from ensemblekd import api
 
     result = api.label(args.config, args.overrides, progress=not args.no_progress, repair=args.repair)
+    for fit in result.fitted:
+        acc = "n/a" if fit["val_accuracy"] is None else f"{100 * fit['val_accuracy']:.2f}%"
+        print(f"fitted teacher '{fit['name']}': val accuracy {acc} ({fit['seconds']:.1f} s)")
     for shard in result.repaired:
         print(f"repaired {shard}")
     pools = ", ".join(f"{p['replicas']} × {'+'.join(p['teachers'])}" for p in result.actors)
@@ -140,7 +143,7 @@ def cmd_validate(args) -> int:
 
     cfg = api.load_config(args.config, args.overrides)
     print(f"{args.config}: ok ({len(cfg.teachers)} teachers, strategy {cfg.distill.strategy}/{cfg.distill.weighting}, "
-          f"{cfg.trainer.num_workers} workers, ZeRO-{cfg.trainer.zero_stage})")
+          f"{cfg.trainer.num_workers or 'no'} workers{' (in process)' if not cfg.trainer.num_workers else ''}, ZeRO-{cfg.trainer.zero_stage})")
     return 0
 
 

@@ -29,6 +29,7 @@ import io
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -134,7 +135,6 @@ class Store:
     def __init__(self, uri: str, manifest: dict[str, Any]):
         self.uri = uri
         self.manifest = manifest
-        self.lock: StoreLock | None = None  # held by the label run that writes this store
         self.unsaved: list[list[Any]] = []  # commits since the last save, as commit() was given them
         self.log_seq = manifest.get("log_seq", 0)  # the last commit-log object written or replayed
 
@@ -164,8 +164,6 @@ class Store:
         whole=False, append just the commits since the last save to the commit log: one small
         object, whatever the size of the store. Only commits go to the log; any other change to the
         manifest (inputs, teachers, forgotten shards) needs a whole save."""
-        if self.lock:
-            self.lock.refresh()
         if not whole:
             if self.unsaved:
                 self.log_seq += 1
@@ -386,6 +384,15 @@ class Store:
                 raise UserError(f"{self.uri}: labelled with {key} {stored}, the config gives {value}; "
                                 "re-run label into a new store.uri")
 
+    def set_val_accuracy(self, teacher: str, accuracy: float | None) -> None:
+        self.teacher(teacher)["val_accuracy"] = accuracy
+
+    def record_bytes_per_token(self) -> None:
+        """Keep bytes_per_token in the manifest, for stores that count tokens (task token)."""
+        per_token = self.bytes_per_token()
+        if per_token is not None:
+            self.manifest["bytes_per_token"] = per_token
+
     def bytes_per_token(self) -> float | None:
         """task token: bytes of all label shards per stored token (every teacher counted)."""
         entries = [e for per_split in self.manifest["shards"].values() for per_t in per_split.values() for e in per_t.values()]
@@ -484,11 +491,11 @@ class Store:
 
 
 class StoreLock:
-    """One writer per store: a label run holds STORE/label.lock while it writes.
+    """One writer per store: a label run holds STORE/label.lock while it fits its teachers and writes.
 
     The lock is created atomically (O_EXCL locally, a conditional PUT on object stores), names
-    its holder (host, pid) and is refreshed whenever the manifest is saved. A second run waits
-    for it; a lock whose holder is gone (a dead pid on this host, or no refresh for
+    its holder (host, pid) and is refreshed by a heartbeat thread while it is held. A second run
+    waits for it; a lock whose holder is gone (a dead pid on this host, or no refresh for
     LOCK_STALE_S) is taken over, so a killed run never blocks the store.
     """
 
@@ -496,7 +503,6 @@ class StoreLock:
         self.uri = fs.join(store_uri, LOCK)
         self.token = uuid.uuid4().hex
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.last_refresh = 0.0
 
     def _content(self) -> bytes:
         return json.dumps({"host": self.host, "pid": self.pid, "token": self.token, "heartbeat": time.time()}).encode()
@@ -534,12 +540,13 @@ class StoreLock:
                 on_wait(holder)
             waited = True
             time.sleep(poll_s)
-        self.last_refresh = time.monotonic()
 
-    def refresh(self) -> None:
-        if time.monotonic() - self.last_refresh > 1.0:
-            fs.write_bytes_atomic(self.uri, self._content())
-            self.last_refresh = time.monotonic()
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(LOCK_STALE_S / 8):
+            try:
+                fs.write_bytes_atomic(self.uri, self._content())
+            except OSError:  # the store went read-only or full: the writer's own next write says so
+                pass
 
     def release(self) -> None:
         holder = self._holder()
@@ -549,7 +556,12 @@ class StoreLock:
     @contextmanager
     def held(self, on_wait=None) -> Iterator[StoreLock]:
         self.acquire(on_wait)
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(stop,), name="store-lock-heartbeat", daemon=True)
+        beat.start()
         try:
             yield self
         finally:
+            stop.set()
+            beat.join()
             self.release()

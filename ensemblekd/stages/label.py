@@ -36,6 +36,7 @@ from ensemblekd.errors import UserError
 from ensemblekd.features import PCA_ROWS, Projected, fit_pca
 from ensemblekd.io import fs
 from ensemblekd.io.ray_session import ensure_ray, require, unwrap
+from ensemblekd.stages.fit import fit_teachers
 from ensemblekd.stages.placement import Pool, check_fits, pools, room_in_cluster
 from ensemblekd.store import Store, StoreLock
 from ensemblekd.tasks import get_task
@@ -164,7 +165,7 @@ def projections(cfg: Config, store: Store, todo: list[tuple[str, str, int]], act
                 kept = store.projection(name)
                 if kept is not None:
                     out[name] = kept
-            elif "train" not in store.manifest["inputs"]:
+            elif "train" not in store.splits:
                 raise UserError("store.feature_dim: the PCA of the teachers' features is fitted on the train split; "
                                 "label train first (or with the other splits)")
             else:
@@ -183,26 +184,27 @@ def record_val_accuracy(cfg: Config, store: Store) -> None:
     """Each teacher's validation accuracy, from its stored targets, into the manifest."""
     task = get_task(cfg.task)
     for t in cfg.teachers:
-        store.manifest["teachers"][t.name]["val_accuracy"] = task.stored_accuracy(cfg, store, "val", t.name)
-    per_token = store.bytes_per_token()
-    if per_token is not None:
-        store.manifest["bytes_per_token"] = per_token
+        store.set_val_accuracy(t.name, task.stored_accuracy(cfg, store, "val", t.name))
+    store.record_bytes_per_token()
 
 
 def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = False) -> dict[str, Any]:
-    """Label every missing shard; returns counts. Saves the manifest as shards commit.
+    """Fit the teachers that need it (stages.fit), then label every missing shard; returns counts
+    and `fitted`. Saves the manifest as shards commit.
 
     repair=True first verifies every committed shard and relabels the ones that fail.
-    One label run writes a store at a time (StoreLock); a second one waits, then finds the
-    shards the first committed and does only what is still missing.
+    One label run writes a store at a time (StoreLock), fit included: a second one waits, then
+    finds the teachers fitted and the shards the first committed, and does only what is still
+    missing (a teacher fitted twice at once would leave shards labelled by a checkpoint the
+    other run then overwrote).
     """
     def waiting(holder: dict[str, Any]) -> None:
         print(f"label: {cfg.store.uri} is being written by pid {holder['pid']} on {holder['host']}; "
               "waiting for it to finish", file=sys.stderr, flush=True)
 
-    with StoreLock(cfg.store.uri).held(on_wait=waiting) as lock:
+    with StoreLock(cfg.store.uri).held(on_wait=waiting):
+        fitted = fit_teachers(cfg, progress)
         store = Store.open(cfg.store.uri, create=True)
-        store.lock = lock
         fs.remove_temporaries(cfg.store.uri, ("*.parquet", "*.json"))  # of a run killed mid-write: we are the writer now
         repaired = store.forget_corrupt() if repair else []
         todo = plan(cfg, store, splits)
@@ -212,8 +214,8 @@ def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = Fals
             store.save()
             result = {"shards": 0, "rows": 0, "seconds": 0.0, "actors": []}
         result["repaired"] = [f"{split}/{teacher}/shard {index} ({why})" for split, teacher, index, why in repaired]
-        teachers = store.manifest["teachers"]
-        if "val" in splits and (todo or any(teachers[t.name].get("val_accuracy") is None for t in cfg.teachers)):
+        result["fitted"] = fitted
+        if "val" in splits and (todo or None in store.val_accuracy([t.name for t in cfg.teachers]).values()):
             record_val_accuracy(cfg, store)
             store.save()
     return result

@@ -234,3 +234,23 @@ def test_two_teachers_share_one_gpu_in_halves_and_label_what_the_cpu_did(labelle
         ids_cpu, cpu, _ = classification.decode(on_cpu.read_table("train", name, 0))
         assert np.array_equal(ids, ids_cpu)
         np.testing.assert_allclose(gpu.astype(np.float32), cpu.astype(np.float32), atol=2e-2, rtol=1e-2)
+
+
+def test_two_label_runs_started_together_fit_each_teacher_once(tmp_path, digits_dir):
+    """Two `ensemblekd label` on one new store, started at once, as a user might: the store's lock
+    covers the fit, so one run fits and labels everything and the other, once it holds the lock,
+    finds the teachers fitted and the store complete (fitted twice, a nondeterministic fit would
+    leave shards labelled by a checkpoint the other run then overwrote)."""
+    import subprocess
+    import sys
+
+    config = write_config(tmp_path, tiny_config(tmp_path, digits_dir))
+    runs = [subprocess.Popen([sys.executable, "-m", "ensemblekd", "label", str(config), "--no-progress"], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [run.communicate(timeout=600) for run in runs]
+    assert all(run.returncode == 0 for run in runs), [err[-2000:] for _, err in outs]
+    stdout = "".join(out for out, _ in outs)
+    assert stdout.count("fitted teacher 'mlp_a'") == 1 and stdout.count("fitted teacher 'mlp_b'") == 1, stdout
+    assert sum("labelled 0 shard(s)" in out for out, _ in outs) == 1, stdout
+    assert sum("is being written by pid" in err for _, err in outs) == 1  # the second said why it waited
+    assert all(ok for *_, ok, _ in Store.open(str(tmp_path / "store")).verify())
