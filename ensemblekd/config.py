@@ -230,7 +230,8 @@ class DistillConfig(_Section):
 
 
 class TrainerConfig(_Section):
-    num_workers: Int = Field(default=2, ge=1)
+    num_workers: Int = Field(default=2, ge=0, description="Ray Train workers; 0: the worker loop runs in the "
+                             "driver's own process (no Ray Train, no restarts), as Ray Train's local mode does")
     cpus_per_worker: Float = Field(default=0.5, gt=0)
     use_gpu: bool = False
     epochs: Int = Field(default=20, ge=1)
@@ -245,6 +246,19 @@ class TrainerConfig(_Section):
     deepspeed: dict[str, Any] = Field(
         default_factory=dict, description="merged over the generated DeepSpeed config"
     )
+
+    @model_validator(mode="after")
+    def _in_process_is_not_sharded(self) -> TrainerConfig:
+        if self.num_workers == 0 and self.zero_stage == 3:
+            # ZeRO-3 patches torch.nn.functional.linear for the life of the process it runs in
+            raise ValueError("trainer.zero_stage: 3 shards the student over Ray Train workers; with "
+                             "trainer.num_workers 0 (in process) use a stage of 0-2, or workers")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """The processes that train: num_workers, or the driver alone (num_workers 0)."""
+        return max(self.num_workers, 1)
 
 
 class TrackingConfig(_Section):
@@ -344,10 +358,10 @@ class Config(_Section):
         for a in d.assistants:
             if a.name in names or [x.name for x in d.assistants].count(a.name) > 1:
                 raise ValueError(f"distill.assistants: the name '{a.name}' is taken; give each assistant a unique name")
-        if self.trainer.batch_size % self.trainer.num_workers:
+        if self.trainer.batch_size % self.trainer.world_size:
             raise ValueError(
                 f"trainer.batch_size: {self.trainer.batch_size} does not split evenly over "
-                f"{self.trainer.num_workers} workers; use a multiple of trainer.num_workers"
+                f"{self.trainer.world_size} workers; use a multiple of trainer.num_workers"
             )
         groups: dict[str, TeacherConfig] = {}
         for t in self.teachers:

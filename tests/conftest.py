@@ -21,7 +21,9 @@ def digits_dir(tmp_path_factory) -> Path:
 
 
 def tiny_config(tmp_path: Path, data_dir: Path, **sections) -> dict:
-    """Two small fitted teachers, a tiny student, 2 workers, everything under tmp_path."""
+    """Two small fitted teachers, a tiny student, everything under tmp_path. The worker loop runs in
+    the test's own process (trainer.num_workers 0); a test of Ray Train itself (ZeRO stages,
+    faults, placement, remote stores) asks for workers: trainer={"num_workers": 2}."""
     cfg = {
         "data": {"train": str(data_dir / "train"), "val": str(data_dir / "val"), "test": str(data_dir / "test")},
         "teachers": [
@@ -36,7 +38,7 @@ def tiny_config(tmp_path: Path, data_dir: Path, **sections) -> dict:
         "store": {"uri": str(tmp_path / "store")},
         "student": {"model": "ensemblekd.models:mlp", "kwargs": {"in_features": 64, "num_classes": 10, "hidden": [32]}},
         "distill": {"temperature": 4.0, "alpha": 0.5},
-        "trainer": {"num_workers": 2, "cpus_per_worker": 0.5, "epochs": 8, "batch_size": 64, "lr": 0.005,
+        "trainer": {"num_workers": 0, "cpus_per_worker": 0.5, "epochs": 8, "batch_size": 64, "lr": 0.005,
                     "output_dir": str(tmp_path / "out")},
         "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
         "ray": {"num_cpus": 2},

@@ -1,8 +1,9 @@
 """The distill stage, driver side: check in the driver what can be checked, then run the Ray Train
-job (stages.train.train_loop on every worker) and copy the student to trainer.output_dir.
+job (stages.train.train_loop on every worker), or with trainer.num_workers 0 the same worker loop
+in this process, and copy the student to trainer.output_dir.
 
 Workers never write MLflow: each report reaches the driver's run through a Ray Train callback on
-the driver's node (MlflowLogger).
+the driver's node (MlflowLogger), or straight from the in-process loop (ReportLog).
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from ray.train import UserCallback
 
 from ensemblekd.config import Config
 from ensemblekd.errors import UserError
-from ensemblekd.io import fs
+from ensemblekd.io import compat, fs
 from ensemblekd.io.ray_session import driver_progress, ensure_ray, require
 from ensemblekd.mixing import Strategy, build_strategy
 from ensemblekd.models import build_module
 from ensemblekd.store import Store
 from ensemblekd.stages.validate import check_labelled_inputs
-from ensemblekd.stages.train import STEP_METRICS, STUDENT_FILE, epoch_steps, train_loop
+from ensemblekd.stages.train import STEP_METRICS, STUDENT_FILE, InProcessSession, epoch_steps, run_in_process, train_loop
 from ensemblekd.tasks import get_task
 
 
@@ -41,22 +42,21 @@ def preflight(cfg: Config) -> Strategy:
     return strategy
 
 
-class MlflowLogger(UserCallback):
-    """Logs each epoch's report into the driver's MLflow run, from Ray Train's controller.
+class ReportLog:
+    """Logs each epoch's report (one metrics dict per worker) into the driver's MLflow run.
 
-    The controller runs on the driver's node, so tracking never depends on a worker's disk or
-    network, and it sees a report only once every worker has made it and its checkpoint is
-    persisted: an epoch re-run after a worker failure was never reported, so no epoch is logged
-    twice. Rank 0 sends its per-step curve along in the report ("steps"), every worker where it
-    runs ("worker"): each new placement (the first, and one after every restart) is added to the
+    Rank 0 sends its per-step curve along in the report ("steps"), every worker where it runs
+    ("worker"): each new placement (the first, and one after every restart) is added to the
     artifact distill/workers.json, and the tag ensemblekd.train_nodes counts the nodes of the last.
     """
 
-    def __init__(self, mlflow_info: dict[str, str]):
+    def __init__(self, mlflow_info: dict[str, str] | None):
         self.info = mlflow_info
         self.placements: list[dict[str, Any]] = []
 
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+    def __call__(self, metrics: list[dict[str, Any]]) -> None:
+        if not self.info:
+            return
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
@@ -74,6 +74,22 @@ class MlflowLogger(UserCallback):
             batch += [Metric(k, float(steps[k][i]), now, int(step)) for k in STEP_METRICS[1:]]
         for i in range(0, len(batch), 1000):
             client.log_batch(self.info["run_id"], metrics=batch[i:i + 1000])
+
+
+class MlflowLogger(UserCallback):
+    """ReportLog from Ray Train's controller.
+
+    The controller runs on the driver's node, so tracking never depends on a worker's disk or
+    network, and it sees a report only once every worker has made it and its checkpoint is
+    persisted: an epoch re-run after a worker failure was never reported, so no epoch is logged
+    twice.
+    """
+
+    def __init__(self, mlflow_info: dict[str, str]):
+        self.log = ReportLog(mlflow_info)
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        self.log(metrics)
 
 
 class StopOnBadInput(UserCallback):
@@ -104,20 +120,43 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bo
         from mlflow.tracking import MlflowClient
 
         MlflowClient(mlflow_info["tracking_uri"]).set_tag(mlflow_info["run_id"], "ensemblekd.stages", plan)
+    tr = cfg.trainer
+    start = time.perf_counter()
+    rows = sum(s["rows"] for s in Store.open(cfg.store.uri).inputs("train"))
+    total = epoch_steps(rows, tr.world_size, tr.batch_size // tr.world_size) * tr.epochs
+    run = _run_in_process if tr.num_workers == 0 else _run_on_ray_train
+    metrics, student = run(cfg, mlflow_info, total, progress)
+    seconds = time.perf_counter() - start
+    student_uri = fs.join(tr.output_dir, STUDENT_FILE)
+    fs.write_bytes_atomic(student_uri, student)
+    metrics = {k: v for k, v in metrics.items() if k not in ("steps", "worker")}
+    return {"metrics": metrics, "student": student_uri, "seconds": seconds}
+
+
+def _run_on_ray_train(cfg: Config, mlflow_info, total: int, progress: bool) -> tuple[dict[str, Any], bytes]:
+    """The Ray Train job; the last report's metrics and the student file's bytes."""
     ensure_ray(cfg.ray, cfg.node_paths())
     tr = cfg.trainer
     require("trainer.cpus_per_worker/use_gpu", tr.cpus_per_worker, 1.0 if tr.use_gpu else 0.0)
-    start = time.perf_counter()
-    rows = sum(s["rows"] for s in Store.open(cfg.store.uri).inputs("train"))
-    total = epoch_steps(rows, tr.num_workers, tr.batch_size // tr.num_workers) * tr.epochs
     with driver_progress("distill", total, progress) as counter:
         result = _fit(_trainer(cfg, mlflow_info, counter))
-    seconds = time.perf_counter() - start
-    student_uri = fs.join(tr.output_dir, STUDENT_FILE)
     with result.checkpoint.as_directory() as d:
-        fs.write_bytes_atomic(student_uri, open(os.path.join(d, STUDENT_FILE), "rb").read())
-    metrics = {k: v for k, v in result.metrics.items() if k not in ("steps", "worker")}
-    return {"metrics": metrics, "student": student_uri, "seconds": seconds}
+        return result.metrics, open(os.path.join(d, STUDENT_FILE), "rb").read()
+
+
+def _run_in_process(cfg: Config, mlflow_info, total: int, progress: bool) -> tuple[dict[str, Any], bytes]:
+    """trainer.num_workers 0: the worker loop in this process (stages.train.InProcessSession)."""
+    import io
+
+    import torch
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="distill", unit="step", disable=not progress) as bar:
+        session = InProcessSession(ReportLog(mlflow_info), lambda step: bar.update(step - bar.n))
+        run_in_process(cfg, session)
+    buffer = io.BytesIO()
+    torch.save(session.student, buffer)
+    return session.metrics, buffer.getvalue()
 
 
 def _trainer(cfg: Config, mlflow_info: dict[str, str] | None, counter):
@@ -125,10 +164,7 @@ def _trainer(cfg: Config, mlflow_info: dict[str, str] | None, counter):
     from ray.train.torch import TorchTrainer
 
     tr = cfg.trainer
-    # Ray Train's controller consumes reports once per health check (default 2 s): with a short
-    # epoch that, not training, would set the pace. RAY_TRAIN_* variables reach the workers.
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    compat.ray_train_driver_env()
     return TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "progress": counter},

@@ -7,28 +7,29 @@ reports it to Ray Train; the last report also carries the student's full fp32 st
 STUDENT_FILE, which the driver copies to trainer.output_dir. A worker that dies is replaced
 (trainer.max_failures) and training resumes from the last reported checkpoint. The loop never
 branches on the task or the strategy: both are looked up once.
+
+Where it runs is a Session: a Ray Train worker (RayTrainSession), or the driver's own process
+with trainer.num_workers: 0 (InProcessSession: one process, no checkpoints, no restarts; what
+tests of a loss, a strategy or a feature term use, and a laptop run may too).
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import math
 import os
 import socket
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from ensemblekd.config import Config
 from ensemblekd.errors import UserError
-from ensemblekd.io import fs
+from ensemblekd.io import compat, fs
 from ensemblekd.mixing import build_strategy
 from ensemblekd.models import build_module
 from ensemblekd.store import Store
@@ -50,7 +51,7 @@ def deepspeed_config(trainer) -> dict[str, Any]:
     """The generated DeepSpeed config, with trainer.deepspeed merged over it (user keys win)."""
     generated = {
         "train_batch_size": trainer.batch_size,
-        "train_micro_batch_size_per_gpu": trainer.batch_size // trainer.num_workers,
+        "train_micro_batch_size_per_gpu": trainer.batch_size // trainer.world_size,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": trainer.zero_stage},
         "gradient_clipping": 0.0,  # DeepSpeed's default is 1.0: a silent clip, a norm and a second all-reduce per step
@@ -65,7 +66,7 @@ def build_engine(cfg: Config, total_steps: int, store: Store):
     per-step cosine decay unless trainer.deepspeed brings its own optimizer or scheduler."""
     import deepspeed
 
-    skip_shm_comm_op()
+    compat.skip_shm_comm_op()
 
     tr = cfg.trainer
     model = get_task(cfg.task).student_module(cfg, store, build_module(cfg.student.model, cfg.student.kwargs,
@@ -76,43 +77,10 @@ def build_engine(cfg: Config, total_steps: int, store: Store):
         optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
     scheduler = None if "scheduler" in ds_config else (lambda opt: torch.optim.lr_scheduler.LambdaLR(
         opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))))
-    with _stdout_shown_on_error():
+    with compat.stdout_shown_on_error():
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
     return engine
-
-
-def skip_shm_comm_op() -> None:
-    """Keep DeepSpeed from compiling its shared-memory all-reduce op on CPU.
-
-    deepspeed.comm's TorchBackend JIT-compiles deepspeed_shm_comm (30 s to 2.5 min in every new
-    virtualenv, and a load on every worker start), after probing every op with compiler
-    subprocesses, to serve inference_all_reduce (AutoTP inference) alone: training's all_reduce is
-    torch.distributed's (gloo on CPU). build_shm_op skips the op when deepspeed.ops.__compatible_ops__
-    marks it incompatible, the only place that dict is read; setting it first also skips the probe.
-    """
-    import deepspeed.ops
-
-    vars(deepspeed.ops).setdefault("__compatible_ops__", {})["deepspeed_shm_comm"] = False
-
-
-@contextlib.contextmanager
-def _stdout_shown_on_error() -> Iterator[None]:
-    """Hold back what the block prints to stdout; show it, on stderr, only if the block raises.
-
-    DeepSpeed print()s "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" in
-    every worker's deepspeed.initialize when it builds that op (deepspeed/comm/torch.py, build_shm_op:
-    a bare print that no setting turns off; skip_shm_comm_op now keeps the op from being built, and
-    this guard stays for any other bare print), and Ray forwards each worker's stdout to the console. Its logger
-    (warnings) writes to the stream it was given at import, so it is not held back.
-    """
-    held = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(held):
-            yield
-    except BaseException:
-        sys.stderr.write(held.getvalue())
-        raise
 
 
 def all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:
@@ -152,16 +120,16 @@ class Worker:
         self.store = Store.open(cfg.store.uri)
         self.strategy = build_strategy(cfg.distill, self.names, self.store.val_accuracy(self.names), cfg.trainer.epochs)
         self.shard_rows = [s["rows"] for s in self.store.inputs("train")]
-        self.micro = cfg.trainer.batch_size // cfg.trainer.num_workers
+        self.micro = cfg.trainer.batch_size // cfg.trainer.world_size
         self.steps_per_epoch = epoch_steps(sum(self.shard_rows), world, self.micro)
         self.terms: list[str] = []  # the loss's extra terms (KDLoss.terms), known from the first step
         if self.steps_per_epoch == 0:
             raise UserError(f"the train split has {sum(self.shard_rows)} rows, fewer than the {world} workers")
 
-    def train_epoch(self, engine, epoch: int, counter) -> tuple[torch.Tensor, dict[str, list[float]]]:
+    def train_epoch(self, engine, epoch: int, progress: Callable[[int], None]) -> tuple[torch.Tensor, dict[str, list[float]]]:
         """Sums over this worker's steps (loss, ce, kd, rows, each of the loss's `terms`, then each
-        teacher's weight) and rank 0's per-step curve; rank 0 tells `counter` (the driver's progress
-        bar) its step twice a second."""
+        teacher's weight) and rank 0's per-step curve; tells `progress` (the driver's progress bar)
+        its step twice a second."""
         tr = self.cfg.trainer
         engine.train()
         rng = np.random.default_rng([tr.seed, epoch, self.rank])
@@ -185,8 +153,8 @@ class Worker:
                                                      out.kd.item(), engine.get_lr()[0],
                                                      n * self.world / max(time.perf_counter() - tic, 1e-9))):
                     steps[key].append(value)
-            if counter is not None and (time.monotonic() - shown >= 0.5 or step + 1 == self.steps_per_epoch):
-                counter.set.remote(epoch * self.steps_per_epoch + step + 1)  # not waited for
+            if time.monotonic() - shown >= 0.5 or step + 1 == self.steps_per_epoch:
+                progress(epoch * self.steps_per_epoch + step + 1)
                 shown = time.monotonic()
         return all_reduce_sum(sums, engine.device), steps
 
@@ -228,67 +196,139 @@ class Worker:
         return metrics
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    """The function every Ray Train worker runs (config: {"cfg": Config, "progress": a StepCounter
-    actor of the driver's progress bar, or None})."""
-    import logging
+# -- where the loop runs ------------------------------------------------------------------------------
+class Session(Protocol):
+    """What the loop needs from where it runs: a Ray Train worker (RayTrainSession) or the driver's
+    own process (InProcessSession, trainer.num_workers: 0)."""
 
-    try:
-        _train(config)
-    except UserError:
-        # Bad input: the driver prints it as one line (stages.distill.StopOnBadInput ends the run);
-        # Ray Train's worker would also log it with a traceback, through this logger.
-        logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
-        raise
+    rank: int
+    world: int
+
+    def progress(self, step: int) -> None: ...
+
+    def placement(self) -> dict[str, Any]: ...
+
+    def resume(self, engine) -> int:
+        """Load the last reported checkpoint into the engine, if any; the epoch to start at."""
+
+    def report(self, metrics: dict[str, Any], save_checkpoint: Callable[[str], None],
+               student: dict[str, torch.Tensor] | None) -> None:
+        """One epoch's metrics; `save_checkpoint(directory)` writes the engine's checkpoint there;
+        `student` (the last epoch's) is the student's full state dict."""
 
 
-def _train(config: dict[str, Any]) -> None:
-    import ray
-    import ray.train
-
-    cfg: Config = config["cfg"]
+def run_worker(cfg: Config, session: Session) -> None:
+    """The whole run of one worker: build the engine, resume, and train, validate and report each epoch."""
     tr = cfg.trainer
     fs.configure_for(cfg)
-    _quiet_report_log()
-    ctx = ray.train.get_context()
-    torch.set_num_threads(max(1, int(tr.cpus_per_worker)))
     torch.manual_seed(tr.seed)
-    worker = Worker(cfg, ctx.get_world_rank(), ctx.get_world_size())
+    worker = Worker(cfg, session.rank, session.world)
     engine = build_engine(cfg, worker.steps_per_epoch * tr.epochs, worker.store)
-
-    start_epoch = 0
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as d:
-            _, state = engine.load_checkpoint(os.path.join(d, "deepspeed"))
-            start_epoch = int(state["epoch"]) + 1
-
-    counter = config.get("progress") if worker.rank == 0 else None
-    placement = {"rank": worker.rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+    start_epoch = session.resume(engine)
     for epoch in range(start_epoch, tr.epochs):
         t0 = time.perf_counter()
-        sums, steps = worker.train_epoch(engine, epoch, counter)
+        sums, steps = worker.train_epoch(engine, epoch, session.progress)
         metrics = worker.metrics(epoch, sums, worker.accuracy(engine, "val"), time.perf_counter() - t0)
-        if epoch == start_epoch and resume is not None:
+        if epoch == start_epoch and start_epoch > 0:
             metrics["resumed_from_epoch"] = start_epoch
         if worker.rank == 0:
             metrics["steps"] = steps
-        metrics["worker"] = placement
+        metrics["worker"] = session.placement()
         state = full_state_dict(engine) if epoch == tr.epochs - 1 else None  # collective under ZeRO-3: every rank joins
+        session.report(metrics, lambda d, epoch=epoch: engine.save_checkpoint(
+            os.path.join(d, "deepspeed"), tag=f"epoch-{epoch}", client_state={"epoch": epoch}), state)
+
+
+class RayTrainSession:
+    """A Ray Train worker: rank and world from its context, a checkpoint reported each epoch (the
+    last with STUDENT_FILE, rank 0's), resumed from after a restart; rank 0 moves the driver's
+    progress bar through `counter` (a StepCounter actor, or None)."""
+
+    def __init__(self, counter):
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.counter = counter if self.rank == 0 else None
+
+    def progress(self, step: int) -> None:
+        if self.counter is not None:
+            self.counter.set.remote(step)  # not waited for
+
+    def placement(self) -> dict[str, Any]:
+        import ray
+
+        return {"rank": self.rank, "node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(),
+                "pid": os.getpid()}
+
+    def resume(self, engine) -> int:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return 0
+        with checkpoint.as_directory() as d:
+            _, state = engine.load_checkpoint(os.path.join(d, "deepspeed"))
+        return int(state["epoch"]) + 1
+
+    def report(self, metrics, save_checkpoint, student) -> None:
+        import ray.train
+
         with tempfile.TemporaryDirectory() as tmp:
-            engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag=f"epoch-{epoch}", client_state={"epoch": epoch})
-            if worker.rank == 0 and state is not None:
-                torch.save(state, os.path.join(tmp, STUDENT_FILE))
+            save_checkpoint(tmp)
+            if self.rank == 0 and student is not None:
+                torch.save(student, os.path.join(tmp, STUDENT_FILE))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def _quiet_report_log() -> None:
-    """Ray Train logs every report at INFO, rank-0 step curve included, through a logger named
-    after its file (so ray.train.LoggingConfig does not reach it): keep it to warnings."""
-    import logging
+class InProcessSession:
+    """The loop in the driver's own process (trainer.num_workers: 0): world size 1, nothing to
+    resume from and no checkpoint written (there is no worker to restart); each report goes to
+    `on_report` at once, as a Ray Train callback would get it, and the last one's student is kept."""
 
+    rank, world = 0, 1
+
+    def __init__(self, on_report: Callable[[list[dict[str, Any]]], None], progress: Callable[[int], None]):
+        self.on_report, self.progress = on_report, progress  # type: ignore[method-assign]
+        self.metrics: dict[str, Any] = {}
+        self.student: dict[str, torch.Tensor] | None = None
+
+    def placement(self) -> dict[str, Any]:
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+        return {"rank": 0, "node_id": node, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def resume(self, engine) -> int:
+        return 0
+
+    def report(self, metrics, save_checkpoint, student) -> None:
+        self.on_report([metrics])
+        self.metrics = metrics
+        if student is not None:
+            self.student = student
+
+
+def run_in_process(cfg: Config, session: InProcessSession) -> None:
+    """run_worker in this process, on a torch.distributed group of one; torch's thread count is
+    set for the run (trainer.cpus_per_worker) and restored after."""
+    compat.single_process_group(cfg.trainer.use_gpu)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
     try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:  # another Ray layout: the lines are only noise
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+        run_worker(cfg, session)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs (config: {"cfg": Config, "progress": a StepCounter
+    actor of the driver's progress bar, or None})."""
+    try:
+        cfg: Config = config["cfg"]
+        compat.quiet_ray_train_report_log()
+        torch.set_num_threads(max(1, int(cfg.trainer.cpus_per_worker)))
+        run_worker(cfg, RayTrainSession(config.get("progress")))
+    except UserError:
+        compat.quiet_ray_train_worker_error_log()  # the driver prints it as one line (distill.StopOnBadInput)
+        raise

@@ -200,7 +200,8 @@ CASES = [
     Case("manifest shard entry without checksum", ["distill", "CONFIG"], ["not a store manifest", "sha256"],
          manifest_edit(lambda m: m["shards"]["train"]["mlp_a"]["0"].pop("sha256"))),
     # a data error only a worker can see ends the run at once, not after retries (-1: unlimited)
-    Case("corrupt shard, unlimited retries", ["distill", "CONFIG", "--set", "trainer.max_failures=-1"],
+    Case("corrupt shard, unlimited retries", ["distill", "CONFIG", "--set", "trainer.max_failures=-1",
+                                                "--set", "trainer.num_workers=2"],
          ["train/mlp_a/part-00002.parquet: checksum mismatch", "--repair"],
          lambda root, raw: flip_a_byte(root / "store" / "train" / "mlp_a" / "part-00002.parquet")),
     # the config, checked in full before anything starts (run makes no MLflow run)

@@ -39,7 +39,7 @@ def test_shard_order_is_seeded_and_changes_per_epoch():
 
 def test_deepspeed_config_is_generated_then_user_keys_win(labelled):
     cfg, _ = labelled
-    tr = cfg.trainer.model_copy(update={"zero_stage": 2, "deepspeed": {"zero_optimization": {"overlap_comm": True},
+    tr = cfg.trainer.model_copy(update={"num_workers": 2, "zero_stage": 2, "deepspeed": {"zero_optimization": {"overlap_comm": True},
                                                                       "gradient_clipping": 1.0}})
     ds = deepspeed_config(tr)
     assert ds["train_batch_size"] == tr.batch_size
@@ -73,7 +73,7 @@ def test_misaligned_teacher_shard_is_refused(labelled, tmp_path):
 def test_distill_trains_under_every_zero_stage(labelled, tmp_path, stage):
     cfg, _ = labelled
     cfg = cfg.model_copy(deep=True)
-    cfg.trainer.zero_stage = stage
+    cfg.trainer.num_workers, cfg.trainer.zero_stage = 2, stage  # Ray Train workers: ZeRO shards over them
     cfg.trainer.epochs = 3
     cfg.trainer.output_dir = str(tmp_path / "out")
     result = ekd.distill(cfg)
@@ -110,7 +110,7 @@ def test_distill_on_gpu_with_nccl(labelled, tmp_path, deepspeed):
 def test_trainer_resources_no_node_has_are_refused(labelled, tmp_path):
     cfg, _ = labelled
     cfg = cfg.model_copy(deep=True)
-    cfg.trainer.cpus_per_worker = 64
+    cfg.trainer.num_workers, cfg.trainer.cpus_per_worker = 2, 64
     with pytest.raises(UserError, match="trainer.cpus_per_worker/use_gpu: asks for 64 CPU"):
         ekd.distill(cfg)
 

@@ -155,7 +155,7 @@ def test_two_label_runs_at_once_make_one_valid_store(labelled, tmp_path):
 def test_killed_train_worker_resumes_from_the_last_checkpoint(labelled, tmp_path):
     from mlflow.tracking import MlflowClient
     cfg = labelled[0].model_copy(deep=True)
-    cfg.trainer.epochs, cfg.trainer.output_dir = 12, str(tmp_path / "out")
+    cfg.trainer.num_workers, cfg.trainer.epochs, cfg.trainer.output_dir = 2, 12, str(tmp_path / "out")
     cfg.tracking.uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     killed = {}
 

@@ -21,7 +21,7 @@ def cli(*args, cwd, timeout=900):
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, digits_dir):
     tmp = tmp_path_factory.mktemp("pipeline")
-    config = write_config(tmp, tiny_config(tmp, digits_dir))
+    config = write_config(tmp, tiny_config(tmp, digits_dir, trainer={"num_workers": 2}))  # the real Ray Train job
     proc = cli("run", config, "--no-progress", cwd=tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp, config, proc

@@ -57,7 +57,7 @@ def remote_run(tmp_path_factory, digits_dir, ray_local, s3, mlflow_server):
     tracking_before = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri also sets it
     options = {"endpoint_url": s3, "key": KEY, "secret": SECRET}
     cfg = ekd.load_config(write_config(tmp, tiny_config(
-        tmp, digits_dir, store={"uri": STORE, "storage_options": options}, trainer={"epochs": EPOCHS},
+        tmp, digits_dir, store={"uri": STORE, "storage_options": options}, trainer={"epochs": EPOCHS, "num_workers": 2},
         tracking={"uri": mlflow_server[0], "experiment": "remote"})))
     try:
         yield cfg, ekd.run(cfg, progress=False), tmp

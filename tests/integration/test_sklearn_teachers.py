@@ -35,7 +35,7 @@ def sklearn_run(tmp_path_factory, digits_dir):
             "teachers.0.kwargs.max_iter": 20, "teachers.0.checkpoint": tmp / "t" / "hist_gbm.skops",
             "teachers.1.kwargs.n_estimators": 20, "teachers.1.checkpoint": tmp / "t" / "forest.skops",
             "teachers.2.fit.epochs": 5, "teachers.2.checkpoint": tmp / "t" / "small_cnn.pt",
-            "store.uri": tmp / "store", "trainer.epochs": 8, "trainer.output_dir": tmp / "out",
+            "store.uri": tmp / "store", "trainer.epochs": 8, "trainer.num_workers": 0, "trainer.output_dir": tmp / "out",
             "tracking.uri": f"sqlite:///{tmp / 'mlflow.db'}", "tracking.experiment": "sklearn"}
     args = [a for key, value in sets.items() for a in ("--set", f"{key}={value}")]
     proc = cli("run", CONFIG, "--no-progress", *args, cwd=tmp)

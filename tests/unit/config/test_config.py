@@ -81,8 +81,14 @@ def test_unknown_weighting(tmp_path, digits_dir):
 
 
 def test_batch_must_split_over_workers(tmp_path, digits_dir):
-    msg = _error(tmp_path, digits_dir, trainer={"batch_size": 63})
+    msg = _error(tmp_path, digits_dir, trainer={"batch_size": 63, "num_workers": 2})
     assert "trainer.batch_size" in msg
+
+
+def test_zero_3_in_process_is_refused(tmp_path, digits_dir):
+    """ZeRO-3 patches torch's linear for the life of the process: not in the driver's own."""
+    msg = _error(tmp_path, digits_dir, trainer={"num_workers": 0, "zero_stage": 3})
+    assert "trainer.zero_stage" in msg and "num_workers 0" in msg
 
 
 def test_overrides_reach_any_key(tmp_path, digits_dir):
