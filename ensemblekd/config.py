@@ -30,6 +30,7 @@ from pydantic_core import PydanticCustomError
 from ensemblekd.data.builtin import DATASETS
 from ensemblekd.errors import UserError
 from ensemblekd.io.fs import check_reachable, configure_for, exists, is_remote, resolve_uri
+from ensemblekd.losses import DIVERGENCES
 from ensemblekd.plugins import import_callable
 
 
@@ -90,7 +91,23 @@ class FitConfig(_Section):
     seed: Int = 0
 
 
-class TeacherConfig(_Section):
+class LabelActors(_Section):
+    """How the label stage runs a model: its actors and their resources (a teacher, or a level of a
+    chain of students, which becomes one)."""
+
+    replicas: Int = Field(default=1, ge=1)
+    num_cpus: Float = Field(default=0.5, ge=0)
+    num_gpus: Float = Field(default=0.0, ge=0)
+    resources: dict[str, Float] = Field(default_factory=dict, description="Ray custom resources each of this teacher's "
+                                        "actors asks for beside num_cpus/num_gpus: a node tag (`ray start --resources`) "
+                                        "puts the teacher on the nodes that have it")
+    batch_size: Int = Field(default=1024, ge=1)
+
+    def label_actors(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in LabelActors.model_fields}
+
+
+class TeacherConfig(LabelActors):
     """One teacher. `kind` chooses the class that loads, fingerprints and fits it (ensemblekd.teachers);
     which of the other keys it needs is that kind's to say."""
 
@@ -109,13 +126,6 @@ class TeacherConfig(_Section):
     fit: FitConfig | None = None
     prepare: str | None = Field(default=None, description="kind gguf: a built-in model (smollm2) copied to "
                                 "`pretrained` when that file is missing")
-    replicas: Int = Field(default=1, ge=1)
-    num_cpus: Float = Field(default=0.5, ge=0)
-    num_gpus: Float = Field(default=0.0, ge=0)
-    resources: dict[str, Float] = Field(default_factory=dict, description="Ray custom resources each of this teacher's "
-                                        "actors asks for beside num_cpus/num_gpus: a node tag (`ray start --resources`) "
-                                        "puts the teacher on the nodes that have it")
-    batch_size: Int = Field(default=1024, ge=1)
     feature: ModuleName | None = Field(default=None, description="store this teacher's features next to its logits (task "
                                 "classification): kind torch, the name of the module whose output they are (as in "
                                 "model.named_modules()); kind sklearn, 'last_hidden' (an MLP's last hidden layer)")
@@ -168,24 +178,14 @@ class StudentConfig(_Section):
                                 "from model.named_modules()): what distill.hint_weight and rkd_* compare")
 
 
-class AssistantConfig(_Section):
+class AssistantConfig(LabelActors):
     """A teacher-assistant level (TAKD): distilled, then labelled into the store like a teacher."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     model: str
     kwargs: dict[str, Any] = Field(default_factory=dict)
-    replicas: Int = Field(default=1, ge=1)
-    num_cpus: Float = Field(default=0.5, ge=0)
-    num_gpus: Float = Field(default=0.0, ge=0)
-    resources: dict[str, Float] = Field(default_factory=dict, description="Ray custom resources each of this teacher's "
-                                        "actors asks for beside num_cpus/num_gpus: a node tag (`ray start --resources`) "
-                                        "puts the teacher on the nodes that have it")
-    batch_size: Int = Field(default=1024, ge=1)
     feature: ModuleName | None = Field(default=None, description="the module whose output is the assistant's feature, when "
                                 "the run has feature terms (see student.feature)")
-
-
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
 
 
 class DistillConfig(_Section):

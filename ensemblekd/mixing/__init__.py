@@ -39,6 +39,13 @@ def check_names(distill_cfg, resolve: bool = True) -> None:
             _resolve(name, registry, key)
 
 
+def strategy_class(distill_cfg) -> type[Strategy]:
+    """The configured strategy's class, for what it declares before it is built (its chain of
+    levels, their role); a 'module:callable' that is not a Strategy subclass declares the defaults."""
+    factory = _resolve(distill_cfg.strategy, STRATEGIES, "distill.strategy")
+    return factory if isinstance(factory, type) and issubclass(factory, Strategy) else Strategy
+
+
 def rule_maker(weighting: str = "uniform", val_accuracy: dict[str, float | None] | None = None, **kwargs) -> RuleMaker:
     """names -> the rule `weighting` over those teachers. Built-ins get val_accuracy and their own
     keys (weights, gamma); every rule gets kwargs."""
@@ -69,4 +76,4 @@ def build_strategy(distill_cfg, teacher_names: Sequence[str], val_accuracy: dict
 
 __all__ = ["STRATEGIES", "WEIGHTINGS", "Assistant", "BornAgain", "CAMKD", "Accuracy", "Entropy", "Parallel",
            "Sequential", "Static", "Strategy", "Uniform", "WeightingRule", "build_strategy", "check_names",
-           "generation_names", "mix", "rule_maker"]
+           "generation_names", "mix", "rule_maker", "strategy_class"]

@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ensemblekd.config import AssistantConfig
+from ensemblekd.errors import UserError
 from ensemblekd.mixing.rules import Uniform, WeightingRule, require_accuracy
 
 RuleMaker = Callable[[Sequence[str]], WeightingRule]
@@ -40,6 +42,13 @@ class Strategy:
     the gradient of the mixed target's."""
 
     mix_space = "prob"
+    level_role = "assistant"  # what the levels of a chain above the student are (stages.chain, the report)
+
+    @classmethod
+    def chain_levels(cls, cfg) -> list[AssistantConfig]:
+        """The levels above the student, first to last, each distilled and labelled into the store
+        before the next (stages.chain): distill.assistants (TAKD), none unless configured."""
+        return list(cfg.distill.assistants)
 
     @classmethod
     def config_kwargs(cls, distill_cfg) -> dict:
@@ -186,6 +195,20 @@ class BornAgain(Assistant):
 
         p = beta * p_ensemble + (1 - beta) * p_generation_g
     """
+
+    level_role = "generation"
+
+    @classmethod
+    def chain_levels(cls, cfg) -> list[AssistantConfig]:
+        """The earlier generations (gen1, gen2, ...): each the student's model and kwargs with the
+        default label actors."""
+        names = generation_names(cfg.distill.generations)
+        taken = [n for n in names if n in {t.name for t in cfg.teachers}]
+        if taken:
+            raise UserError(f"distill.generations: the earlier generations are named {', '.join(names)}, and "
+                            f"{', '.join(taken)} is already a teacher's name; rename that teacher")
+        s = cfg.student
+        return [AssistantConfig(name=n, model=s.model, kwargs=s.kwargs, feature=s.feature) for n in names]
 
     @classmethod
     def config_kwargs(cls, d) -> dict:

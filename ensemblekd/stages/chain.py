@@ -16,32 +16,23 @@ from typing import Any
 
 from ensemblekd import tracking
 from ensemblekd.config import AssistantConfig, Config, StudentConfig, TeacherConfig
-from ensemblekd.errors import UserError
 from ensemblekd.io import fs
-from ensemblekd.mixing import Strategy, generation_names
+from ensemblekd.mixing import Strategy, strategy_class
 from ensemblekd.stages.distill import distill
 from ensemblekd.stages.label import label
 from ensemblekd.stages.train import STUDENT_FILE
 
 
 def level_role(cfg: Config) -> str:
-    """What the levels above the student are: 'generation' (born_again) or 'assistant' (TAKD). Their
-    students go to trainer.output_dir/<role>s/<name>; evaluation shows them with this role."""
-    return "generation" if cfg.distill.strategy == "born_again" else "assistant"
+    """What the levels above the student are, as the strategy declares it (Strategy.level_role:
+    'assistant' for TAKD, 'generation' for born_again). Their students go to
+    trainer.output_dir/<role>s/<name>; evaluation shows them with this role."""
+    return strategy_class(cfg.distill).level_role
 
 
 def chain_levels(cfg: Config) -> list[AssistantConfig]:
-    """The levels above the student, first to last: distill.assistants, or born_again's earlier
-    generations (gen1, gen2, ...), each the student's model and kwargs with the default label actors."""
-    if cfg.distill.strategy != "born_again":
-        return list(cfg.distill.assistants)
-    names = generation_names(cfg.distill.generations)
-    taken = [n for n in names if n in {t.name for t in cfg.teachers}]
-    if taken:
-        raise UserError(f"distill.generations: the earlier generations are named {', '.join(names)}, and "
-                        f"{', '.join(taken)} is already a teacher's name; rename that teacher")
-    s = cfg.student
-    return [AssistantConfig(name=n, model=s.model, kwargs=s.kwargs, feature=s.feature) for n in names]
+    """The levels above the student, first to last, as the strategy declares them (Strategy.chain_levels)."""
+    return strategy_class(cfg.distill).chain_levels(cfg)
 
 
 def level_configs(cfg: Config) -> list[tuple[str, Config]]:
@@ -53,9 +44,8 @@ def level_configs(cfg: Config) -> list[tuple[str, Config]]:
         teachers = list(cfg.teachers)
         if previous is not None:
             teachers.append(TeacherConfig(
-                name=previous.name, model=previous.model, kwargs=previous.kwargs, replicas=previous.replicas,
-                num_cpus=previous.num_cpus, num_gpus=previous.num_gpus, resources=previous.resources,
-                batch_size=previous.batch_size, feature=previous.feature if cfg.distill.feature_terms else None,
+                name=previous.name, model=previous.model, kwargs=previous.kwargs, **previous.label_actors(),
+                feature=previous.feature if cfg.distill.feature_terms else None,
                 checkpoint=fs.join(where, previous.name, STUDENT_FILE)))
         student = cfg.student if a is None else StudentConfig(model=a.model, kwargs=a.kwargs, feature=a.feature)
         trainer = cfg.trainer.model_copy(update={"output_dir": out})
