@@ -31,7 +31,7 @@ from ensemblekd.stages.prepare import prepare
 from ensemblekd.stages.label import label as label_store
 from ensemblekd.stages.train import STUDENT_FILE
 from ensemblekd.stages.validate import validate
-from ensemblekd.store import Store
+from ensemblekd.store import Store, StoreView
 
 ConfigSource = str | os.PathLike | dict | Config
 
@@ -203,15 +203,15 @@ def run(config: ConfigSource, overrides: list[str] | None = None, progress: bool
                      Evaluation.of(found, info["run_id"]), seconds, distilled)
 
 
-def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> Store:
-    """A soft-target store, to read: `teachers`, `splits`, `table(teacher, split)` (pyarrow),
+def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> StoreView:
+    """A soft-target store, to read (nothing it offers writes): `teachers`, `splits`, `table(teacher, split)` (pyarrow),
     `logits(teacher, split)` (numpy, classification), `verify()`. storage_options: fsspec options
     for an object store (else AWS_* variables)."""
     uri = fs.resolve_uri(uri)
     if storage_options:
         fs.configure(uri.split("://", 1)[0], storage_options)
     fs.check_reachable(uri, "STORE_URI")
-    return Store.open(uri)
+    return StoreView(Store.open(uri))
 
 
 def export(run_id: str | None = None, config: ConfigSource | None = None, overrides: list[str] | None = None,

@@ -24,6 +24,7 @@ whole, with the new `log_seq`, and deletes the log objects it holds.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
@@ -488,6 +489,53 @@ class Store:
                     else:
                         out.append((split, teacher, int(key), True, "ok"))
         return out
+
+
+class StoreView:
+    """A store to read, as users get it (ekd.open_store): the read API of Store and nothing that
+    writes (no commit, save, set_* or forget_*); `manifest` is a copy."""
+
+    def __init__(self, store: Store):
+        self._store = store
+
+    @property
+    def uri(self) -> str:
+        return self._store.uri
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return copy.deepcopy(self._store.manifest)
+
+    @property
+    def task(self) -> str | None:
+        return self._store.task
+
+    @property
+    def teachers(self) -> list[str]:
+        return self._store.teachers
+
+    @property
+    def splits(self) -> list[str]:
+        return self._store.splits
+
+    @property
+    def num_classes(self) -> int | None:
+        return self._store.num_classes
+
+    def val_accuracy(self, teachers: list[str]) -> dict[str, float | None]:
+        return self._store.val_accuracy(teachers)
+
+    def bytes_per_token(self) -> float | None:
+        return self._store.bytes_per_token()
+
+    def table(self, teacher: str, split: str) -> pa.Table:
+        return self._store.table(teacher, split)
+
+    def logits(self, teacher: str, split: str):
+        return self._store.logits(teacher, split)
+
+    def verify(self) -> list[tuple[str, str, int, bool, str]]:
+        return self._store.verify()
 
 
 class StoreLock:

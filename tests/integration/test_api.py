@@ -45,6 +45,9 @@ def test_the_store_reads_as_numpy_and_arrow(labelled):
     assert all(ok for *_, ok, _ in store.verify())
     with pytest.raises(ekd.UserError, match="teacher 'nobody' is not in the store"):
         store.logits("nobody", "test")
+    assert not any(hasattr(store, name) for name in ("commit", "save", "set_teacher", "forget_corrupt"))  # read-only
+    store.manifest["teachers"].clear()
+    assert store.teachers == ["mlp_a", "mlp_b"]  # its manifest is a copy
 
 
 def test_distill_then_evaluate_return_typed_results(labelled, tmp_path):
