@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -34,10 +36,60 @@ def test_a_layer_violation_would_be_caught(tmp_path):
     assert proc.returncode != 0 and "ensemblekd.store -> ensemblekd.stages" in proc.stdout, proc.stdout[-3000:]
 
 
-def test_the_task_is_a_type_not_a_flag():
-    """`task ==` appears only in the task implementations and the config schema."""
-    found = [str(p.relative_to(REPO)) for p in (REPO / "ensemblekd").rglob("*.py") if "task ==" in p.read_text()]
-    assert all(f.startswith("ensemblekd/tasks/") or f == "ensemblekd/config.py" for f in found), found
+EXTENSION_POINTS = {"task", "strategy", "kind", "loss", "weighting"}
+# Each extension point may name its own members inside its own package.
+EXTENSION_PACKAGES = ("ensemblekd/tasks/", "ensemblekd/teachers/", "ensemblekd/mixing/", "ensemblekd/losses.py")
+# The config's cross-section checks still name built-in strategies, losses and tasks: to move beside
+# the classes they configure (each extension owning its config). Listed so that none is added.
+NOT_YET_MOVED = {"self.distill.weighting == 'static'", "d.strategy == 'sequential'", "d.strategy != 'sequential'",
+                 "d.strategy != 'assistant'", "d.strategy not in ('assistant', 'born_again')",
+                 "d.strategy == 'born_again'", "d.strategy != 'born_again'", "d.loss != 'jsd'",
+                 "d.loss not in ('skew_kl', 'skew_reverse_kl')", "self.task != 'classification'",
+                 "self.task != 'token'"}
+
+
+def literal_dispatch(source: str) -> list[tuple[int, str]]:
+    """(line, code) of each comparison of a task, strategy, kind, loss or weighting (a name, an
+    attribute or a ["key"]) with a string literal or a collection of them."""
+    import ast
+
+    def named(node) -> str | None:
+        if isinstance(node, ast.Attribute):
+            return node.attr
+        if isinstance(node, ast.Name):
+            return node.id
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            return node.slice.value
+        return None
+
+    def literal(node) -> bool:
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return bool(node.elts) and all(literal(e) for e in node.elts)
+        return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if {named(s) for s in sides} & EXTENSION_POINTS and any(literal(s) for s in sides):
+                found.append((node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_no_stage_branches_on_an_extension_by_name():
+    """Outside an extension point's own package, no module compares a task, strategy, teacher kind,
+    loss or weighting rule to a literal name: it asks the registered class (an AST check)."""
+    found = [(str(p.relative_to(REPO)), line, code) for p in sorted((REPO / "ensemblekd").rglob("*.py"))
+             if not str(p.relative_to(REPO)).startswith(EXTENSION_PACKAGES)
+             for line, code in literal_dispatch(p.read_text())]
+    assert [f for f in found if not (f[0] == "ensemblekd/config.py" and f[2] in NOT_YET_MOVED)] == []
+
+
+@pytest.mark.parametrize("code", ["if cfg.distill.strategy == 'born_again': pass",
+                                  "x = store.manifest['task'] in ('token', 'text')",
+                                  "ok = t.kind != \"gguf\""])
+def test_the_dispatch_check_is_not_vacuous(code):
+    assert literal_dispatch(code)
 
 
 def test_nothing_in_the_repo_points_outside_it():
