@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_serializer,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -31,7 +32,7 @@ from ensemblekd.data.builtin import DATASETS
 from ensemblekd.errors import UserError
 from ensemblekd.io.fs import check_reachable, configure_for, exists, is_remote, resolve_uri
 from ensemblekd.losses import DIVERGENCES
-from ensemblekd.plugins import import_callable
+from ensemblekd.plugins import import_callable, is_import_path
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -213,8 +214,8 @@ class DistillConfig(_Section):
                              "the student's architecture and taught by the one before (the first by the ensemble)")
     temperature: Float = Field(default=4.0, gt=0)
     alpha: Float = Field(default=0.5, ge=0, le=1)
-    loss: Literal[DIVERGENCES] = Field(default="forward_kl", description="the divergence between the teachers' "
-                                       "targets and the student: " + ", ".join(DIVERGENCES))
+    loss: str = Field(default="forward_kl", description="the divergence between the teachers' targets and the "
+                      "student: " + ", ".join(DIVERGENCES) + ", or 'module:callable' (log_q, log_s) -> D per row")
     jsd_beta: Float = Field(default=0.5, gt=0, lt=1, description="loss jsd: the teacher's share beta of the mixture")
     skew_alpha: Float = Field(default=0.1, gt=0, lt=1, description="loss skew_kl, skew_reverse_kl: the share of the "
                               "first argument mixed into the second")
@@ -222,6 +223,14 @@ class DistillConfig(_Section):
                                "the student's feature and each teacher's stored feature")
     rkd_distance_weight: Float = Field(default=0.0, ge=0, description="RKD distance: the batch's pairwise distances")
     rkd_angle_weight: Float = Field(default=0.0, ge=0, description="RKD angle: the batch's triplet angles")
+
+    @field_validator("loss")
+    @classmethod
+    def _a_divergence(cls, loss: str) -> str:
+        if loss not in DIVERGENCES and not is_import_path(loss):
+            raise PydanticCustomError("divergence", "Input should be " + ", ".join(f"'{d}'" for d in DIVERGENCES)
+                                      + " or 'module:callable'")
+        return loss
 
     @property
     def feature_terms(self) -> bool:

@@ -16,16 +16,17 @@ like 1 / T, so with TVD a large T weighs the soft term more.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import cache
 from types import MappingProxyType
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from ensemblekd.plugins import resolve
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl", "skew_reverse_kl")
+IGNORE = -100
 
 
 class KDLoss(NamedTuple):
@@ -48,7 +49,9 @@ class Divergence(NamedTuple):
     skew_kl           KL(q || a q + (1 - a) s)                    DistiLLM, Ko et al. 2024
     skew_reverse_kl   KL(s || a s + (1 - a) q)                    DistiLLM
 
-    with b = jsd_beta, a = skew_alpha."""
+    with b = jsd_beta, a = skew_alpha. A name of the form 'module:callable' is a user's own:
+    callable(log_q, log_s) -> D per row, like these (on the token task's top-k path it is applied to
+    the buckets of each position, exact for f-divergences, as topk says)."""
 
     name: str
     jsd_beta: float = 0.5
@@ -64,21 +67,33 @@ class Divergence(NamedTuple):
         mixtures of the other four are never 0 where either side is positive, so they stay finite.
         """
         log_q = log_q.clamp_min(math.log(torch.finfo(log_q.dtype).tiny))
-        if self.name == "forward_kl":
-            return _kl(log_q, log_s)
-        if self.name == "reverse_kl":
-            return _kl(log_s, log_q)
-        if self.name == "jsd":
-            b = self.jsd_beta
-            log_m = _log_mix(log_q, log_s, b)
-            return b * _kl(log_q, log_m) + (1.0 - b) * _kl(log_s, log_m)
-        if self.name == "tvd":
-            return 0.5 * (log_q.exp() - log_s.exp()).abs().sum(-1)
-        if self.name == "skew_kl":
-            return _kl(log_q, _log_mix(log_q, log_s, self.skew_alpha))
-        if self.name == "skew_reverse_kl":
-            return _kl(log_s, _log_mix(log_s, log_q, self.skew_alpha))
-        raise ValueError(f"unknown divergence '{self.name}'; expected one of {', '.join(DIVERGENCES)}")
+        built_in = _BUILT_IN.get(self.name)
+        if built_in is not None:
+            return built_in(self, log_q, log_s)
+        return user_divergence(self.name)(log_q, log_s)
+
+
+def _jsd(d: Divergence, log_q: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
+    b = d.jsd_beta
+    log_m = _log_mix(log_q, log_s, b)
+    return b * _kl(log_q, log_m) + (1.0 - b) * _kl(log_s, log_m)
+
+
+_BUILT_IN: dict[str, Callable[[Divergence, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "forward_kl": lambda d, log_q, log_s: _kl(log_q, log_s),
+    "reverse_kl": lambda d, log_q, log_s: _kl(log_s, log_q),
+    "jsd": _jsd,
+    "tvd": lambda d, log_q, log_s: 0.5 * (log_q.exp() - log_s.exp()).abs().sum(-1),
+    "skew_kl": lambda d, log_q, log_s: _kl(log_q, _log_mix(log_q, log_s, d.skew_alpha)),
+    "skew_reverse_kl": lambda d, log_q, log_s: _kl(log_s, _log_mix(log_s, log_q, d.skew_alpha)),
+}
+DIVERGENCES = tuple(_BUILT_IN)  # the built-in names of distill.loss
+
+
+@cache
+def user_divergence(path: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """distill.loss given as 'module:callable', imported once per process."""
+    return resolve(path, dict.fromkeys(DIVERGENCES), "distill.loss")  # never called with a built-in: an unknown name raises
 
 
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:

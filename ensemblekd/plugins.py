@@ -14,6 +14,16 @@ def is_import_path(value: str) -> bool:
     return bool(sep and module_name and attr)
 
 
+def resolve(name: str, registry: dict, key: str):
+    """A built-in by its name in `registry`, or a user's own 'module:callable' (a task, teacher kind,
+    divergence, weighting rule or strategy from outside the package, configured the same way)."""
+    if name in registry:
+        return registry[name]
+    if is_import_path(name):
+        return import_callable(name, key)
+    raise UserError(f"{key}: unknown '{name}'; choose one of {', '.join(registry)} or give 'module:callable'")
+
+
 def import_callable(path: str, key: str):
     """Resolve 'module:callable'; a UserError that names the config key when it does not resolve."""
     if not is_import_path(path):

@@ -1,11 +1,15 @@
 """Tasks: what a row is and what the student learns from it, looked up once from `cfg.task`.
 
-A new task is one module with a Task subclass plus one entry in TASKS (docs/architecture.md).
+A new task is one module with a Task subclass plus one entry in TASKS, or, from outside the
+package, `task: 'module:MyTask'` (docs/architecture.md).
 """
 
 from __future__ import annotations
 
+from functools import cache
+
 from ensemblekd.errors import UserError
+from ensemblekd.plugins import resolve
 from ensemblekd.tasks.base import Served, Task, worker_segments
 from ensemblekd.tasks.classification import Classification
 from ensemblekd.tasks.token import Token
@@ -13,10 +17,15 @@ from ensemblekd.tasks.token import Token
 TASKS: dict[str, Task] = {task.name: task for task in (Classification(), Token())}
 
 
+@cache
 def get_task(name: str) -> Task:
-    if name not in TASKS:
-        raise UserError(f"task: unknown '{name}'; choose one of {', '.join(TASKS)}")
-    return TASKS[name]
+    """The task `name` (a built-in, or a Task subclass or instance given as 'module:callable', made once)."""
+    task = resolve(name, TASKS, "task")
+    task = task() if isinstance(task, type) else task
+    if not isinstance(task, Task):
+        raise UserError(f"task: {name} is a {type(task).__name__}, not an ensemblekd Task; subclass "
+                        "ensemblekd.tasks.Task")
+    return task
 
 
 __all__ = ["TASKS", "Served", "Task", "get_task", "worker_segments"]

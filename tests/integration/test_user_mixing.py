@@ -1,6 +1,6 @@
 """A user's own weighting rule and strategy, given as 'module:callable' with their parameters, train
-a student through real Ray Train workers and DeepSpeed: the per-teacher weights logged to MLflow
-are the ones the user's code chose."""
+a student through the worker loop and DeepSpeed (in process: trainer.num_workers 0): the
+per-teacher weights logged to MLflow are the ones the user's code chose."""
 
 import pytest
 from mlflow.tracking import MlflowClient

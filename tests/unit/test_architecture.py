@@ -98,3 +98,18 @@ def test_nothing_in_the_repo_points_outside_it():
     hits = [f for f in tracked if f.endswith((".py", ".md", ".yaml", ".toml", ".txt")) and f != "tests/unit/test_architecture.py"
             and (REPO / f).is_file() and pattern.search((REPO / f).read_text(errors="ignore"))]
     assert hits == []
+
+
+@pytest.mark.parametrize("section, cls", [("### Adding a task", "ensemblekd.tasks.base:Task"),
+                                          ("### Adding a teacher kind", "ensemblekd.teachers.base:TeacherKind")])
+def test_the_extension_recipe_names_every_method(section, cls):
+    """docs/architecture.md's recipe for a task and a teacher kind names each public method of the
+    base class, as `name(`, in its own section."""
+    from ensemblekd.plugins import import_callable
+
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    text = doc[doc.index(section):]
+    text = text[:text.index("\n### ", 1)]
+    base = import_callable(cls, "test")
+    methods = [n for n, v in vars(base).items() if callable(v) and not n.startswith("_")]
+    assert methods and [n for n in methods if f"`{n}(" not in text] == []

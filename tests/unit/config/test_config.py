@@ -168,8 +168,8 @@ def test_real_text_needs_a_tokenizer_and_one_source(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["distill.jsd_beta=0.3"], "distill.jsd_beta: only used with loss: jsd"),
     (["distill.loss=tvd", "distill.skew_alpha=0.2"], "distill.skew_alpha: only used with loss: skew_kl or skew_reverse_kl"),
-    (["distill.loss=hellinger"], "distill.loss: Input should be 'forward_kl', 'reverse_kl', 'jsd', 'tvd', 'skew_kl' or "
-                                 "'skew_reverse_kl'"),
+    (["distill.loss=hellinger"], "distill.loss: Input should be 'forward_kl', 'reverse_kl', 'jsd', 'tvd', 'skew_kl', "
+                                 "'skew_reverse_kl' or 'module:callable'"),
     (["distill.loss=jsd", "distill.jsd_beta=1"], "distill.jsd_beta: Input should be less than 1"),
     (["distill.strategy=born_again"], "distill.generations: born_again needs 2 or more (one generation is strategy: "
                                       "parallel)"),
