@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ensemblekd import tracking
@@ -23,11 +23,12 @@ from ensemblekd.errors import UserError
 from ensemblekd.io import fs
 from ensemblekd.io.ray_session import ray_session
 from ensemblekd.stages import chain, report
-from ensemblekd.stages.distill import preflight
+from ensemblekd.stages.distill import DistillResult, preflight
 from ensemblekd.stages.evaluate import LATENCY_KEYS
 from ensemblekd.stages.evaluate import evaluate as evaluate_models
 from ensemblekd.stages.export import export_config, export_run, log_student, serve_command
 from ensemblekd.stages.prepare import prepare
+from ensemblekd.stages.label import LabelResult
 from ensemblekd.stages.label import label as label_store
 from ensemblekd.stages.train import STUDENT_FILE
 from ensemblekd.stages.validate import validate
@@ -37,27 +38,6 @@ ConfigSource = str | os.PathLike | dict | Config
 
 
 # -- results -------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LabelResult:
-    store: str                                  # the store's URI
-    shards: int                                 # label shards written by this call (0: the store was complete)
-    rows: int
-    seconds: float
-    fitted: list[dict[str, Any]] = field(default_factory=list)   # teachers fitted first: name, val_accuracy, seconds
-    repaired: list[str] = field(default_factory=list)            # shards found corrupt and relabelled (repair=True)
-    actors: list[dict[str, Any]] = field(default_factory=list)   # label actor pools: teachers, replicas (placement)
-
-
-@dataclass(frozen=True)
-class DistillResult:
-    student: str                                # trainer.output_dir/student.pt
-    metrics: dict[str, Any]                     # the last epoch's: val_accuracy, train_loss, teacher_weight.<name>, ...
-    seconds: float
-    run_id: str | None = None                   # the MLflow run (None when called inside `run`'s run)
-    tracking_uri: str | None = None
-    chain: list[dict[str, Any]] = field(default_factory=list)    # chain levels: name, student, val_accuracy
-
-
 @dataclass(frozen=True)
 class ModelRow:
     """One model of an evaluation (accuracies are fractions; latency in ms on one CPU thread)."""
@@ -147,8 +127,7 @@ def label(config: ConfigSource, overrides: list[str] | None = None, progress: bo
     with ray_session():
         prepare(cfg)
         result = label_store(cfg, progress=progress, repair=repair)
-    return LabelResult(cfg.store.uri, result["shards"], result["rows"], result["seconds"], result["fitted"], result["repaired"],
-                       result["actors"])
+    return result
 
 
 def distill(config: ConfigSource, overrides: list[str] | None = None, progress: bool = True) -> DistillResult:
@@ -157,9 +136,8 @@ def distill(config: ConfigSource, overrides: list[str] | None = None, progress: 
     strategy = preflight(cfg)  # before the MLflow run: a store that cannot be trained from makes no run
     with ray_session(), tracking.mlflow_run(cfg, "distill") as info:
         result = chain.distill_chain(cfg, info, progress, strategy)
-        log_student(cfg, result["student"])
-    return DistillResult(result["student"], result["metrics"], result["seconds"], info["run_id"],
-                         info["tracking_uri"], result["chain"])
+        log_student(cfg, result.student)
+    return replace(result, run_id=info["run_id"], tracking_uri=info["tracking_uri"])
 
 
 def evaluate(config: ConfigSource, overrides: list[str] | None = None, student: str | None = None,
@@ -184,23 +162,22 @@ def run(config: ConfigSource, overrides: list[str] | None = None, progress: bool
             prepare(cfg)
             labelled = label_store(cfg, progress=progress)  # fits the teachers that need it first
             store = Store.open(cfg.store.uri)
-            tracking.log_metrics({f"label_{k}": labelled[k] for k in ("shards", "rows", "seconds")})
+            tracking.log_metrics({f"label_{k}": getattr(labelled, k) for k in ("shards", "rows", "seconds")})
             tracking.log_metrics({f"teacher_val_accuracy.{t.name}": store.teacher(t.name).get("val_accuracy")
                                   for t in cfg.teachers})
             tracking.log_json(store.manifest, "store/manifest.json")
-            tracking.log_json(labelled["actors"], "label/actors.json")
+            tracking.log_json(labelled.actors, "label/actors.json")
             trained = chain.distill_chain(cfg, info, progress)
             if cfg.evaluate.baseline:
                 chain.distill_baseline(cfg, info, progress)
-        tracking.log_metrics({"distill_seconds": trained["seconds"]})
-        found = evaluate_models(cfg, trained["student"])
+        tracking.log_metrics({"distill_seconds": trained.seconds})
+        found = evaluate_models(cfg, trained.student)
         report.log_report(cfg, found)
-        log_student(cfg, trained["student"])
+        log_student(cfg, trained.student)
         seconds = time.perf_counter() - start
         tracking.log_metrics({"pipeline_seconds": seconds})
-    distilled = DistillResult(trained["student"], trained["metrics"], trained["seconds"], chain=trained["chain"])
-    return RunResult(info["run_id"], info["tracking_uri"], trained["student"], cfg.store.uri,
-                     Evaluation.of(found, info["run_id"]), seconds, distilled)
+    return RunResult(info["run_id"], info["tracking_uri"], trained.student, cfg.store.uri,
+                     Evaluation.of(found, info["run_id"]), seconds, trained)
 
 
 def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> StoreView:

@@ -234,11 +234,11 @@ def label_distill_throughput(quick: bool) -> dict[str, Any] | None:
                                    for e in store.manifest["shards"][s][cfg.teachers[0].name].values())
                 train_targets = sum(e["tokens"] for e in store.manifest["shards"]["train"][cfg.teachers[0].name].values())
                 result = distill(cfg, None, progress=False)
-                epoch_s = result["metrics"]["epoch_seconds"]
+                epoch_s = result.metrics["epoch_seconds"]
                 out["runs"][str(k)] = {"label_s": label_s, "label_tokens_per_s": input_tokens / label_s,
                                        "distill_epoch_s": epoch_s, "distill_tokens_per_s": train_targets / epoch_s,
-                                       "distill_wall_s": result["seconds"], "bytes_per_token": store.bytes_per_token(),
-                                       "val_accuracy": result["metrics"]["val_accuracy"], "shards": labelled["shards"]}
+                                       "distill_wall_s": result.seconds, "bytes_per_token": store.bytes_per_token(),
+                                       "val_accuracy": result.metrics["val_accuracy"], "shards": labelled.shards}
                 log(f"throughput k={k}: label {input_tokens / label_s:,.0f} tokens/s, distill "
                     f"{train_targets / epoch_s:,.0f} tokens/s, {store.bytes_per_token():.1f} B/token")
         finally:

@@ -343,7 +343,7 @@ def run_variant(cfg, tags: dict) -> dict:
 
         mlflow.set_tags({f"bench.{k}": v for k, v in tags.items()})
         trained = distill_chain(cfg, info, progress=False)
-        report = evaluate(cfg, trained["student"])
+        report = evaluate(cfg, trained.student)
         tracking.log_metrics({f"test_accuracy.{r['model']}": r["accuracy"] for r in report["rows"]})
     return {r["model"]: r for r in report["rows"]}
 

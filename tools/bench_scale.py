@@ -144,7 +144,7 @@ def label_run(work: Path, rows: int, teachers: int = 2, shard_rows: int = SHARD_
     shards = -(-rows // shard_rows)
     row = {"bench": "label", "rows": rows, "shards": shards, "teachers": teachers, "seconds": seconds,
            "s_per_million_rows": seconds / rows * 1e6, "s_per_million_teacher_rows": seconds / (rows * teachers) * 1e6,
-           "s_per_shard_teacher": seconds / result["shards"], "actors": result["actors"],
+           "s_per_shard_teacher": seconds / result.shards, "actors": result.actors,
            "driver_peak_rss_mb": peak_rss_mb(), "worker_peak_rss_mb": workers.peak_mb}
     return cfg, row
 
@@ -191,7 +191,7 @@ def bench_distill(cfg, rows: int, before: list[dict[str, Any]]) -> dict[str, Any
     cfg.trainer.epochs, cfg.trainer.batch_size = 2, 256
     with WorkerRss() as workers:
         result = distill(cfg, None, progress=False)
-    seconds, epoch = result["seconds"], result["metrics"]["epoch_seconds"]
+    seconds, epoch = result.seconds, result.metrics["epoch_seconds"]
     marginal = (seconds - before[-1]["seconds"]) / (rows - before[-1]["rows"]) * 1e6 if before else None
     row = {"bench": "distill", "rows": rows, "shards": rows // SHARD_ROWS, "teachers": 2, "seconds": seconds,
            "s_per_million_rows": seconds / rows * 1e6, "marginal_s_per_million_rows": marginal,

@@ -208,7 +208,7 @@ def label_ensemblekd(ctx: dict, split: str, tag: str, layout: str = "default") -
     result = label(cfg, splits=("train",), progress=False)
     seconds = time.perf_counter() - t0
     expected = sum(n for _, n in ctx["data"]["splits"][split]) * len(TEACHERS)
-    assert result["rows"] == expected, (result, expected)
+    assert result.rows == expected, (result, expected)
     if split == "train" and layout == "default":
         ctx["train_store"] = str(store)
     return seconds
@@ -497,8 +497,8 @@ def bench_distill(ctx: dict) -> dict[str, Any]:
         t0 = time.perf_counter()
         result = distill(cfg, None, progress=False)
         distill_s = time.perf_counter() - t0
-        offline.append({"label_s": label_s, "distill_s": distill_s, "fit_s": result["seconds"],
-                        "epoch_s": result["metrics"]["epoch_seconds"], "val_accuracy": result["metrics"]["val_accuracy"]})
+        offline.append({"label_s": label_s, "distill_s": distill_s, "fit_s": result.seconds,
+                        "epoch_s": result.metrics["epoch_seconds"], "val_accuracy": result.metrics["val_accuracy"]})
         ctx["labelled_store"] = str(store)
         log(f"distill ensemblekd repeat {r}: label {label_s:.1f} s, distill {distill_s:.1f} s "
             f"({s.epochs} epochs, last epoch {offline[-1]['epoch_s']:.2f} s)")

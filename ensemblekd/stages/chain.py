@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 from contextlib import nullcontext
-from typing import Any
+from dataclasses import replace
 
 from ensemblekd import tracking
 from ensemblekd.config import AssistantConfig, Config, StudentConfig, TeacherConfig
 from ensemblekd.io import fs
 from ensemblekd.mixing import Strategy, strategy_class
-from ensemblekd.stages.distill import distill
+from ensemblekd.stages.distill import DistillResult, distill
 from ensemblekd.stages.label import label
 from ensemblekd.stages.train import STUDENT_FILE
 
@@ -62,13 +62,13 @@ def assistant_teachers(cfg: Config) -> list[TeacherConfig]:
 
 
 def distill_chain(cfg: Config, info: dict[str, str] | None, progress: bool = True,
-                  strategy: Strategy | None = None) -> dict[str, Any]:
+                  strategy: Strategy | None = None) -> DistillResult:
     """Distil the student; with assistants or born-again generations, each level of the chain in
-    its nested run. Returns distill's result for the student plus `chain`: each level's name,
-    student path and val accuracy."""
+    its nested run. Returns distill's result for the student with `chain`: each level's name,
+    student path and val accuracy, and the seconds of all levels."""
     levels = level_configs(cfg)
     if len(levels) == 1:
-        return {**distill(cfg, info, progress, strategy), "chain": []}
+        return distill(cfg, info, progress, strategy)
     chain, seconds = [], 0.0
     for i, (name, level_cfg) in enumerate(levels):
         params = {"level": i, "model": level_cfg.student.model,
@@ -78,9 +78,9 @@ def distill_chain(cfg: Config, info: dict[str, str] | None, progress: bool = Tru
             result = distill(level_cfg, level_info, progress)
             if i + 1 < len(levels):  # a level above the student: label it into the store for the next
                 label(levels[i + 1][1], progress=progress)
-        seconds += result["seconds"]
-        chain.append({"name": name, "student": result["student"], "val_accuracy": result["metrics"]["val_accuracy"]})
-    return {**result, "seconds": seconds, "chain": chain}
+        seconds += result.seconds
+        chain.append({"name": name, "student": result.student, "val_accuracy": result.metrics["val_accuracy"]})
+    return replace(result, seconds=seconds, chain=chain)
 
 
 BASELINE_DIR = "baseline"
@@ -94,7 +94,7 @@ def baseline_config(cfg: Config) -> Config:
     return cfg.model_copy(update={"trainer": trainer, "distill": distill_cfg})
 
 
-def distill_baseline(cfg: Config, info: dict[str, str] | None, progress: bool = True) -> dict[str, Any]:
+def distill_baseline(cfg: Config, info: dict[str, str] | None, progress: bool = True) -> DistillResult:
     """evaluate.baseline: baseline_config's student, in a nested run named 'baseline'."""
     base = baseline_config(cfg)
     with tracking.nested_run(info, BASELINE_DIR, {"alpha": 1.0}) if info else nullcontext(None) as level_info:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray.train import UserCallback
@@ -110,8 +111,18 @@ class StopOnBadInput(UserCallback):
                 raise ray.train.ControllerError(UserError(str(cause)))
 
 
+@dataclass(frozen=True)
+class DistillResult:
+    student: str                                # trainer.output_dir/student.pt
+    metrics: dict[str, Any]                     # the last epoch's: val_accuracy, train_loss, teacher_weight.<name>, ...
+    seconds: float
+    run_id: str | None = None                   # the MLflow run (None when called inside `run`'s run)
+    tracking_uri: str | None = None
+    chain: list[dict[str, Any]] = field(default_factory=list)    # chain levels: name, student, val_accuracy
+
+
 def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bool = True,
-            strategy: Strategy | None = None) -> dict[str, Any]:
+            strategy: Strategy | None = None) -> DistillResult:
     """Train the student; returns the final metrics, the student's path and the seconds. `strategy`
     is preflight's, when the caller ran it already."""
     strategy = strategy or preflight(cfg)
@@ -130,7 +141,7 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bo
     student_uri = fs.join(tr.output_dir, STUDENT_FILE)
     fs.write_bytes_atomic(student_uri, student)
     metrics = {k: v for k, v in metrics.items() if k not in ("steps", "worker")}
-    return {"metrics": metrics, "student": student_uri, "seconds": seconds}
+    return DistillResult(student_uri, metrics, seconds)
 
 
 def _run_on_ray_train(cfg: Config, mlflow_info, total: int, progress: bool) -> tuple[dict[str, Any], bytes]:

@@ -24,6 +24,7 @@ import socket
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -188,7 +189,18 @@ def record_val_accuracy(cfg: Config, store: Store) -> None:
     store.record_bytes_per_token()
 
 
-def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class LabelResult:
+    store: str                                  # the store's URI
+    shards: int                                 # label shards written by this call (0: the store was complete)
+    rows: int
+    seconds: float
+    fitted: list[dict[str, Any]] = field(default_factory=list)   # teachers fitted first: name, val_accuracy, seconds
+    repaired: list[str] = field(default_factory=list)            # shards found corrupt and relabelled (repair=True)
+    actors: list[dict[str, Any]] = field(default_factory=list)   # label actor pools: teachers, replicas (placement)
+
+
+def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = False) -> LabelResult:
     """Fit the teachers that need it (stages.fit), then label every missing shard; returns counts
     and `fitted`. Saves the manifest as shards commit.
 
@@ -209,12 +221,12 @@ def label(cfg: Config, splits=SPLITS, progress: bool = True, repair: bool = Fals
         repaired = store.forget_corrupt() if repair else []
         todo = plan(cfg, store, splits)
         if todo:
-            result = run_pools(cfg, store, todo, progress)  # saves the plan once the teachers agree
+            pools_run = run_pools(cfg, store, todo, progress)  # saves the plan once the teachers agree
         else:
             store.save()
-            result = {"shards": 0, "rows": 0, "seconds": 0.0, "actors": []}
-        result["repaired"] = [f"{split}/{teacher}/shard {index} ({why})" for split, teacher, index, why in repaired]
-        result["fitted"] = fitted
+            pools_run = {"shards": 0, "rows": 0, "seconds": 0.0, "actors": []}
+        result = LabelResult(cfg.store.uri, fitted=fitted, repaired=[
+            f"{split}/{teacher}/shard {index} ({why})" for split, teacher, index, why in repaired], **pools_run)
         if "val" in splits and (todo or None in store.val_accuracy([t.name for t in cfg.teachers]).values()):
             record_val_accuracy(cfg, store)
             store.save()

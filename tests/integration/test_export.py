@@ -37,8 +37,8 @@ def student_run(labelled, tmp_path_factory):
     MlflowClient(cfg.tracking.uri).create_experiment(cfg.tracking.experiment, artifact_location=str(tmp / "artifacts"))
     with tracking.mlflow_run(cfg, "distill") as info:
         result = distill(cfg, info, progress=False)
-        export.log_student(cfg, result["student"])
-    return cfg, result["student"], info["run_id"], tmp
+        export.log_student(cfg, result.student)
+    return cfg, result.student, info["run_id"], tmp
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ def test_killed_train_worker_resumes_from_the_last_checkpoint(labelled, tmp_path
         result = distill(cfg, info, progress=False)
     killer.join()
 
-    assert killed and result["metrics"]["epoch"] == 11 and result["metrics"]["val_accuracy"] > 0.8
+    assert killed and result.metrics["epoch"] == 11 and result.metrics["val_accuracy"] > 0.8
     client = MlflowClient(info["tracking_uri"])
     epochs = sorted(m.step for m in client.get_metric_history(info["run_id"], "val_accuracy"))
     assert epochs == list(range(12))  # every epoch once: none lost, none counted twice

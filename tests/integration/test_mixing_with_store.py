@@ -26,7 +26,7 @@ def test_one_stage_sequential_equals_parallel(labelled, tmp_path):
     states = {}
     for strategy in ("parallel", "sequential"):
         result = distill_chain(_one_teacher(cfg, tmp_path, strategy, strategy=strategy), None)
-        states[strategy] = torch.load(result["student"], weights_only=True)
+        states[strategy] = torch.load(result.student, weights_only=True)
     for key, value in states["parallel"].items():
         assert torch.equal(value, states["sequential"][key]), key
 
