@@ -204,6 +204,7 @@ def export(run_id: str | None = None, config: ConfigSource | None = None, overri
             cfg.tracking.uri = tracking_uri
         result = export_config(cfg, name)
     else:
+        assert run_id is not None  # exactly one of run_id and config is given
         result = export_run(run_id, name, tracking_uri)
     return {**result, "serve": serve_command(result)}
 

@@ -92,6 +92,7 @@ def cmd_run(args) -> int:
     print()
     print(result.table)
     print()
+    assert result.distill is not None  # api.run always sets it
     _print_levels(result.distill.chain)
     print(f"MLflow run: {result.run_id}  ({result.tracking_uri})")
     print(f"student: {result.student}   store: {result.store}   wall time: {result.seconds:.1f} s")

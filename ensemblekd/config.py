@@ -322,6 +322,7 @@ class Config(_Section):
                 raise ValueError(
                     f"distill.weights: weighting 'static' needs one weight per teacher {sorted(names)}, got {sorted(given)}"
                 )
+            assert self.distill.weights is not None  # teachers has min_length=1, so given == names is non-empty
             if any(w < 0 for w in self.distill.weights.values()) or sum(self.distill.weights.values()) <= 0:
                 raise ValueError("distill.weights: weights must be >= 0 with a positive sum")
         elif self.distill.weights is not None:
@@ -412,6 +413,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             raise UserError(f"--set '{item}': expected key.path=value, e.g. --set trainer.epochs=3")
         node: Any = raw
         parts = key.split(".")
+        part: str | int  # a list's index becomes an int
         for depth, part in enumerate(parts):
             last = depth == len(parts) - 1
             where = ".".join(parts[: depth + 1])

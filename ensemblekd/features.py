@@ -188,7 +188,9 @@ def feature_terms(student: StudentWithFeatures, teacher_features: list[torch.Ten
     if hint:
         terms["hint"] = hint_loss(student.hints, teacher_features, weights)
     if distance:
+        assert student.features is not None, "feature_terms before the student's forward"
         terms["rkd_distance"] = relation_loss(rkd_distance, student.features, teacher_features, weights)
     if angle:
+        assert student.features is not None, "feature_terms before the student's forward"
         terms["rkd_angle"] = relation_loss(rkd_angle, student.features, teacher_features, weights)
     return terms

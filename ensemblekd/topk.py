@@ -94,6 +94,7 @@ def topk_targets(logits: torch.Tensor, k: int, chunk_tokens: int = 4096, followi
             logp[part] = val.half().cpu().numpy()
             idx[part] = ix.cpu().numpy()
             if nxt is not None:
+                assert following is not None  # nxt exists only with `following`
                 nxt[part] = lp.gather(-1, following[part, None].long().to(lp.device)).squeeze(-1).half().cpu().numpy()
             if k < v:
                 tail[part] = _log_tail(lp, val, ix).half().cpu().numpy()

@@ -149,7 +149,7 @@ def end_orphaned_runs(experiment_id: str) -> None:
 def _alive(pid: str | None) -> bool:
     """Whether process `pid` of this host exists; True when that cannot be told (no or bad tag)."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(int(pid), 0)  # type: ignore[arg-type]  # pid None raises TypeError, caught below: alive
     except ProcessLookupError:
         return False
     except (OSError, TypeError, ValueError, OverflowError):  # PermissionError: alive, another user's

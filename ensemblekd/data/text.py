@@ -32,7 +32,7 @@ TEXT_SUFFIXES = (".parquet", ".jsonl", ".json")
 SPLITS = ("train", "val", "test")
 
 
-def tokenize_documents(texts: Sequence[str], doc_ids: Sequence[int], tokenizer, seq_len: int
+def tokenize_documents(texts: Sequence[str], doc_ids: Sequence[int] | np.ndarray, tokenizer, seq_len: int
                        ) -> tuple[list[np.ndarray], np.ndarray]:
     """(rows of at most seq_len token ids, the document id of each row), documents in order."""
     if seq_len < 2:
@@ -62,7 +62,8 @@ def text_files(uri: str, key: str) -> list[str]:
 
 def read_documents(files: list[str], column: str, id_column: str | None, key: str) -> tuple[list[str], np.ndarray]:
     """(texts, document ids) of every row of the files: ids from id_column, else the row's position."""
-    texts, ids = [], []
+    texts: list[str] = []
+    ids: list[int] = []
     for path in files:
         try:
             table = (pa_json.read_json(pa.BufferReader(fs.read_bytes(path))) if not path.endswith(".parquet")

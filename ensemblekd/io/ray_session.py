@@ -67,6 +67,7 @@ def _connect(ray_cfg) -> None:
     # As in Ray, "auto" means RAY_ADDRESS when that is set (it is, inside `ray job submit`).
     key, target = ("ray.address", address) if ray_cfg.address and not (address == "auto" and env) else ("RAY_ADDRESS", env)
     where = f"{key}={target}"
+    assert target is not None  # address is not None here, so one of ray.address and RAY_ADDRESS is set
     _check_listening(target, where)
     try:
         ray.init(**kwargs)
@@ -152,7 +153,7 @@ def require(what: str, cpus: float, gpus: float = 0.0, resources: dict[str, floa
                        and not k.startswith("node:")})
         raise UserError(f"{what}: asks for resources {custom}, but no Ray node has them (custom resources of this "
                         f"cluster: {', '.join(have) or 'none'}); fix it or start a node with `ray start --resources`")
-    biggest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    biggest: dict[str, Any] = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
     raise UserError(f"{what}: asks for {cpus:g} CPU and {gpus:g} GPU per process, but the largest Ray node has "
                     f"{biggest.get('CPU', 0):g} CPU and {biggest.get('GPU', 0):g} GPU; lower it or add such a node")
 
@@ -197,7 +198,7 @@ def driver_progress(desc: str, total: int, enabled: bool = True) -> Iterator[Any
     if not enabled:
         yield None
         return
-    counter = ray.remote(num_cpus=0)(StepCounter).remote()
+    counter: Any = ray.remote(num_cpus=0)(StepCounter).remote()  # an ActorHandle; Ray's stubs do not type its methods
     stop = threading.Event()
     bar = tqdm(total=total, desc=desc, unit="step")
 

@@ -10,7 +10,7 @@ and their papers.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ def require_accuracy(val_accuracy: dict[str, float | None] | None, names: Sequen
     if val_accuracy is None or any(val_accuracy.get(n) is None for n in names):
         raise UserError(f"distill: {what} needs each teacher's validation accuracy, and the val split has no labels; "
                         "give data.val a label column or choose another rule")
-    return {n: float(val_accuracy[n]) for n in names}
+    return {n: float(cast(float, val_accuracy[n])) for n in names}
 
 
 class WeightingRule(Protocol):

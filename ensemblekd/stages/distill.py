@@ -68,7 +68,8 @@ class ReportLog:
         steps, epoch, now = report.pop("steps", {}), report.pop("epoch"), int(time.time() * 1000)
         if not self.placements or self.placements[-1]["workers"] != workers:
             self.placements.append({"from_epoch": int(epoch), "workers": workers})
-            client.log_dict(self.info["run_id"], self.placements, "distill/workers.json")
+            # log_dict writes any JSON value (json.dump); its annotation says dict
+            client.log_dict(self.info["run_id"], self.placements, "distill/workers.json")  # type: ignore[arg-type]
             client.set_tag(self.info["run_id"], "ensemblekd.train_nodes", len({w["node_id"] for w in workers}))
         batch = [Metric(k, float(v), now, int(epoch)) for k, v in report.items() if v is not None]
         for i, step in enumerate(steps.get("step", [])):
@@ -181,12 +182,13 @@ def _trainer(cfg: Config, mlflow_info: dict[str, str] | None, counter):
         train_loop_config={"cfg": cfg, "progress": counter},
         scaling_config=ray.train.ScalingConfig(num_workers=tr.num_workers, use_gpu=tr.use_gpu, resources_per_worker={
             "CPU": tr.cpus_per_worker, **({"GPU": 1} if tr.use_gpu else {})}),
-        run_config=ray.train.RunConfig(
+        # ray.train gives Ray Train V2's RunConfig at run time (is_v2_enabled); the type checker sees V1's
+        run_config=ray.train.RunConfig(  # type: ignore[call-arg]
             name=f"distill-{int(time.time())}",
             storage_path=fs.join(tr.output_dir, "ray_train"),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=tr.max_failures),
-            callbacks=[StopOnBadInput(), *([MlflowLogger(mlflow_info)] if mlflow_info else [])],
+            callbacks=[StopOnBadInput(), *([MlflowLogger(mlflow_info)] if mlflow_info else [])],  # type: ignore[list-item]
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if not tr.use_gpu else None,
         ),

@@ -118,6 +118,7 @@ def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: 
         latency["unit"] = unit
     found = {"rows": rows, "test_rows": targets, "summary": summarise(rows), "latency": latency}
     if ev.prompts:
+        scorers: dict[str, Callable[..., torch.Tensor]]  # inputs [1, L] -> scores [1, L, V]
         scorers = {r["model"]: (lambda xb, m=m: task.logits(m, xb, cfg)) if m is not None else ensemble_forward
                    for r, m in zip(rows, models)}
         found["continuations"] = task.continuations(cfg, scorers)

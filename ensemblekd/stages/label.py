@@ -153,6 +153,7 @@ def projections(cfg: Config, store: Store, todo: list[tuple[str, str, int]], act
     """The PCA of each teacher to label whose features are reduced (store.feature_dim): the one the
     store keeps, or one fitted now on the train split by one of its actors and kept in the store
     before any of its shards is written. {name: (mean, components)}."""
+    out: dict[str, tuple[np.ndarray, np.ndarray]]
     dim, out, fitting = cfg.store.feature_dim, {}, {}
     if not dim:
         return out

@@ -7,7 +7,7 @@ import io
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, cast
 
 from ensemblekd import tracking
 from ensemblekd.config import Config
@@ -117,9 +117,9 @@ def bubble_chart(report: dict[str, Any]) -> bytes:
         label = r["model"] + (f"\n{ms:.3f} ms" if r["p50_ms_b1"] is not None else "")
         ax.annotate(label, (r["bytes"] / 1024, 100 * r["accuracy"]), xytext=(0, -(area ** 0.5 / 2 + 2)),
                     textcoords="offset points", ha="center", va="top", fontsize=8)
-    handles = {h.get_label(): h for h in ax.collections}  # one legend entry per role
+    handles = cast("dict[str, Any]", {h.get_label(): h for h in ax.collections})  # one legend entry per role (a str)
     for handle in ax.legend(handles.values(), handles.keys(), loc="upper left", fontsize=8).legend_handles:
-        handle.set_sizes([40])
+        handle.set_sizes([40])  # type: ignore[union-attr]  # a scatter's legend handle: a PathCollection
     ax.set_xscale("log")
     ax.set_xlabel("size on disk (KB, log scale)")
     ax.set_ylabel("test accuracy (%)")

@@ -156,6 +156,7 @@ class Worker:
             if time.monotonic() - shown >= 0.5 or step + 1 == self.steps_per_epoch:
                 progress(epoch * self.steps_per_epoch + step + 1)
                 shown = time.monotonic()
+        assert sums is not None  # steps_per_epoch >= 1 (Worker.__init__): at least one batch
         return all_reduce_sum(sums, engine.device), steps
 
     @torch.no_grad()
@@ -235,7 +236,8 @@ def run_worker(cfg: Config, session: Session) -> None:
             metrics["steps"] = steps
         metrics["worker"] = session.placement()
         state = full_state_dict(engine) if epoch == tr.epochs - 1 else None  # collective under ZeRO-3: every rank joins
-        session.report(metrics, lambda d, epoch=epoch: engine.save_checkpoint(
+        # ignored: mypy cannot infer a lambda with a default (epoch bound) as Callable[[str], None]
+        session.report(metrics, lambda d, epoch=epoch: engine.save_checkpoint(  # type: ignore[misc]
             os.path.join(d, "deepspeed"), tag=f"epoch-{epoch}", client_state={"epoch": epoch}), state)
 
 
@@ -289,7 +291,7 @@ class InProcessSession:
     rank, world = 0, 1
 
     def __init__(self, on_report: Callable[[list[dict[str, Any]]], None], progress: Callable[[int], None]):
-        self.on_report, self.progress = on_report, progress  # type: ignore[method-assign]
+        self.on_report, self.progress = on_report, progress
         self.metrics: dict[str, Any] = {}
         self.student: dict[str, torch.Tensor] | None = None
 

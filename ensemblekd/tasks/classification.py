@@ -163,6 +163,7 @@ class Classification(Task):
         d = cfg.data
         check_columns(shards, {"data.features": d.features, "data.label": d.label})
         for shard in shards if d.label and num_classes else []:
+            assert d.label is not None and num_classes is not None  # the loop runs only with both
             span = label_span([shard], d.label)
             if span and IGNORE != span[0] < 0:
                 raise negative_labels(shard.uri, d.label, span[0])
@@ -187,6 +188,7 @@ class Classification(Task):
             return student
         dims = store.feature_dims([t.name for t in cfg.teachers])
         _, x, _ = read_shard(InputShard.of(store.inputs("val")[0]), cfg.data.features, None, cfg.data.id)
+        assert cfg.student.feature is not None  # the config requires it with feature terms
         return student_with_features(student, cfg.student.feature, dims, bool(cfg.distill.hint_weight),
                                      torch.from_numpy(x[:2]))
 

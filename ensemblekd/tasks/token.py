@@ -175,6 +175,7 @@ def vocabulary(cfg: Config) -> dict[str, Any]:
     the hash says so.
     """
     d = cfg.data
+    assert d.vocab_size is not None  # check_config requires it
     own = {t.name: kind_of(t).tokenizer(t) for t in cfg.teachers}
     own = {name: path for name, path in own.items() if path}
     if d.tokenizer == "teachers":
@@ -359,6 +360,7 @@ class Token(Task):
         SmolLM2 label worker's time (py-spy), and removing both took label from 0.80x to 1.00x a
         plain loop's tokens/s (tools/bench_label_lm.py)."""
         ids, tokens, lengths = inputs
+        assert cfg.data.vocab_size is not None  # check_config requires it
         vocab, k = cfg.data.vocab_size, min(cfg.store.top_k, cfg.data.vocab_size)
         order = np.argsort(-np.asarray(lengths), kind="stable")
         per_row: list = [None] * len(ids)
@@ -404,6 +406,7 @@ class Token(Task):
 
     def accuracy(self, model, cfg: Config, split: str) -> float | None:
         tokens, _, mask = read_token_split(cfg, getattr(cfg.data, split))
+        assert cfg.data.vocab_size is not None  # check_config requires it
         return model_accuracy(model, tokens, mask, cfg.data.vocab_size)
 
     # -- distill -------------------------------------------------------------------------------
@@ -415,6 +418,7 @@ class Token(Task):
         store.check_task(self.name, vocabulary(cfg))
         _, tokens, lengths, _ = read_token_shard(InputShard.of(store.inputs("val")[0]), cfg.data)
         out = logits_of(run_on(student, torch.from_numpy(tokens[:1, :lengths[0]])))
+        assert cfg.data.vocab_size is not None  # check_config requires it
         shared_vocabulary(out, cfg.data.vocab_size, "student.model")
 
     def read_rows(self, cfg: Config, store: Store, split: str, shard: int, teachers: list[str]) -> Sequences:
@@ -433,6 +437,7 @@ class Token(Task):
 
     def train_step(self, engine, batch: TokenBatch, strategy, cfg: Config, epoch: int):
         """(KDLoss, per-token teacher weights [N, K], N): the loss of one micro-batch, not yet stepped."""
+        assert cfg.data.vocab_size is not None  # check_config requires it
         vocab, dc, device = cfg.data.vocab_size, cfg.distill, engine.device
         batch = TokenBatch(*(t.to(device) for t in batch))
         buckets, bucket_labels = rule_inputs(batch.logp, batch.idx, batch.tail, batch.labels, vocab)
@@ -444,6 +449,7 @@ class Token(Task):
 
     def count_correct(self, engine, batch: TokenBatch, cfg: Config) -> tuple[int, int]:
         batch = TokenBatch(*(t.to(engine.device) for t in batch))
+        assert cfg.data.vocab_size is not None  # check_config requires it
         pred = student_positions(engine, batch, cfg.data.vocab_size).argmax(-1)
         return int((pred == batch.labels).sum()), len(batch.labels)
 
@@ -457,6 +463,7 @@ class Token(Task):
         at T = 1 (its NLL: the rule's mix of the exact next-token probabilities), the student is run
         here. KL is per token; ECE is not computed. Tokens are taken in chunks so that the dense
         [tokens, teachers, V] reconstruction stays near 64 MB whatever V."""
+        assert cfg.data.vocab_size is not None  # check_config requires it
         names, vocab = [*teachers, *others], cfg.data.vocab_size
         # per model: correct, agrees with the ensemble, KL sum, NLL sum
         stats = torch.zeros(len(names) + 2, 4, dtype=torch.float64)
@@ -547,6 +554,7 @@ class Token(Task):
         return out
 
     def logits(self, model, x: torch.Tensor, cfg: Config) -> torch.Tensor:
+        assert cfg.data.vocab_size is not None  # check_config requires it
         return shared_vocabulary(logits_of(model(x)), cfg.data.vocab_size, "teacher")
 
     def served(self, cfg: Config, student) -> Served:
@@ -559,6 +567,7 @@ class Token(Task):
         tokens, lengths, _ = read_token_split(cfg, cfg.data.val)
         n = min(4, len(tokens))
         example = tokens[:n, :int(lengths[:n].min())].copy()
+        assert cfg.data.vocab_size is not None  # check_config requires it
         signature = ModelSignature(Schema([TensorSpec(np.dtype("int64"), (-1, -1))]),
                                    Schema([TensorSpec(np.dtype("float32"), (-1, -1, cfg.data.vocab_size))]))
         return Served(NextTokenProbabilities(student, cfg.data.vocab_size).eval(), example, signature, torchscript=False)

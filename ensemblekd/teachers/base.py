@@ -121,4 +121,5 @@ class TeacherKind:
         raise NotImplementedError(f"teacher kind {self.name} cannot be fitted")
 
     def _fit_key(self, cfg: Config, t: TeacherConfig) -> dict[str, Any]:
+        assert t.fit is not None  # only teachers with a fit section are fitted
         return {**self.spec(t), "fit": t.fit.model_dump(), "train": cfg.data.train}

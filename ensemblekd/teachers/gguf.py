@@ -29,6 +29,7 @@ class GGUFKind(HuggingFaceKind):
     def check(self, cfg: Config, t: TeacherConfig) -> None:
         super().check(cfg, t)
         key = key_of(cfg, t)
+        assert t.pretrained is not None  # super().check() requires it
         if not t.pretrained.endswith(GGUF_SUFFIX):
             raise UserError(f"{key}.pretrained: teacher '{t.name}' of kind gguf needs a .gguf file, not "
                             f"'{t.pretrained}'")
@@ -37,11 +38,13 @@ class GGUFKind(HuggingFaceKind):
                             f"{', '.join(BUILTIN_GGUF)}")
 
     def check_files(self, cfg: Config, t: TeacherConfig) -> None:
+        assert t.pretrained is not None  # check() requires it
         if t.prepare is None and not os.path.isfile(t.pretrained):
             raise UserError(f"{key_of(cfg, t)}.pretrained: '{t.pretrained}' does not exist; fix the path, or add "
                             f"prepare: {next(iter(BUILTIN_GGUF))} to use the built-in model")
 
     def prepare(self, cfg: Config, t: TeacherConfig) -> None:
+        assert t.pretrained is not None  # check() requires it
         if t.prepare is not None and not os.path.isfile(t.pretrained):
             from ensemblekd.lm import builtin_gguf
 
@@ -49,11 +52,13 @@ class GGUFKind(HuggingFaceKind):
 
     def fingerprint(self, cfg: Config, t: TeacherConfig) -> str:
         """sha256 over the spec and the file's bytes (cached per file version: the file is ~100 MB)."""
+        assert t.pretrained is not None  # check() requires it
         stat = os.stat(t.pretrained)
         return _fingerprint(json.dumps(self.spec(t), sort_keys=True), os.path.abspath(t.pretrained),
                             stat.st_mtime_ns, stat.st_size)
 
     def artifact_bytes(self, cfg: Config, t: TeacherConfig) -> int:
+        assert t.pretrained is not None  # check() requires it
         return os.path.getsize(t.pretrained)
 
     def memory_bytes(self, cfg: Config, t: TeacherConfig) -> int:
@@ -65,6 +70,7 @@ class GGUFKind(HuggingFaceKind):
     def load(self, cfg: Config, t: TeacherConfig) -> nn.Module:
         from ensemblekd.lm import from_gguf
 
+        assert t.pretrained is not None  # check() requires it
         return from_gguf(t.pretrained)
 
 

@@ -34,11 +34,13 @@ class HuggingFaceKind(TeacherKind):
         super().check(cfg, t)
 
     def check_files(self, cfg: Config, t: TeacherConfig) -> None:
+        assert t.pretrained is not None  # check() requires it
         if not fs.exists(os.path.join(t.pretrained, "config.json")):
             raise UserError(f"{key_of(cfg, t)}.pretrained: '{t.pretrained}' is not a Hugging Face model directory "
                             "(no config.json); save one with save_pretrained")
 
     def artifact(self, cfg: Config, t: TeacherConfig) -> str:
+        assert t.pretrained is not None  # check() requires it
         return t.pretrained
 
     def spec(self, t: TeacherConfig) -> dict:
@@ -47,6 +49,7 @@ class HuggingFaceKind(TeacherKind):
     def fingerprint(self, cfg: Config, t: TeacherConfig) -> str:
         """sha256 over the spec and the directory's config, tokenizer and weight files."""
         h = hashlib.sha256(json.dumps(self.spec(t), sort_keys=True).encode())
+        assert t.pretrained is not None  # check() requires it
         for name in sorted(os.listdir(t.pretrained)):
             if name.endswith(WEIGHT_FILES):
                 h.update(name.encode())
@@ -54,11 +57,13 @@ class HuggingFaceKind(TeacherKind):
         return h.hexdigest()[:16]
 
     def artifact_bytes(self, cfg: Config, t: TeacherConfig) -> int:
+        assert t.pretrained is not None  # check() requires it
         return sum(os.path.getsize(os.path.join(t.pretrained, f)) for f in os.listdir(t.pretrained))
 
     def load(self, cfg: Config, t: TeacherConfig) -> nn.Module:
         from ensemblekd.lm import from_pretrained
 
+        assert t.pretrained is not None  # check() requires it
         return from_pretrained(t.pretrained).eval()
 
     def tokenizer(self, t: TeacherConfig) -> str | None:

@@ -31,18 +31,22 @@ class TorchKind(TeacherKind):
             raise UserError(f"{key}.trusted: only used with kind sklearn; remove it")
 
     def check_files(self, cfg: Config, t: TeacherConfig) -> None:
+        assert t.model is not None  # check() requires it
         import_callable(t.model, f"{key_of(cfg, t)}.model")
         super().check_files(cfg, t)
 
     def load(self, cfg: Config, t: TeacherConfig) -> nn.Module:
         key = key_of(cfg, t)
+        assert t.model is not None  # check() requires it
         return load_state(build_module(t.model, t.kwargs, f"{key}.model"), self.artifact(cfg, t), key)
 
     def with_features(self, cfg: Config, t: TeacherConfig, model: nn.Module) -> nn.Module:
         """`feature` names a module (model.named_modules()); its output, flattened, is the feature."""
+        assert t.feature is not None  # called only for a teacher with a feature
         return WithFeatures(model, t.feature, f"{key_of(cfg, t)}.feature").eval()
 
     def train(self, cfg: Config, t: TeacherConfig, task) -> float | None:
+        assert t.model is not None and t.fit is not None  # train() runs only for a teacher with fit; check()
         torch.manual_seed(t.fit.seed)
         model = build_module(t.model, t.kwargs, f"teacher '{t.name}'.model")
         task.fit(model, cfg, t)

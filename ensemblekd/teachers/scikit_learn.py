@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
@@ -77,6 +79,7 @@ class EstimatorModule(nn.Module):
 
 
 LAST_HIDDEN = "last_hidden"
+ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]]
 ACTIVATIONS = {"identity": lambda a: a, "relu": lambda a: np.maximum(a, 0), "tanh": np.tanh,
                "logistic": lambda a: 1 / (1 + np.exp(-a))}  # MLPClassifier's own (sklearn.neural_network)
 
@@ -180,13 +183,14 @@ class SklearnKind(TeacherKind):
         if not has_hidden_layer(model.estimator):
             raise UserError(f"{key_of(cfg, t)}.feature: {type(model.estimator).__name__} has no hidden layer to take "
                             "features from (only an MLPClassifier, or a Pipeline ending in one, has); remove feature")
-        return EstimatorFeatures(model).eval()
+        return EstimatorFeatures(cast(EstimatorModule, model)).eval()  # load() gives an EstimatorModule
 
     # -- fit ---------------------------------------------------------------------------------
     def train(self, cfg: Config, t: TeacherConfig, task) -> float | None:
         import skops.io
 
         key = key_of(cfg, t)
+        assert t.model is not None and t.fit is not None  # train() runs only for a teacher with fit; check()
         estimator = import_callable(t.model, f"{key}.model")(**t.kwargs)
         if not hasattr(estimator, "fit"):
             raise UserError(f"{key}.model: {t.model} returned {type(estimator).__name__}, which has no fit method")

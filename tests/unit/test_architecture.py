@@ -36,6 +36,12 @@ def test_a_layer_violation_would_be_caught(tmp_path):
     assert proc.returncode != 0 and "ensemblekd.store -> ensemblekd.stages" in proc.stdout, proc.stdout[-3000:]
 
 
+def test_the_package_type_checks():
+    """mypy over the package ([tool.mypy] in pyproject.toml: the annotated functions are checked)."""
+    proc = subprocess.run([sys.executable, "-m", "mypy"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+
+
 EXTENSION_POINTS = {"task", "strategy", "kind", "loss", "weighting"}
 # Each extension point may name its own members inside its own package.
 EXTENSION_PACKAGES = ("ensemblekd/tasks/", "ensemblekd/teachers/", "ensemblekd/mixing/", "ensemblekd/losses.py")
