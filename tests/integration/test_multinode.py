@@ -60,7 +60,9 @@ def cluster(tmp_path_factory, servers):
 
 
 def cluster_config(name: str, servers, **sections) -> dict:
-    """The tiny config with every path in the bucket, under runs/<name>."""
+    """The tiny config with every path in the bucket, under runs/<name>, trained by two Ray Train
+    workers (placement across nodes is what these tests are about)."""
+    sections["trainer"] = {"num_workers": 2, **sections.get("trainer", {})}
     cfg = tiny_config(Path("/nowhere"), Path("/nowhere"), **sections)
     cfg["data"] = {split: f"{S3}/data/{split}" for split in SPLITS}
     for t in cfg["teachers"]:
