@@ -22,9 +22,10 @@ from ensemblekd.api import (
 from ensemblekd.config import Config
 from ensemblekd.errors import UserError
 from ensemblekd.mixing import Strategy
+from ensemblekd.plugins import Options
 from ensemblekd.store import Store
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "DistillResult", "Evaluation", "LabelResult", "ModelRow", "RunResult", "Store", "Strategy",
+__all__ = ["Config", "DistillResult", "Evaluation", "LabelResult", "ModelRow", "Options", "RunResult", "Store", "Strategy",
            "UserError", "distill", "evaluate", "export", "label", "load_config", "open_store", "run"]

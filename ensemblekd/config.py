@@ -2,9 +2,9 @@
 
 A YAML file (or a mapping) is read, `--set key.path=value` overrides are applied to the raw
 mapping, and the result is validated by pydantic models with `extra="forbid"` and cross-field
-checks (teacher names, groups, static weights, sequential stages), each error one line that names
-the key and the fix. What only an extension point knows (a task's keys, a teacher kind's fields,
-a weighting rule's name) is checked by that extension when the config is loaded through
+checks that span sections (teacher names, groups, features, batch split), each error one line
+that names the key and the fix. What only an extension point knows (a task's keys, a teacher
+kind's fields, the keys a strategy, weighting rule or divergence owns) is checked by that extension when the config is loaded through
 `ensemblekd.load_config` (stages.validate), so every mistake is still an error before any work.
 """
 
@@ -32,7 +32,7 @@ from ensemblekd.data.builtin import DATASETS
 from ensemblekd.errors import UserError
 from ensemblekd.io.fs import check_reachable, configure_for, exists, is_remote, resolve_uri
 from ensemblekd.losses import DIVERGENCES
-from ensemblekd.plugins import import_callable, is_import_path
+from ensemblekd.plugins import format_error, import_callable, is_import_path
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -190,35 +190,22 @@ class AssistantConfig(LabelActors):
 
 
 class DistillConfig(_Section):
+    """How the student learns. The keys of the chosen strategy, weighting rule and divergence sit
+    here beside these (e.g. `generations` with strategy born_again, `gamma` with weighting
+    accuracy): each extension declares and validates its own (its Options model, plugins), so
+    this schema lets them through and stages.validate checks them against the chosen extensions."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
     strategy: str = Field(default="parallel", description="parallel | sequential | assistant | born_again, or "
                           "'module:callable'")
-    strategy_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to a 'module:callable' strategy")
     weighting: str = Field(default="uniform", description="uniform | static | accuracy | entropy | ca_mkd, or "
                            "'module:callable'")
-    weighting_kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the weighting rule")
-    weights: dict[str, Float] | None = Field(
-        default=None, description="per-teacher weights for weighting: static"
-    )
-    gamma: Float = Field(default=1.0, ge=0, description="weighting: accuracy sharpening, w_k ∝ acc_k^gamma")
     mix_space: Literal["prob", "logit"] = "prob"
-    # sequential
-    order: Literal["config", "ascending_accuracy", "descending_accuracy"] = "config"
-    cumulative: bool = False
-    stage_epochs: list[Int] | None = Field(default=None, description="epochs per stage; default: split evenly")
-    # assistant (TAKD)
-    assistants: list[AssistantConfig] = Field(default_factory=list, description="largest first, down to the student")
-    ensemble_blend: Float = Field(default=0.0, ge=0, le=1, description="assistant, born_again: share of the ensemble "
-                                  "kept at every level")
-    # born_again
-    generations: Int = Field(default=1, ge=1, description="born_again: students distilled one after another, each of "
-                             "the student's architecture and taught by the one before (the first by the ensemble)")
     temperature: Float = Field(default=4.0, gt=0)
     alpha: Float = Field(default=0.5, ge=0, le=1)
     loss: str = Field(default="forward_kl", description="the divergence between the teachers' targets and the "
                       "student: " + ", ".join(DIVERGENCES) + ", or 'module:callable' (log_q, log_s) -> D per row")
-    jsd_beta: Float = Field(default=0.5, gt=0, lt=1, description="loss jsd: the teacher's share beta of the mixture")
-    skew_alpha: Float = Field(default=0.1, gt=0, lt=1, description="loss skew_kl, skew_reverse_kl: the share of the "
-                              "first argument mixed into the second")
     hint_weight: Float = Field(default=0.0, ge=0, description="FitNets hint: MSE between a learned projection of "
                                "the student's feature and each teacher's stored feature")
     rkd_distance_weight: Float = Field(default=0.0, ge=0, description="RKD distance: the batch's pairwise distances")
@@ -231,6 +218,11 @@ class DistillConfig(_Section):
             raise PydanticCustomError("divergence", "Input should be " + ", ".join(f"'{d}'" for d in DIVERGENCES)
                                       + " or 'module:callable'")
         return loss
+
+    @property
+    def extension_keys(self) -> dict[str, Any]:
+        """The keys given for the chosen strategy, weighting rule and divergence (plugins.own_options)."""
+        return dict(self.model_extra or {})
 
     @property
     def feature_terms(self) -> bool:
@@ -316,38 +308,7 @@ class Config(_Section):
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"teachers: the name '{name}' is used twice; give each teacher a unique name")
-        if self.distill.weighting == "static":
-            given = set(self.distill.weights or {})
-            if given != set(names):
-                raise ValueError(
-                    f"distill.weights: weighting 'static' needs one weight per teacher {sorted(names)}, got {sorted(given)}"
-                )
-            assert self.distill.weights is not None  # teachers has min_length=1, so given == names is non-empty
-            if any(w < 0 for w in self.distill.weights.values()) or sum(self.distill.weights.values()) <= 0:
-                raise ValueError("distill.weights: weights must be >= 0 with a positive sum")
-        elif self.distill.weights is not None:
-            raise ValueError("distill.weights: only used with weighting: static; remove it or set distill.weighting=static")
         d = self.distill
-        if d.strategy == "sequential" and d.stage_epochs is not None:
-            if len(d.stage_epochs) != len(names) or sum(d.stage_epochs) != self.trainer.epochs or min(d.stage_epochs) < 1:
-                raise ValueError(f"distill.stage_epochs: needs one positive entry per teacher ({len(names)}) "
-                                 f"summing to trainer.epochs ({self.trainer.epochs}), got {d.stage_epochs}")
-        if d.strategy == "sequential" and self.trainer.epochs < len(names):
-            raise ValueError(f"trainer.epochs: sequential needs at least one epoch per teacher ({len(names)})")
-        if d.strategy != "sequential" and (d.stage_epochs or d.cumulative or d.order != "config"):
-            raise ValueError("distill.order/cumulative/stage_epochs: only used with strategy: sequential")
-        if d.strategy != "assistant" and d.assistants:
-            raise ValueError("distill.assistants: only used with strategy: assistant")
-        if d.strategy not in ("assistant", "born_again") and d.ensemble_blend:
-            raise ValueError("distill.ensemble_blend: only used with strategy: assistant or born_again")
-        if d.strategy == "born_again" and d.generations < 2:
-            raise ValueError("distill.generations: born_again needs 2 or more (one generation is strategy: parallel)")
-        if d.strategy != "born_again" and d.generations != 1:
-            raise ValueError("distill.generations: only used with strategy: born_again")
-        if d.loss != "jsd" and d.jsd_beta != 0.5:
-            raise ValueError("distill.jsd_beta: only used with loss: jsd")
-        if d.loss not in ("skew_kl", "skew_reverse_kl") and d.skew_alpha != 0.1:
-            raise ValueError("distill.skew_alpha: only used with loss: skew_kl or skew_reverse_kl")
         featured = [t.name for t in self.teachers if t.feature]
         if (featured or self.student.feature or d.feature_terms) and self.task != "classification":
             raise ValueError("teachers.feature/student.feature/distill.hint_weight/rkd_*: features are stored and "
@@ -362,12 +323,6 @@ class Config(_Section):
             if not self.student.feature:
                 raise ValueError("student.feature: distill.hint_weight/rkd_* need the student's feature module; "
                                  "name it (see model.named_modules())")
-            if any(not a.feature for a in d.assistants):
-                raise ValueError("distill.assistants: with feature terms each assistant needs a feature (a module "
-                                 "name), as it becomes a teacher")
-        for a in d.assistants:
-            if a.name in names or [x.name for x in d.assistants].count(a.name) > 1:
-                raise ValueError(f"distill.assistants: the name '{a.name}' is taken; give each assistant a unique name")
         if self.trainer.batch_size % self.trainer.world_size:
             raise ValueError(
                 f"trainer.batch_size: {self.trainer.batch_size} does not split evenly over "
@@ -432,19 +387,6 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def _format_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    if err["type"] == "extra_forbidden":
-        return f"{where}: unknown key; remove it or check its spelling"
-    if err["type"] == "missing":
-        return f"{where}: required key is missing; add it to the config"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "value_error":
-        return msg
-    return f"{where}: {msg} (got {err.get('input')!r})"
-
-
 def _absolute_paths(cfg: Config) -> None:
     """Local paths become absolute so Ray workers (other cwd) see the same files."""
     for section, key in [("data", "train"), ("data", "val"), ("data", "test"), ("store", "uri"), ("trainer", "output_dir")]:
@@ -468,8 +410,6 @@ def check_inputs(cfg: Config, check_data: bool = True) -> None:
     teachers' files are their kind's to check: stages.validate.)"""
     check_reachable(cfg.store.uri, "store.uri")
     import_callable(cfg.student.model, "student.model")
-    for i, a in enumerate(cfg.distill.assistants):
-        import_callable(a.model, f"distill.assistants.{i}.model")
     if check_data and cfg.data.prepare is None:
         for split in ("train", "val", "test"):
             uri = getattr(cfg.data.text, split) if cfg.data.text else getattr(cfg.data, split)
@@ -502,7 +442,7 @@ def parse_config(source: str | os.PathLike | dict[str, Any] | Config, overrides:
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(f"{where}: {_format_error(exc)}") from None
+        raise UserError(f"{where}: {format_error(exc)}") from None
     _absolute_paths(cfg)
     configure_for(cfg)
     return cfg

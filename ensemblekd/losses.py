@@ -19,12 +19,14 @@ import math
 from collections.abc import Callable, Mapping
 from functools import cache
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from ensemblekd.plugins import resolve
+from pydantic import Field
+
+from ensemblekd.plugins import Options, own_options, resolve
 
 IGNORE = -100
 
@@ -40,7 +42,8 @@ class KDLoss(NamedTuple):
 
 
 class Divergence(NamedTuple):
-    """D(q, s) between the target q and the student s (distill.loss, jsd_beta, skew_alpha):
+    """D(q, s) between the target q and the student s (distill.loss, jsd_beta, skew_alpha; built
+    from a config by `divergence`):
 
     forward_kl        KL(q || s)                                  Hinton et al. 2015
     reverse_kl        KL(s || q)                                  MiniLLM, Gu et al. 2024
@@ -50,12 +53,14 @@ class Divergence(NamedTuple):
     skew_reverse_kl   KL(s || a s + (1 - a) q)                    DistiLLM
 
     with b = jsd_beta, a = skew_alpha. A name of the form 'module:callable' is a user's own:
-    callable(log_q, log_s) -> D per row, like these (on the token task's top-k path it is applied to
-    the buckets of each position, exact for f-divergences, as topk says)."""
+    callable(log_q, log_s, **options) -> D per row, like these, `options` the fields of its own
+    `Options` model (plugins) from the keys beside distill.loss (on the token task's top-k path it
+    is applied to the buckets of each position, exact for f-divergences, as topk says)."""
 
     name: str
     jsd_beta: float = 0.5
     skew_alpha: float = 0.1
+    options: tuple[tuple[str, Any], ...] = ()  # a user divergence's keywords
 
     def __call__(self, log_q: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
         """D(q, s) per row [...] from log-probabilities over the last dim: log_q the target's (−inf for
@@ -70,7 +75,16 @@ class Divergence(NamedTuple):
         built_in = _BUILT_IN.get(self.name)
         if built_in is not None:
             return built_in(self, log_q, log_s)
-        return user_divergence(self.name)(log_q, log_s)
+        return user_divergence(self.name)(log_q, log_s, **dict(self.options))
+
+
+class JSDOptions(Options):
+    jsd_beta: float = Field(default=0.5, gt=0, lt=1, description="the teacher's share beta of the mixture")
+
+
+class SkewOptions(Options):
+    skew_alpha: float = Field(default=0.1, gt=0, lt=1, description="the share of the first argument mixed into "
+                              "the second")
 
 
 def _jsd(d: Divergence, log_q: torch.Tensor, log_s: torch.Tensor) -> torch.Tensor:
@@ -88,6 +102,23 @@ _BUILT_IN: dict[str, Callable[[Divergence, torch.Tensor, torch.Tensor], torch.Te
     "skew_reverse_kl": lambda d, log_q, log_s: _kl(log_s, _log_mix(log_s, log_q, d.skew_alpha)),
 }
 DIVERGENCES = tuple(_BUILT_IN)  # the built-in names of distill.loss
+# what each takes beside distill.loss: a built-in divergence is a function, so its Options are listed here
+BUILT_IN_OPTIONS: dict[str, type[Options]] = {**dict.fromkeys(DIVERGENCES, Options), "jsd": JSDOptions,
+                                              "skew_kl": SkewOptions, "skew_reverse_kl": SkewOptions}
+
+
+def loss_extension(name: str) -> Any:
+    """What owns distill.loss's keys: the built-in's Options, or the user's callable (its `Options`)."""
+    return BUILT_IN_OPTIONS.get(name) or user_divergence(name)
+
+
+def divergence(distill_cfg: Any) -> Divergence:
+    """The divergence a `distill` config section asks for, with its own keys (jsd_beta, ...)."""
+    name = distill_cfg.loss
+    options = own_options(loss_extension(name), distill_cfg.extension_keys, "distill")
+    if name in BUILT_IN_OPTIONS:
+        return Divergence(name, **dict(options))
+    return Divergence(name, options=tuple(dict(options).items()))
 
 
 @cache

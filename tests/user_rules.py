@@ -7,7 +7,10 @@ import ensemblekd as ekd
 
 
 class Favourite:
-    """All the weight on one named teacher (`favourite`, a weighting_kwargs entry)."""
+    """All the weight on one named teacher (`distill.favourite`, its own key)."""
+
+    class Options(ekd.Options):
+        favourite: str
 
     def __init__(self, teacher_names, favourite, val_accuracy=None):
         self.index = list(teacher_names).index(favourite)
@@ -20,7 +23,10 @@ class Favourite:
 
 
 class Alternating(ekd.Strategy):
-    """Teacher epoch % K alone, switching every `period` epochs: a staged strategy of the user's."""
+    """Teacher epoch % K alone, switching every `distill.period` epochs: a staged strategy of the user's."""
+
+    class Options(ekd.Options):
+        period: int = 1
 
     def __init__(self, teacher_names, rule, mix_space="prob", period=1, **_):
         self.k, self.period, self.mix_space = len(teacher_names), period, mix_space

@@ -1,8 +1,8 @@
 """Weighting rules: per sample, how much each teacher's target counts.
 
-A rule is built for a list of teacher names, `Rule(teacher_names, **kwargs)` (built-ins also take
-`val_accuracy`, `weights` and `gamma` from their config keys; extra keywords are ignored), and
-called on a batch: (teacher_logits [B, K, C] raw, labels [B] with IGNORE for none, temperature)
+A rule is built for a list of teacher names, `Rule(teacher_names, val_accuracy=..., **options)`
+(`options`: the fields of the rule's own `Options` model, read from the keys beside
+`distill.weighting`; extra keywords are ignored), and called on a batch: (teacher_logits [B, K, C] raw, labels [B] with IGNORE for none, temperature)
 -> weights [B, K], rows summing to 1. Pure tensor functions; docs/formulas.md has the formulas
 and their papers.
 """
@@ -15,8 +15,12 @@ from typing import Protocol, cast
 import torch
 import torch.nn.functional as F
 
+from pydantic import Field
+
+from ensemblekd.config import Config, Float
 from ensemblekd.errors import UserError
 from ensemblekd.losses import IGNORE
+from ensemblekd.plugins import Options, own_options
 
 
 def require_accuracy(val_accuracy: dict[str, float | None] | None, names: Sequence[str], what: str) -> dict[str, float]:
@@ -42,8 +46,8 @@ class Uniform:
         return teacher_logits.new_full((teacher_logits.shape[0], self.k), 1.0 / self.k, dtype=torch.float32)
 
 
-class Static:
-    """Given w_k per teacher name, normalised to sum to 1."""
+class _Fixed:
+    """The same weights w_k (per teacher name, normalised to sum to 1) for every sample."""
 
     def __init__(self, teacher_names: Sequence[str], weights: dict[str, float], **_):
         w = torch.tensor([float(weights[n]) for n in teacher_names], dtype=torch.float32)
@@ -53,12 +57,31 @@ class Static:
         return self.w.to(teacher_logits.device).expand(teacher_logits.shape[0], -1)
 
 
-class Accuracy(Static):
+class Static(_Fixed):
+    """Given w_k per teacher name (distill.weights), normalised to sum to 1."""
+
+    class Options(Options):
+        weights: dict[str, Float] = Field(description="{teacher_name: weight, ...}, one per teacher")
+
+    @classmethod
+    def check_config(cls, cfg: Config, touch: bool = True) -> None:
+        weights, names = own_options(cls, cfg.distill.extension_keys, "distill").weights, [t.name for t in cfg.teachers]
+        if set(weights) != set(names):
+            raise UserError(f"distill.weights: weighting 'static' needs one weight per teacher {sorted(names)}, "
+                            f"got {sorted(weights)}")
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise UserError("distill.weights: weights must be >= 0 with a positive sum")
+
+
+class Accuracy(_Fixed):
     """w_k ∝ acc_k^gamma from each teacher's validation accuracy (stored in the manifest).
 
     gamma = 1 weighs in proportion to accuracy; a larger gamma sharpens toward the best teacher
     (gamma -> inf picks it alone), gamma = 0 is uniform.
     """
+
+    class Options(Options):
+        gamma: Float = Field(default=1.0, ge=0, description="sharpening: w_k ∝ acc_k^gamma")
 
     def __init__(self, teacher_names: Sequence[str], val_accuracy: dict[str, float | None] | None = None,
                  gamma: float = 1.0, **_):

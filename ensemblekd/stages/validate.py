@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ensemblekd.config import Config, check_inputs
 from ensemblekd.data.inputs import input_shards
-from ensemblekd.mixing import check_names
+from ensemblekd.mixing import check_distill
 from ensemblekd.store import Store
 from ensemblekd.tasks import get_task
 from ensemblekd.teachers import check_teachers
@@ -16,7 +16,7 @@ from ensemblekd.teachers import check_teachers
 def validate(cfg: Config, touch: bool = True) -> Config:
     get_task(cfg.task).check_config(cfg)
     check_teachers(cfg, touch)
-    check_names(cfg.distill, resolve=touch)
+    check_distill(cfg, touch)
     if touch:
         check_inputs(cfg)
     return cfg

@@ -23,7 +23,7 @@ from ensemblekd.data.inputs import (InputShard, check_columns, label_span, label
 from ensemblekd.errors import UserError
 from ensemblekd.features import feature_terms, student_with_features
 from ensemblekd.fitting import fit_module
-from ensemblekd.losses import IGNORE, Divergence, KDLoss, kd_loss
+from ensemblekd.losses import IGNORE, KDLoss, divergence, kd_loss
 from ensemblekd.metrics import accuracy, expected_calibration_error, mean_kl
 from ensemblekd.store import Store, pack
 from ensemblekd.tasks.base import Served, Task, gather, read_aligned, row_batches, run_on
@@ -215,7 +215,7 @@ class Classification(Task):
         d = cfg.distill
         x, y, z, f = (t.to(engine.device) for t in batch)
         targets, weights = strategy.targets(z, y, d.temperature, epoch)
-        out = kd_loss(engine(x), targets, y, d.temperature, d.alpha, Divergence(d.loss, d.jsd_beta, d.skew_alpha))
+        out = kd_loss(engine(x), targets, y, d.temperature, d.alpha, divergence(d))
         if d.feature_terms:
             out = self._with_feature_terms(out, engine.module, f, weights, d)
         return out, weights, len(y)

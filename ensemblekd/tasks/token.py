@@ -29,7 +29,7 @@ from ensemblekd.config import Config
 from ensemblekd.data.inputs import InputShard, check_columns, input_shards, read_token_shard
 from ensemblekd.errors import UserError
 from ensemblekd.lm import fit_lm, logits_of, vocab_hash
-from ensemblekd.losses import Divergence
+from ensemblekd.losses import divergence
 from ensemblekd.store import Store, pack
 from ensemblekd.tasks.base import Served, Task, read_aligned, row_batches, run_on
 from ensemblekd.teachers import kind_of
@@ -444,7 +444,7 @@ class Token(Task):
         weights = strategy.weights(buckets, bucket_labels, dc.temperature, epoch)
         z = student_positions(engine, batch, vocab)
         out = token_loss(z, batch.labels, batch.logp, batch.idx, batch.tail, vocab, dc.temperature, dc.alpha, weights,
-                         divergence=Divergence(dc.loss, dc.jsd_beta, dc.skew_alpha))
+                         divergence=divergence(dc))
         return out, weights, len(batch.labels)
 
     def count_correct(self, engine, batch: TokenBatch, cfg: Config) -> tuple[int, int]:

@@ -175,6 +175,17 @@ def test_real_text_needs_a_tokenizer_and_one_source(tmp_path):
                                       "parallel)"),
     (["distill.generations=3"], "distill.generations: only used with strategy: born_again"),
     (["distill.ensemble_blend=0.5"], "distill.ensemble_blend: only used with strategy: assistant or born_again"),
+    (["distill.gamma=2"], "distill.gamma: only used with weighting: accuracy"),
+    (["distill.weighting=accuracy", "distill.gamma=-1"], "distill.gamma: Input should be greater than or equal to 0"),
+    (["distill.weighting=static"], "distill.weights: required key is missing"),
+    (["distill.strategy=sequential", "distill.order=random"], "distill.order: Input should be 'config', "
+                                                              "'ascending_accuracy' or 'descending_accuracy'"),
+    (["distill.stage_epochs=[4, 4]"], "distill.stage_epochs: only used with strategy: sequential"),
+    (["distill.strategy=sequential", "distill.stage_epochs=[4, 3]"], "distill.stage_epochs: needs one positive "
+                                                                     "entry per teacher (2) summing to trainer.epochs"),
+    (["distill.temprature=2"], "distill.temprature: unknown key; remove it or check its spelling"),
+    (["distill.weighting_kwargs={gamma: 2}"], "distill.weighting_kwargs: a rule's or strategy's own keys now sit in "
+                                              "distill beside its name"),
     (["store.feature_dim=8"], "store.feature_dim: no teacher stores features; give teachers a feature or remove it"),
     (["distill.hint_weight=1", "teachers.0.feature=1", "student.feature=1"],
      "teachers: distill.hint_weight/rkd_* learn from every teacher's features, and ['mlp_b'] give none; set their "
@@ -193,6 +204,25 @@ def test_a_born_again_run_and_feature_terms_validate(tmp_path, digits_dir):
                              "teachers.1.feature=3", "student.feature=1", "store.feature_dim=8",
                              "distill.rkd_distance_weight=1"])
     assert cfg.distill.feature_terms and cfg.distill.generations == 3 and cfg.distill.skew_alpha == 0.2
+
+
+def test_no_two_built_in_extensions_of_different_points_take_the_same_key():
+    """Which extension a key of distill belongs to is unambiguous: keys are shared only by
+    alternatives of one point (ensemble_blend: strategies assistant and born_again)."""
+    from ensemblekd.losses import BUILT_IN_OPTIONS
+    from ensemblekd.mixing import STRATEGIES, WEIGHTINGS
+    from ensemblekd.config import DistillConfig
+    from ensemblekd.plugins import options_class
+
+    keys = {point: {k for ext in registry.values() for k in options_class(ext).model_fields}
+            for point, registry in (("strategy", STRATEGIES), ("weighting", WEIGHTINGS), ("loss", BUILT_IN_OPTIONS))}
+    points = list(keys)
+    for i, a in enumerate(points):
+        assert not keys[a] & set(DistillConfig.model_fields), a
+        for b in points[i + 1:]:
+            assert not keys[a] & keys[b], (a, b)
+    assert keys["strategy"] >= {"order", "assistants", "generations", "ensemble_blend"} and keys["loss"] == {
+        "jsd_beta", "skew_alpha"} and keys["weighting"] == {"weights", "gamma"}
 
 
 def test_features_are_for_classification_only(tmp_path):

@@ -4,16 +4,21 @@ tests/integration/test_mixing_with_store.py)."""
 
 import torch
 
+from ensemblekd.config import AssistantConfig
 from ensemblekd.mixing import Assistant, Parallel, Sequential, rule_maker
-from ensemblekd.mixing.strategies import stage_epochs, teacher_order
+from ensemblekd.mixing.strategies import split_epochs, teacher_order
 
 NAMES = ["a", "b", "c"]
 ACC = {"a": 0.9, "b": 0.7, "c": 0.8}
 
 
+def levels(*names: str) -> list[AssistantConfig]:
+    return [AssistantConfig(name=n, model="ensemblekd.models:mlp") for n in names]
+
+
 def test_stage_epochs_split_evenly_or_as_given():
-    assert stage_epochs(3, 7) == [2, 2, 3]
-    assert stage_epochs(2, 4, [1, 3]) == [1, 3]
+    assert split_epochs(3, 7) == [2, 2, 3]
+    assert split_epochs(2, 4, [1, 3]) == [1, 3]
 
 
 def test_orders():
@@ -43,12 +48,12 @@ def test_sequential_cumulative_grows_the_set_and_applies_the_rule_within_it():
 
 def test_assistant_blends_the_ensemble_and_reduces_to_parallel_without_one():
     z = torch.randn(3, 3, 4)
-    blended = Assistant(NAMES, assistant_names=["c"], ensemble_blend=0.25)
+    blended = Assistant(NAMES, assistants=levels("c"), ensemble_blend=0.25)
     _, w = blended.targets(z, None, 2.0)
     assert torch.allclose(w[0], torch.tensor([0.125, 0.125, 0.75]))
-    only_assistant = Assistant(NAMES, assistant_names=["c"], ensemble_blend=0.0)
+    only_assistant = Assistant(NAMES, assistants=levels("c"), ensemble_blend=0.0)
     assert torch.allclose(only_assistant.targets(z, None, 2.0)[0], torch.softmax(z[:, 2] / 2.0, -1))
-    first_level = Assistant(NAMES, rule_maker("entropy"), assistant_names=["x"], ensemble_blend=0.5)
+    first_level = Assistant(NAMES, rule_maker("entropy"), assistants=levels("x"), ensemble_blend=0.5)
     parallel = Parallel(NAMES, rule_maker("entropy"))
     assert torch.allclose(first_level.targets(z, None, 2.0)[0], parallel.targets(z, None, 2.0)[0])
 
@@ -56,10 +61,11 @@ def test_assistant_blends_the_ensemble_and_reduces_to_parallel_without_one():
 def test_born_again_generation_one_is_the_rule_then_each_generation_teaches_the_next():
     from ensemblekd.config import DistillConfig
     from ensemblekd.mixing import BornAgain, build_strategy
+    from ensemblekd.plugins import own_options
 
     d = DistillConfig(strategy="born_again", generations=3, ensemble_blend=0.25, weighting="static",
                       weights={"a": 1, "b": 1, "c": 2})
-    assert BornAgain.config_kwargs(d) == {"assistant_names": ["gen1", "gen2"], "ensemble_blend": 0.25}
+    assert dict(own_options(BornAgain, d.extension_keys, "distill")) == {"generations": 3, "ensemble_blend": 0.25}
     z = torch.randn(3, 4, 5)
     first = build_strategy(d, NAMES)                                  # generation 1: the ensemble alone
     assert isinstance(first, BornAgain)

@@ -15,6 +15,7 @@ import torch
 from conftest import REPO, tiny_lm_config
 
 import ensemblekd as ekd
+from ensemblekd.config import AssistantConfig
 from ensemblekd.data.builtin import write_token_split
 from ensemblekd.data.inputs import InputShard, read_token_shard
 from ensemblekd.errors import UserError
@@ -159,11 +160,11 @@ class _Engine(torch.nn.Module):
 def test_every_strategy_gives_a_finite_loss_and_gradients_on_tokens(tmp_path, strategy, weighting):
     cfg, store, names, _, _ = synthetic_store(tmp_path, [6, 4, 5], teachers=2)
     dc = cfg.distill.model_copy(update={"strategy": strategy, "weighting": weighting,
-                                        "weights": {"t0": 1.0, "t1": 3.0} if weighting == "static" else None})
-    extra = {"assistant_names": ["t1"]} if strategy == "assistant" else {}
+                                        **({"weights": {"t0": 1.0, "t1": 3.0}} if weighting == "static" else {})})
     strat = build_strategy(dc, names, {"t0": 0.4, "t1": 0.6}, epochs=2)
-    if extra:
-        strat = Assistant(names, rule_maker(weighting), assistant_names=["t1"], ensemble_blend=0.25)
+    if strategy == "assistant":
+        level = AssistantConfig(name="t1", model="ensemblekd.lm:tiny_gpt2")
+        strat = Assistant(names, rule_maker(weighting), assistants=[level], ensemble_blend=0.25)
     engine = _Engine()
     batch = next(TOKEN.batches(cfg, store, "train", names, [(0, 0, 3)], 3, None))
     out, weights, n = TOKEN.train_step(engine, batch, strat, cfg, epoch=0)
