@@ -52,6 +52,19 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class _Extended(_Section):
+    """A section whose extension (a teacher's kind; distill's strategy, weighting rule and
+    divergence) owns some of its keys: those pass through here and are validated by the
+    extension's Options model when the config is loaded (plugins, stages.validate)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    @property
+    def extension_keys(self) -> dict[str, Any]:
+        """The keys given beyond the section's own (plugins.own_options picks an extension's)."""
+        return dict(self.model_extra or {})
+
+
 class TextConfig(_Section):
     """A user's own text: Parquet or JSON Lines files (or directories of them) with a text column."""
 
@@ -108,9 +121,11 @@ class LabelActors(_Section):
         return {name: getattr(self, name) for name in LabelActors.model_fields}
 
 
-class TeacherConfig(LabelActors):
+class TeacherConfig(LabelActors, _Extended):
     """One teacher. `kind` chooses the class that loads, fingerprints and fits it (ensemblekd.teachers);
-    which of the other keys it needs is that kind's to say."""
+    which of these keys it needs is that kind's to say, and a key only one kind takes (sklearn's
+    `trusted`, gguf's `prepare`) is that kind's own (its Options). `pretrained`, `model` and
+    `checkpoint` stay here: the kind is inferred from them when `kind` is not given."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     kind: str | None = Field(default=None, description="torch | huggingface | sklearn; default: huggingface when "
@@ -122,11 +137,7 @@ class TeacherConfig(LabelActors):
                                    "(from_pretrained; nothing is downloaded)")
     checkpoint: str | None = Field(default=None, description="the saved model: a state dict (torch) or a skops file "
                                    "(sklearn); where `fit` writes it")
-    trusted: list[str] = Field(default_factory=list, description="kind sklearn: types a saved estimator may hold "
-                               "beyond scikit-learn's and numpy's own (module.Class), once you have reviewed them")
     fit: FitConfig | None = None
-    prepare: str | None = Field(default=None, description="kind gguf: a built-in model (smollm2) copied to "
-                                "`pretrained` when that file is missing")
     feature: ModuleName | None = Field(default=None, description="store this teacher's features next to its logits (task "
                                 "classification): kind torch, the name of the module whose output they are (as in "
                                 "model.named_modules()); kind sklearn, 'last_hidden' (an MLP's last hidden layer)")
@@ -189,13 +200,11 @@ class AssistantConfig(LabelActors):
                                 "the run has feature terms (see student.feature)")
 
 
-class DistillConfig(_Section):
+class DistillConfig(_Extended):
     """How the student learns. The keys of the chosen strategy, weighting rule and divergence sit
     here beside these (e.g. `generations` with strategy born_again, `gamma` with weighting
     accuracy): each extension declares and validates its own (its Options model, plugins), so
     this schema lets them through and stages.validate checks them against the chosen extensions."""
-
-    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     strategy: str = Field(default="parallel", description="parallel | sequential | assistant | born_again, or "
                           "'module:callable'")
@@ -218,11 +227,6 @@ class DistillConfig(_Section):
             raise PydanticCustomError("divergence", "Input should be " + ", ".join(f"'{d}'" for d in DIVERGENCES)
                                       + " or 'module:callable'")
         return loss
-
-    @property
-    def extension_keys(self) -> dict[str, Any]:
-        """The keys given for the chosen strategy, weighting rule and divergence (plugins.own_options)."""
-        return dict(self.model_extra or {})
 
     @property
     def feature_terms(self) -> bool:
@@ -310,9 +314,6 @@ class Config(_Section):
                 raise ValueError(f"teachers: the name '{name}' is used twice; give each teacher a unique name")
         d = self.distill
         featured = [t.name for t in self.teachers if t.feature]
-        if (featured or self.student.feature or d.feature_terms) and self.task != "classification":
-            raise ValueError("teachers.feature/student.feature/distill.hint_weight/rkd_*: features are stored and "
-                             "learnt from with task: classification only")
         if self.store.feature_dim and not featured:
             raise ValueError("store.feature_dim: no teacher stores features; give teachers a feature or remove it")
         if d.feature_terms:
@@ -338,12 +339,6 @@ class Config(_Section):
         if self.data.prepare and DATASETS.get(self.data.prepare, self.task) != self.task:
             raise ValueError(f"data.prepare: '{self.data.prepare}' is a data set for task {DATASETS[self.data.prepare]}; "
                              f"this config has task {self.task}")
-        lm_only = {"data.text": self.data.text, "evaluate.prompts": self.evaluate.prompts,
-                   "evaluate.latency_tokens": self.evaluate.latency_tokens,
-                   "store.codec": self.store.codec if self.store.codec != "float16" else None}
-        for key, value in lm_only.items():
-            if value and self.task != "token":
-                raise ValueError(f"{key}: only used with task: token; remove it")
         if self.data.prepare and self.data.prepare not in DATASETS:
             raise ValueError(f"data.prepare: unknown data set '{self.data.prepare}'; choose one of {', '.join(DATASETS)}")
         return self

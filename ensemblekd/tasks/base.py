@@ -36,6 +36,8 @@ class Task:
     """A task. Subclass it, set `name`, implement the methods, and add an instance to tasks.TASKS."""
 
     name = "base"
+    own_keys: tuple[str, ...] = ()   # config keys only this task uses: set under another task, an error
+    stores_features = False          # teachers[i].feature, student.feature and the feature terms apply
 
     # -- config and store ------------------------------------------------------------------
     def check_config(self, cfg: Config) -> None:

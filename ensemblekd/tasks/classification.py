@@ -90,6 +90,7 @@ class Rows(NamedTuple):
 
 class Classification(Task):
     name = "classification"
+    stores_features = True
 
     def check_config(self, cfg: Config) -> None:
         d = cfg.data

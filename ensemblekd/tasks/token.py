@@ -322,6 +322,7 @@ class NextTokenProbabilities(torch.nn.Module):
 # -- the task ------------------------------------------------------------------------------------
 class Token(Task):
     name = "token"
+    own_keys = ("data.text", "evaluate.prompts", "evaluate.latency_tokens", "store.codec")
 
     def check_config(self, cfg: Config) -> None:
         d = cfg.data

@@ -20,6 +20,7 @@ from ensemblekd.config import Config, TeacherConfig
 from ensemblekd.errors import UserError
 from ensemblekd.io import fs
 from ensemblekd.models import count_parameters
+from ensemblekd.plugins import Options, own_options
 
 
 def key_of(cfg: Config, t: TeacherConfig) -> str:
@@ -29,13 +30,18 @@ def key_of(cfg: Config, t: TeacherConfig) -> str:
 
 class TeacherKind:
     """A kind of teacher. Subclass it, set `name`, `tasks` and `suffix`, implement `load` (and `fit`
-    when the kind can be trained here), and add an instance to teachers.KINDS."""
+    when the kind can be trained here), declare the keys only it takes as its `Options`, and add an
+    instance to teachers.KINDS."""
 
     name = "base"
     tasks: tuple[str, ...] = ()       # the tasks whose targets it can produce
     suffix = ".pt"                    # the default artifact's extension (trainer.output_dir/teachers/<name><suffix>)
     can_fit = False
-    can_prepare = False               # `prepare: NAME` puts a built-in model at the artifact's place
+    Options: type[Options] = Options  # the keys of a teachers[i] entry that only this kind takes: none
+
+    def options(self, cfg: Config, t: TeacherConfig) -> Any:
+        """This kind's own keys of the entry, validated by its Options."""
+        return own_options(self, t.extension_keys, key_of(cfg, t))
 
     # -- config ----------------------------------------------------------------------------
     def check(self, cfg: Config, t: TeacherConfig) -> None:
@@ -46,8 +52,6 @@ class TeacherKind:
                             f"{' or '.join(self.tasks)}, not {cfg.task}")
         if t.fit is not None and not self.can_fit:
             raise UserError(f"{key}.fit: teachers of kind {self.name} cannot be fitted here; remove fit")
-        if t.prepare is not None and not self.can_prepare:
-            raise UserError(f"{key}.prepare: teachers of kind {self.name} have no built-in models; remove prepare")
 
     def check_files(self, cfg: Config, t: TeacherConfig) -> None:
         """Checks that touch the outside world (import paths, files); run before any work."""
@@ -55,7 +59,7 @@ class TeacherKind:
             raise UserError(f"{key_of(cfg, t)}.checkpoint: '{t.checkpoint}' does not exist; fix the path or add a fit block")
 
     def prepare(self, cfg: Config, t: TeacherConfig) -> None:
-        """The prepare stage: put a built-in model in place when the entry asks for one (can_prepare)."""
+        """The prepare stage: put a built-in model in place when the entry asks for one."""
 
     # -- identity --------------------------------------------------------------------------
     def artifact(self, cfg: Config, t: TeacherConfig) -> str:

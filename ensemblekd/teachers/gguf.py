@@ -13,18 +13,23 @@ import hashlib
 import json
 import os
 
+from pydantic import Field
 from torch import nn
 
 from ensemblekd.config import Config, TeacherConfig
 from ensemblekd.errors import UserError
 from ensemblekd.lm import BUILTIN_GGUF, GGUF_SUFFIX
+from ensemblekd.plugins import Options
 from ensemblekd.teachers.base import key_of
 from ensemblekd.teachers.huggingface import HuggingFaceKind
 
 
 class GGUFKind(HuggingFaceKind):
     name = "gguf"
-    can_prepare = True
+
+    class Options(Options):
+        prepare: str | None = Field(default=None, description="a built-in model (smollm2) copied to `pretrained` "
+                                    "when that file is missing")
 
     def check(self, cfg: Config, t: TeacherConfig) -> None:
         super().check(cfg, t)
@@ -33,22 +38,24 @@ class GGUFKind(HuggingFaceKind):
         if not t.pretrained.endswith(GGUF_SUFFIX):
             raise UserError(f"{key}.pretrained: teacher '{t.name}' of kind gguf needs a .gguf file, not "
                             f"'{t.pretrained}'")
-        if t.prepare is not None and t.prepare not in BUILTIN_GGUF:
-            raise UserError(f"{key}.prepare: unknown built-in model '{t.prepare}'; choose one of "
+        prepare = self.options(cfg, t).prepare
+        if prepare is not None and prepare not in BUILTIN_GGUF:
+            raise UserError(f"{key}.prepare: unknown built-in model '{prepare}'; choose one of "
                             f"{', '.join(BUILTIN_GGUF)}")
 
     def check_files(self, cfg: Config, t: TeacherConfig) -> None:
         assert t.pretrained is not None  # check() requires it
-        if t.prepare is None and not os.path.isfile(t.pretrained):
+        if self.options(cfg, t).prepare is None and not os.path.isfile(t.pretrained):
             raise UserError(f"{key_of(cfg, t)}.pretrained: '{t.pretrained}' does not exist; fix the path, or add "
                             f"prepare: {next(iter(BUILTIN_GGUF))} to use the built-in model")
 
     def prepare(self, cfg: Config, t: TeacherConfig) -> None:
         assert t.pretrained is not None  # check() requires it
-        if t.prepare is not None and not os.path.isfile(t.pretrained):
+        prepare = self.options(cfg, t).prepare
+        if prepare is not None and not os.path.isfile(t.pretrained):
             from ensemblekd.lm import builtin_gguf
 
-            builtin_gguf(t.prepare, t.pretrained)
+            builtin_gguf(prepare, t.pretrained)
 
     def fingerprint(self, cfg: Config, t: TeacherConfig) -> str:
         """sha256 over the spec and the file's bytes (cached per file version: the file is ~100 MB)."""

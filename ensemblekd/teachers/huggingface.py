@@ -28,9 +28,9 @@ class HuggingFaceKind(TeacherKind):
                             "model directory (save_pretrained)" + (" or .gguf file" if self.name == "gguf" else ""))
         if t.model is not None:
             raise UserError(f"{key}: teacher '{t.name}' needs either model (+ checkpoint or fit) or pretrained")
-        if t.checkpoint or t.fit or t.kwargs or t.trusted:
+        if t.checkpoint or t.fit or t.kwargs:
             raise UserError(f"{key}.pretrained: a pretrained model brings its own weights; "
-                            "remove checkpoint, fit, kwargs and trusted")
+                            "remove checkpoint, fit and kwargs")
         super().check(cfg, t)
 
     def check_files(self, cfg: Config, t: TeacherConfig) -> None:

@@ -27,8 +27,6 @@ class TorchKind(TeacherKind):
             raise UserError(f"{key}: teacher '{t.name}' needs either model (+ checkpoint or fit) or pretrained")
         if t.checkpoint is None and t.fit is None:
             raise UserError(f"{key}.checkpoint: teacher '{t.name}' needs a checkpoint URI or a fit block")
-        if t.trusted:
-            raise UserError(f"{key}.trusted: only used with kind sklearn; remove it")
 
     def check_files(self, cfg: Config, t: TeacherConfig) -> None:
         assert t.model is not None  # check() requires it

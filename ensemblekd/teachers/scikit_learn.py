@@ -23,13 +23,14 @@ from typing import cast
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from ensemblekd.config import Config, TeacherConfig
 from ensemblekd.data.inputs import labelled_split
 from ensemblekd.errors import UserError
 from ensemblekd.io import fs
-from ensemblekd.plugins import import_callable
+from ensemblekd.plugins import Options, import_callable
 from ensemblekd.teachers.base import TeacherKind, key_of
 
 PROBA_FLOOR = 1e-6
@@ -118,6 +119,10 @@ class SklearnKind(TeacherKind):
     suffix = ".skops"
     can_fit = True
 
+    class Options(Options):
+        trusted: list[str] = Field(default_factory=list, description="types a saved estimator may hold beyond "
+                                   "scikit-learn's and numpy's own (module.Class), once you have reviewed them")
+
     def check(self, cfg: Config, t: TeacherConfig) -> None:
         super().check(cfg, t)
         key = key_of(cfg, t)
@@ -142,7 +147,8 @@ class SklearnKind(TeacherKind):
         return {"kind": self.name, "model": t.model, "kwargs": t.kwargs}
 
     def fingerprint(self, cfg: Config, t: TeacherConfig) -> str:
-        h = hashlib.sha256(json.dumps({**self.spec(t), "trusted": sorted(t.trusted)}, sort_keys=True).encode())
+        h = hashlib.sha256(json.dumps({**self.spec(t), "trusted": sorted(self.options(cfg, t).trusted)},
+                                        sort_keys=True).encode())
         h.update(fs.read_bytes(self.artifact(cfg, t)))
         return h.hexdigest()[:16]
 
@@ -160,7 +166,7 @@ class SklearnKind(TeacherKind):
         except Exception as exc:  # noqa: BLE001 - a zip that is not a skops file, a pickle, a truncated file
             raise UserError(f"{key}.checkpoint: '{uri}' is not an estimator saved with skops ({type(exc).__name__}); "
                             "save it with skops.io.dump (plain pickle files are not read)") from None
-        refused = [name for name in found if not name.startswith(TRUSTED_MODULES) and name not in t.trusted]
+        refused = [name for name in found if not name.startswith(TRUSTED_MODULES) and name not in self.options(cfg, t).trusted]
         if refused:
             raise UserError(f"{key}.checkpoint: '{uri}' holds types that are not trusted: {', '.join(refused)}; "
                             f"if you have reviewed them, list them in {key}.trusted")

@@ -184,6 +184,9 @@ def test_real_text_needs_a_tokenizer_and_one_source(tmp_path):
     (["distill.strategy=sequential", "distill.stage_epochs=[4, 3]"], "distill.stage_epochs: needs one positive "
                                                                      "entry per teacher (2) summing to trainer.epochs"),
     (["distill.temprature=2"], "distill.temprature: unknown key; remove it or check its spelling"),
+    (["teachers.1.trusted=[a.B]"], "teachers.1.trusted: only used with kind: sklearn"),
+    (["teachers.0.prepare=smollm2"], "teachers.0.prepare: only used with kind: gguf"),
+    (["teachers.0.checkpiont=x.pt"], "teachers.0.checkpiont: unknown key; remove it or check its spelling"),
     (["distill.weighting_kwargs={gamma: 2}"], "distill.weighting_kwargs: a rule's or strategy's own keys now sit in "
                                               "distill beside its name"),
     (["store.feature_dim=8"], "store.feature_dim: no teacher stores features; give teachers a feature or remove it"),

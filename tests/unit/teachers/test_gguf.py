@@ -66,7 +66,7 @@ def test_prepare_puts_the_builtin_smollm2_in_place(tmp_path, smollm2_gguf):
                                                        "choose one of smollm2"),
     ({"pretrained": "m.gguf", "fit": {"epochs": 1}}, "teachers.0.pretrained: a pretrained model brings its own weights"),
     ({"model": "ensemblekd.lm:tiny_gpt2", "kwargs": {"vocab_size": 1024}, "fit": {}, "prepare": "smollm2"},
-     "teachers.0.prepare: teachers of kind torch have no built-in models; remove prepare"),
+     "teachers.0.prepare: only used with kind: gguf"),
 ])
 def test_config_mistakes_are_one_line(tmp_path, teacher, message):
     with pytest.raises(UserError, match=message.replace(".", r"\.").replace("(", r"\(")):
