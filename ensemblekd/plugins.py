@@ -46,6 +46,14 @@ def own_options(extension: Any, given: Mapping[str, Any], section: str) -> Any:
         raise UserError(format_error(exc, section)) from None
 
 
+def record_defaults(section: BaseModel, options: BaseModel) -> None:
+    """Write an extension's options, defaults included, into its section's extra keys, so that the
+    config's dump (MLflow params, config.yaml) says every value the run used, as it does for the
+    section's own keys."""
+    assert section.__pydantic_extra__ is not None  # an extended section (extra keys allowed)
+    section.__pydantic_extra__.update(options.model_dump(mode="json"))
+
+
 def check_claimed(given: Mapping[str, Any], section: str, chosen: Mapping[str, tuple[str, Any]],
                   built_in: Mapping[str, Mapping[str, Any]]) -> None:
     """Each key of `given` is owned by exactly one chosen extension ({point: (name, extension)});

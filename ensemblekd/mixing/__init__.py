@@ -18,7 +18,7 @@ from ensemblekd.losses import BUILT_IN_OPTIONS, loss_extension
 from ensemblekd.mixing.rules import CAMKD, Accuracy, Entropy, Static, Uniform, WeightingRule
 from ensemblekd.mixing.strategies import (Assistant, BornAgain, Parallel, RuleMaker, Sequential, Strategy,
                                          generation_names, mix)
-from ensemblekd.plugins import check_claimed, is_import_path, own_options
+from ensemblekd.plugins import check_claimed, is_import_path, own_options, record_defaults
 from ensemblekd.plugins import resolve as resolve_name
 
 WEIGHTINGS: dict[str, type] = {"uniform": Uniform, "static": Static, "accuracy": Accuracy, "entropy": Entropy,
@@ -46,7 +46,7 @@ def check_distill(cfg: Config, touch: bool = True) -> None:
     check_claimed(d.extension_keys, "distill", {p: (chosen[p][0], ext) for p, ext in extensions.items()},
                   {p: registry for p, (_, registry) in chosen.items()})
     for extension in extensions.values():
-        own_options(extension, d.extension_keys, "distill")
+        record_defaults(d, own_options(extension, d.extension_keys, "distill"))
         check = getattr(extension, "check_config", None)
         if callable(check):
             check(cfg, touch)

@@ -13,7 +13,7 @@ from functools import cache
 from ensemblekd.config import Config, TeacherConfig
 from ensemblekd.errors import UserError
 from ensemblekd.lm import GGUF_SUFFIX
-from ensemblekd.plugins import check_claimed, is_import_path, resolve
+from ensemblekd.plugins import check_claimed, is_import_path, record_defaults, resolve
 from ensemblekd.teachers.base import TeacherKind, key_of
 from ensemblekd.teachers.gguf import GGUFKind
 from ensemblekd.teachers.huggingface import HuggingFaceKind
@@ -50,7 +50,7 @@ def check_teachers(cfg: Config, touch: bool = True) -> None:
     for t in cfg.teachers:
         kind = kind_of(t)
         check_claimed(t.extension_keys, key_of(cfg, t), {"kind": (kind.name, kind)}, {"kind": KINDS})
-        kind.options(cfg, t)
+        record_defaults(t, kind.options(cfg, t))
         kind.check(cfg, t)
         if touch:
             kind.check_files(cfg, t)

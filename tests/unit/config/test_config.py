@@ -209,6 +209,17 @@ def test_a_born_again_run_and_feature_terms_validate(tmp_path, digits_dir):
     assert cfg.distill.feature_terms and cfg.distill.generations == 3 and cfg.distill.skew_alpha == 0.2
 
 
+def test_the_chosen_extensions_keys_are_recorded_with_their_defaults(tmp_path, digits_dir):
+    """What MLflow logs and config.yaml keeps (cfg.to_dict()) holds every key the run used."""
+    path = write_config(tmp_path, tiny_config(tmp_path, digits_dir))
+    cfg = load_config(path, ["distill.strategy=sequential", "distill.weighting=accuracy", "distill.loss=jsd",
+                             "distill.order=ascending_accuracy"])
+    extra = {k: v for k, v in cfg.to_dict()["distill"].items() if k not in type(cfg.distill).model_fields}
+    assert extra == {"order": "ascending_accuracy", "cumulative": False, "stage_epochs": None, "gamma": 1.0,
+                     "jsd_beta": 0.5}
+    assert load_config(cfg).to_dict() == cfg.to_dict()  # and it loads again as it is
+
+
 def test_no_two_built_in_extensions_of_different_points_take_the_same_key():
     """Which extension a key of distill belongs to is unambiguous: keys are shared only by
     alternatives of one point (ensemble_blend: strategies assistant and born_again)."""
