@@ -7,14 +7,14 @@ evaluate in one Ray session and one MLflow run.
     import ensemblekd as ekd
     result = ekd.run("configs/digits.yaml", overrides=["trainer.epochs=5"])
     print(result.table, result.run_id)
-    logits = ekd.open_store(result.store).logits("wide_mlp", "test")
+    logits = ekd.open_store(result.store).targets("wide_mlp", "test").logits
 """
 
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from ensemblekd import tracking
@@ -24,7 +24,6 @@ from ensemblekd.io import fs
 from ensemblekd.io.ray_session import ray_session
 from ensemblekd.stages import chain, report
 from ensemblekd.stages.distill import DistillResult, preflight
-from ensemblekd.stages.evaluate import LATENCY_KEYS
 from ensemblekd.stages.evaluate import evaluate as evaluate_models
 from ensemblekd.stages.export import export_config, export_run, log_student, serve_command
 from ensemblekd.stages.prepare import prepare
@@ -33,6 +32,7 @@ from ensemblekd.stages.label import label as label_store
 from ensemblekd.stages.train import STUDENT_FILE
 from ensemblekd.stages.validate import validate
 from ensemblekd.store import Store, StoreView
+from ensemblekd.tasks import get_task
 
 ConfigSource = str | os.PathLike | dict | Config
 
@@ -55,24 +55,25 @@ class ModelRow:
     p99_ms_b1: float | None = None
     p50_ms_b64: float | None = None
     p99_ms_b64: float | None = None
-    nll: float | None = None                    # task token: mean negative log-likelihood per token, nats
-    perplexity: float | None = None             # task token: exp(nll)
-    tokens_per_s: float | None = None           # task token: at batch 64 on one CPU thread
+    metrics: dict[str, float | None] = field(default_factory=dict)
+                                                # what the task adds (Task.columns), e.g. task token's nll
+                                                # (per token, nats), perplexity, tokens_per_s (batch 64, 1 thread)
 
 
 @dataclass(frozen=True)
 class Evaluation:
     rows: list[ModelRow]
     summary: dict[str, float | None]            # speedup_b1, speedup_b64, size_reduction, param_reduction, accuracy_gap
-                                                # (+ gap_closed with evaluate.baseline, perplexity_retained for LMs)
+                                                # (+ gap_closed with evaluate.baseline; the task's own, e.g.
+                                                # perplexity_retained for LMs)
     report: dict[str, Any]                      # everything, as written to report/report.json
     run_id: str | None = None
 
     @classmethod
     def of(cls, report_: dict[str, Any], run_id: str | None = None) -> Evaluation:
-        keys = ("model", "role", "accuracy", "fidelity", "kl", "ece", "params", "bytes", *LATENCY_KEYS, "nll",
-                "perplexity", "tokens_per_s")
-        rows = [ModelRow(**{k: r.get(k) for k in keys}) for r in report_["rows"]]
+        keys = {f.name for f in fields(ModelRow)} - {"metrics"}
+        rows = [ModelRow(**{k: r.get(k) for k in keys}, metrics={k: v for k, v in r.items() if k not in keys})
+                for r in report_["rows"]]
         return cls(rows, report_["summary"], report_, run_id)
 
     def row(self, model: str) -> ModelRow:
@@ -182,13 +183,14 @@ def run(config: ConfigSource, overrides: list[str] | None = None, progress: bool
 
 def open_store(uri: str, storage_options: dict[str, Any] | None = None) -> StoreView:
     """A soft-target store, to read (nothing it offers writes): `teachers`, `splits`, `table(teacher, split)` (pyarrow),
-    `logits(teacher, split)` (numpy, classification), `verify()`. storage_options: fsspec options
-    for an object store (else AWS_* variables)."""
+    `targets(teacher, split)` (numpy, decoded by the store's task), `verify()`, `describe()`.
+    storage_options: fsspec options for an object store (else AWS_* variables)."""
     uri = fs.resolve_uri(uri)
     if storage_options:
         fs.configure(uri.split("://", 1)[0], storage_options)
     fs.check_reachable(uri, "STORE_URI")
-    return StoreView(Store.open(uri))
+    store = Store.open(uri)
+    return StoreView(store, get_task(store.task) if store.task else None)
 
 
 def export(run_id: str | None = None, config: ConfigSource | None = None, overrides: list[str] | None = None,

@@ -154,13 +154,7 @@ def cmd_inspect(args) -> int:
 
     store = api.open_store(args.store)  # endpoint and credentials from AWS_* variables
     m = store.manifest
-    if m.get("vocab_size"):
-        per_token = store.bytes_per_token()
-        print(f"store {store.uri}: schema v{m['schema_version']}, task {m.get('task')}, vocabulary {m['vocab_size']} "
-              f"(hash {m['vocab_hash']}), top-{m['top_k']} {m.get('codec', 'float16')} + tail"
-              + (f", {per_token:.1f} bytes/token" if per_token else ""))
-    else:
-        print(f"store {store.uri}: schema v{m['schema_version']}, {m['num_classes']} classes, {m['dtype']}")
+    print(f"store {store.uri}: schema v{m['schema_version']}, task {m.get('task')}, {store.describe()}")
     for name, t in sorted(m["teachers"].items()):
         acc, spec = t.get("val_accuracy"), t["spec"]
         print(f"  teacher {name}: fingerprint {t['fingerprint']}  {spec.get('model') or spec.get('pretrained')}"
@@ -172,9 +166,9 @@ def cmd_inspect(args) -> int:
             entries = m["shards"].get(split, {}).get(name, {})
             rows = sum(e["rows"] for e in entries.values())
             size = sum(e["bytes"] for e in entries.values())
-            tokens = sum(e.get("tokens", 0) for e in entries.values())
+            units = sum(e.get(f"{store.unit}s", 0) for e in entries.values())
             print(f"  {split:5s} {name}: {len(entries)}/{len(inputs)} shards, {rows:,} rows"
-                  + (f", {tokens:,} tokens" if tokens else "") + f", {human_bytes(size)}")
+                  + (f", {units:,} {store.unit}s" if store.unit != "row" else "") + f", {human_bytes(size)}")
     for split, name, index, _, reason in bad:
         print(f"  CORRUPT {split}/{name}/shard {index}: {reason}")
     print(f"checksums: {len(checks) - len(bad)}/{len(checks)} verified" + ("" if not bad else f", {len(bad)} bad"))

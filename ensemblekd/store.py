@@ -150,8 +150,6 @@ class Store:
                 raise UserError(f"{path}: the manifest is not valid JSON; restore the file, or use a new store.uri "
                                 "and relabel") from None
             check_manifest(manifest, path)
-            if manifest.get("vocab_size") and "codec" not in manifest:
-                manifest["codec"] = "float16"  # token stores from before store.codec have only this one
             store = cls(uri, manifest)
             store._replay()
             return store
@@ -368,19 +366,21 @@ class Store:
         elif self.manifest["dtype"] != dtype:
             raise UserError(f"store.dtype is {dtype} but the store at {self.uri} holds {self.manifest['dtype']}; keep the dtype or use a new store.uri")
 
-    def set_task(self, task: str, info: dict[str, Any]) -> None:
-        """Record the task and what its targets depend on (token: vocabulary size, tokenizer hash,
-        top-k); a store labelled under other values is refused rather than mixed."""
+    def set_task(self, task: str, info: dict[str, Any], implicit: dict[str, Any] | None = None) -> None:
+        """Record the task and what its targets depend on (Task.store_info; token: vocabulary size,
+        tokenizer hash, top-k, codec); a store labelled under other values is refused rather than
+        mixed. `implicit`: what a store labelled before a key existed holds (Task.implicit_store_info)."""
         for key, value in {"task": task, **info}.items():
-            if self.manifest.get(key) not in (None, value) and self.manifest["shards"]:
-                raise UserError(f"{self.uri}: labelled with {key} {self.manifest[key]}, the config gives {value} "
+            stored = self.manifest.get(key, (implicit or {}).get(key))
+            if stored not in (None, value) and self.manifest["shards"]:
+                raise UserError(f"{self.uri}: labelled with {key} {stored}, the config gives {value} "
                                 "(another task, tokenizer, top_k or codec); use a new store.uri")
             self.manifest[key] = value
 
-    def check_task(self, task: str, info: dict[str, Any]) -> None:
+    def check_task(self, task: str, info: dict[str, Any], implicit: dict[str, Any] | None = None) -> None:
         """Refuse to train from a store labelled under another task or vocabulary (see set_task)."""
         for key, value in {"task": task, **info}.items():
-            stored = self.manifest.get(key)
+            stored = self.manifest.get(key, (implicit or {}).get(key))
             if stored != value:
                 raise UserError(f"{self.uri}: labelled with {key} {stored}, the config gives {value}; "
                                 "re-run label into a new store.uri")
@@ -388,17 +388,15 @@ class Store:
     def set_val_accuracy(self, teacher: str, accuracy: float | None) -> None:
         self.teacher(teacher)["val_accuracy"] = accuracy
 
-    def record_bytes_per_token(self) -> None:
-        """Keep bytes_per_token in the manifest, for stores that count tokens (task token)."""
-        per_token = self.bytes_per_token()
-        if per_token is not None:
-            self.manifest["bytes_per_token"] = per_token
+    def record_bytes_per(self, unit: str) -> None:
+        """Keep bytes_per_<unit> in the manifest (Task.unit: row, or token)."""
+        self.manifest[f"bytes_per_{unit}"] = self.bytes_per(unit)
 
-    def bytes_per_token(self) -> float | None:
-        """task token: bytes of all label shards per stored token (every teacher counted)."""
+    def bytes_per(self, unit: str) -> float | None:
+        """Bytes of all label shards per stored unit (every teacher counted); None before any."""
         entries = [e for per_split in self.manifest["shards"].values() for per_t in per_split.values() for e in per_t.values()]
-        tokens = sum(e.get("tokens", 0) for e in entries)
-        return sum(e["bytes"] for e in entries) / tokens if tokens else None
+        count = sum(e.get(f"{unit}s", 0) for e in entries)
+        return sum(e["bytes"] for e in entries) / count if count else None
 
     def forget_corrupt(self) -> list[tuple[str, str, int, str]]:
         """Drop every listed shard that fails verification (missing, wrong size, wrong checksum)
@@ -461,15 +459,6 @@ class Store:
         self.check_complete(split, [teacher])
         return pa.concat_tables([self.read_table(split, teacher, i) for i in range(len(self.inputs(split)))])
 
-    def logits(self, teacher: str, split: str):
-        """A classification store's raw logits for a split, float32 [rows, classes], in input order."""
-        table = self.table(teacher, split)
-        if "logits" not in table.column_names:
-            raise UserError(f"{self.uri}: a {self.task} store keeps no logits column (columns: {table.column_names}); "
-                            "read its targets with table(teacher, split)")
-        column = table["logits"].combine_chunks()
-        return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1).astype("float32")
-
     def verify(self) -> list[tuple[str, str, int, bool, str]]:
         """(split, teacher, index, ok, reason) for every listed shard."""
         out = []
@@ -493,10 +482,12 @@ class Store:
 
 class StoreView:
     """A store to read, as users get it (ekd.open_store): the read API of Store and nothing that
-    writes (no commit, save, set_* or forget_*); `manifest` is a copy."""
+    writes (no commit, save, set_* or forget_*); `manifest` is a copy. `task` (the store's Task,
+    given by the API) decodes targets and describes them."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, task: Any = None):
         self._store = store
+        self._task = task
 
     @property
     def uri(self) -> str:
@@ -525,14 +516,27 @@ class StoreView:
     def val_accuracy(self, teachers: list[str]) -> dict[str, float | None]:
         return self._store.val_accuracy(teachers)
 
-    def bytes_per_token(self) -> float | None:
-        return self._store.bytes_per_token()
+    @property
+    def unit(self) -> str:
+        """What the targets count (Task.unit): row, or token."""
+        return self._task.unit if self._task else "row"
+
+    def bytes_per(self, unit: str) -> float | None:
+        return self._store.bytes_per(unit)
+
+    def describe(self) -> str:
+        """The targets in a few words (Task.describe_store): classes and dtype, or vocabulary and top-k."""
+        return self._task.describe_store(self._store.manifest) if self._task else "not labelled yet"
 
     def table(self, teacher: str, split: str) -> pa.Table:
         return self._store.table(teacher, split)
 
-    def logits(self, teacher: str, split: str):
-        return self._store.logits(teacher, split)
+    def targets(self, teacher: str, split: str):
+        """A teacher's decoded targets for a split, in input order, as its task's codec reads them
+        (classification: ids, logits float32 [rows, classes], features; token: the top-k arrays)."""
+        if self._task is None:
+            raise UserError(f"{self.uri}: the store is not labelled yet; run label first")
+        return self._task.decode(self._store.table(teacher, split))
 
     def verify(self) -> list[tuple[str, str, int, bool, str]]:
         return self._store.verify()

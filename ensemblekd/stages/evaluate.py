@@ -28,7 +28,7 @@ from ensemblekd.stages.chain import assistant_teachers, baseline_config, level_r
 from ensemblekd.stages.train import STUDENT_FILE
 from ensemblekd.stages.validate import check_labelled_inputs
 from ensemblekd.store import Store
-from ensemblekd.tasks import get_task
+from ensemblekd.tasks import Task, get_task
 from ensemblekd.teachers import kind_of
 
 LATENCY_BATCHES = (1, 64)
@@ -66,8 +66,8 @@ def measure_latency(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, bat
 def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: int | None = None) -> dict[str, Any]:
     """Rows for each teacher, the ensemble, each chain level (role assistant, or generation for
     born_again), the student (and with evaluate.baseline the student trained alone): accuracy,
-    fidelity, KL, ECE (task token: also NLL and perplexity), parameters, bytes, p50/p99 latency at
-    batch 1 and 64 (None with repeats=0) and, where the task counts tokens, tokens/s; plus the
+    fidelity, KL, ECE and what the task adds (Task.columns; task token: NLL, perplexity, tokens/s),
+    parameters, bytes, p50/p99 latency at batch 1 and 64 (None with repeats=0); plus the
     student-against-ensemble summary and, for evaluate.prompts, each model's greedy continuations.
     warmup/repeats: evaluate.* by default."""
     ev = cfg.evaluate
@@ -112,11 +112,13 @@ def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: 
                 p50, p99 = measure_latency(model or ensemble_forward, x, b, warmup, repeats) if repeats else (None, None)
                 row.update({f"p50_ms_b{b}": p50, f"p99_ms_b{b}": p99})
             if row["p50_ms_b64"]:
-                row["tokens_per_s"] = task.throughput(x, 64, row["p50_ms_b64"] / 1000)
+                row.update(task.throughput(x, 64, row["p50_ms_b64"] / 1000))
     latency = {"threads": 1, "warmup": warmup, "repeats": repeats, "batches": list(LATENCY_BATCHES)}
     if unit:
         latency["unit"] = unit
-    found = {"rows": rows, "test_rows": targets, "summary": summarise(rows), "latency": latency}
+    summary, keeps = summarise(rows, task)
+    found = {"rows": rows, "test_rows": targets, "summary": summary, "student_keeps": keeps, "latency": latency,
+             "columns": [list(c) for c in task.columns]}
     if ev.prompts:
         scorers: dict[str, Callable[..., torch.Tensor]]  # inputs [1, L] -> scores [1, L, V]
         scorers = {r["model"]: (lambda xb, m=m: task.logits(m, xb, cfg)) if m is not None else ensemble_forward
@@ -129,11 +131,11 @@ def _row(name: str, role: str, quality: dict[str, dict[str, Any]], params: int, 
     return {"model": name, "role": role, **quality[name], "params": params, "bytes": size}
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, float | None]:
+def summarise(rows: list[dict[str, Any]], task: Task) -> tuple[dict[str, float | None], str | None]:
     """The student against running the whole ensemble: p50 speed-up, size and parameter reduction,
-    accuracy gap; with a baseline row (the student trained alone), the share of the gap between it
-    and the ensemble that distillation closed (perplexity where there is one, else accuracy) and the
-    share of the ensemble's quality the student keeps (ensemble perplexity / student perplexity)."""
+    accuracy gap, what the task says the student keeps (Task.summary: its values, and the phrase
+    the summary line ends with); with a baseline row (the student trained alone), the share of the
+    gap between it and the ensemble that distillation closed on the task's headline metric."""
     ens = next(r for r in rows if r["role"] == "ensemble")
     st = next(r for r in rows if r["role"] == "student")
     alone = next((r for r in rows if r["role"] == "baseline"), None)
@@ -142,12 +144,11 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, float | None]:
         return ens[key] / st[key] if ens[key] is not None and st[key] else None
 
     gap = ens["accuracy"] - st["accuracy"] if None not in (ens["accuracy"], st["accuracy"]) else None
+    kept, keeps = task.summary(ens, st)
     out = {**{f"speedup_b{b}": ratio(f"p50_ms_b{b}") for b in LATENCY_BATCHES},
-           "size_reduction": ratio("bytes"), "param_reduction": ratio("params"), "accuracy_gap": gap}
-    key = "perplexity" if st.get("perplexity") is not None else "accuracy"
-    if key == "perplexity":
-        out["perplexity_retained"] = ens["perplexity"] / st["perplexity"]
+           "size_reduction": ratio("bytes"), "param_reduction": ratio("params"), "accuracy_gap": gap, **kept}
+    key = task.headline
     if alone is not None and None not in (alone[key], st[key], ens[key]) and alone[key] != ens[key]:
         out["gap_closed"] = (alone[key] - st[key]) / (alone[key] - ens[key])
         out["gap_closed_on"] = key
-    return out
+    return out, keeps

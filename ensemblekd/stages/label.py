@@ -131,7 +131,7 @@ def plan(cfg: Config, store: Store, splits=SPLITS) -> list[tuple[str, str, int]]
         shards = input_shards(getattr(cfg.data, split), f"data.{split}", empty)
         task.check_inputs(cfg, shards, None)
         store.set_inputs(split, [s.signature() for s in shards])
-    store.set_task(cfg.task, task.store_info(cfg))
+    store.set_task(cfg.task, task.store_info(cfg), task.implicit_store_info)
     for t in cfg.teachers:
         store.set_teacher(t.name, *identity(cfg, t))
     return [(split, t.name, i) for t in cfg.teachers for split in splits for i in store.missing(split, t.name)]
@@ -187,7 +187,7 @@ def record_val_accuracy(cfg: Config, store: Store) -> None:
     task = get_task(cfg.task)
     for t in cfg.teachers:
         store.set_val_accuracy(t.name, task.stored_accuracy(cfg, store, "val", t.name))
-    store.record_bytes_per_token()
+    store.record_bytes_per(task.unit)
 
 
 @dataclass(frozen=True)
@@ -295,7 +295,8 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
         ref = actor.label.remote(shard, jobs, f"{split} shard {i} ({shard['uri']})", projection_ref)
         in_flight[ref] = (split, i, names, pool, actor)
 
-    rows, tokens, last_save, agreed = 0, 0, time.monotonic(), False
+    rows, units, last_save, agreed = 0, 0, time.monotonic(), False
+    unit = get_task(cfg.task).unit
     try:
         agree(cfg, store, todo, actors)
         projection_ref = ray.put(projections(cfg, store, todo, actors))
@@ -312,11 +313,10 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
                 for name, entry in zip(names, unwrap(ray.get, done[0])):
                     store.commit(split, name, i, entry)
                     rows += entry["rows"]
-                    tokens += entry.get("tokens", 0)  # task token: rows are sequences, tokens the unit of work
+                    units += entry.get(f"{unit}s", 0)  # the task's unit of work (task token: tokens)
                 submit(pool, actor)
                 bar.update(len(names))
-                count, unit = (tokens, "tokens") if tokens else (rows, "rows")
-                bar.set_postfix_str(f"{count / (time.perf_counter() - start):,.0f} {unit}/s")
+                bar.set_postfix_str(f"{units / (time.perf_counter() - start):,.0f} {unit}s/s")
                 if time.monotonic() - last_save > 1.0:
                     store.save(whole=False)  # the new commits only: one small object (Store.save)
                     last_save = time.monotonic()

@@ -15,47 +15,34 @@ from ensemblekd.io import fs
 from ensemblekd.stages.evaluate import LATENCY_KEYS
 from ensemblekd.tables import human_bytes, markdown_table, text_table
 
-QUALITY_HEADER = ("model", "role", "test acc", "fidelity", "KL", "ECE", "params", "size")
-LM_HEADER = ("model", "role", "ppl", "NLL/tok", "top-1", "fidelity", "KL", "params", "size", "tok/s")  # task token
 COST_HEADER = ("model", "p50 @1", "p99 @1", "p50 @64", "p99 @64")
 
 
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:.2f}%"
+def _cell(v: float | None, fmt: str) -> str:
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}%" if fmt == "%" else format(v, fmt)
 
 
-def _num(v: float | None, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
+def _quality_header(report: dict[str, Any]) -> list[str]:
+    return ["model", "role", *(header for header, _, _ in report["columns"]), "params", "size"]
 
 
-def _is_lm(report: dict[str, Any]) -> bool:
-    return report["rows"][0].get("perplexity") is not None
-
-
-def _quality_header(report: dict[str, Any]) -> tuple[str, ...]:
-    return LM_HEADER if _is_lm(report) else QUALITY_HEADER
-
-
-def _quality_cells(r: dict[str, Any]) -> list[str]:
-    if r.get("perplexity") is not None:
-        return [r["model"], r["role"], _num(r["perplexity"], ".2f"), _num(r["nll"], ".3f"), _pct(r["accuracy"]),
-                _pct(r["fidelity"]), _num(r["kl"], ".3f"), f"{r['params']:,}", human_bytes(r["bytes"]),
-                _num(r.get("tokens_per_s"), ",.0f")]
-    return [r["model"], r["role"], _pct(r["accuracy"]), _pct(r["fidelity"]), _num(r["kl"], ".3f"),
-            _num(r["ece"], ".3f"), f"{r['params']:,}", human_bytes(r["bytes"])]
+def _quality_cells(report: dict[str, Any], r: dict[str, Any]) -> list[str]:
+    """A row's cells under the columns its task declared (Task.columns), between model/role and params/size."""
+    return [r["model"], r["role"], *(_cell(r.get(key), fmt) for _, key, fmt in report["columns"]),
+            f"{r['params']:,}", human_bytes(r["bytes"])]
 
 
 def _cost_cells(r: dict[str, Any]) -> list[str]:
-    return [_num(r.get(k), ".3f") for k in LATENCY_KEYS]
+    return [_cell(r.get(k), ".3f") for k in LATENCY_KEYS]
 
 
 def summary_line(report: dict[str, Any]) -> str:
     s = report["summary"]
     size = f"{s['size_reduction']:.1f}x smaller on disk ({s['param_reduction']:.1f}x fewer parameters)"
-    if s.get("perplexity_retained") is not None:
-        size += f", keeps {100 * s['perplexity_retained']:.1f}% of its perplexity (ensemble ppl / student ppl)"
-    elif s["accuracy_gap"] is not None:
-        size += f", {100 * s['accuracy_gap']:.2f} points lower test accuracy"
+    if report.get("student_keeps"):
+        size += f", {report['student_keeps']}"
     if s.get("gap_closed") is not None:
         size += (f";\n  distillation closed {100 * s['gap_closed']:.1f}% of the {s['gap_closed_on']} gap between the "
                  "student trained alone and the ensemble")
@@ -80,7 +67,7 @@ def format_report(report: dict[str, Any]) -> str:
     """Two plain-text tables (quality; CPU latency in ms), the summary line and any greedy
     continuations, ~80 columns (a little wider for a language model's table)."""
     rows = report["rows"]
-    out = [text_table(_quality_header(report), [_quality_cells(r) for r in rows], left=2)]
+    out = [text_table(_quality_header(report), [_quality_cells(report, r) for r in rows], left=2)]
     if report["latency"]["repeats"]:
         lat = report["latency"]
         out += ["", f"latency, ms (1 CPU thread, batch 1 and 64, {lat['repeats']} runs after {lat['warmup']} warm-up)",
@@ -91,7 +78,7 @@ def format_report(report: dict[str, Any]) -> str:
 def format_markdown(report: dict[str, Any]) -> str:
     """One markdown table with every column, then the summary line and any continuations."""
     header = [*_quality_header(report), *(f"{h} (ms)" for h in COST_HEADER[1:])]
-    lines = [[*_quality_cells(r), *_cost_cells(r)] for r in report["rows"]]
+    lines = [[*_quality_cells(report, r), *_cost_cells(r)] for r in report["rows"]]
     extra = "\n".join(continuations_text(report))
     return markdown_table(header, lines, left=2) + "\n\n" + summary_line(report) + "\n" + (
         f"\n```{extra}\n```\n" if extra else "")
@@ -136,22 +123,22 @@ def log_report(cfg: Config, report: dict[str, Any]) -> None:
     """The report as metrics, and as files under trainer.output_dir/report/ and the run's report/:
     report.json, table.md, table.txt, bubble.png.
 
-    Metrics: test_accuracy.<model>, latency_p50_ms_b1.<model> (p50/p99, batch 1/64), the
-    student's fidelity, KL, ECE, parameters and bytes, and the summary (speedup_b1, speedup_b64,
-    size_reduction, param_reduction, student_accuracy_gap = ensemble - student test accuracy).
+    Metrics: test_<key>.<model> for accuracy and each of the task's columns (test_accuracy,
+    test_ece, ...; task token: test_perplexity, test_nll, test_tokens_per_s), latency_p50_ms_b1.<model>
+    (p50/p99, batch 1/64), the student's fidelity, KL, ECE, parameters and bytes, and every value of the
+    summary (speedup_b1, speedup_b64, size_reduction, param_reduction, student_accuracy_gap = ensemble -
+    student test accuracy, gap_closed, and the task's own: perplexity_retained).
     """
     import mlflow
 
-    metrics = {f"test_accuracy.{row['model']}": row["accuracy"] for row in report["rows"]}
-    metrics.update({f"test_{key}.{row['model']}": row.get(key) for row in report["rows"]
-                    for key in ("perplexity", "nll", "tokens_per_s")})
+    metrics = {f"test_{key}.{row['model']}": row.get(key) for row in report["rows"]
+               for key in ("accuracy", *(key for _, key, _ in report["columns"]))}
     metrics.update({f"latency_{key}.{row['model']}": row[key] for row in report["rows"] for key in LATENCY_KEYS})
     student = next(row for row in report["rows"] if row["role"] == "student")
     metrics.update({f"student_{k}": student[k] for k in ("fidelity", "kl", "ece", "params", "bytes")})
     s = report["summary"]
-    metrics.update(speedup_b1=s["speedup_b1"], speedup_b64=s["speedup_b64"], size_reduction=s["size_reduction"],
-                   param_reduction=s["param_reduction"], student_accuracy_gap=s["accuracy_gap"],
-                   gap_closed=s.get("gap_closed"), perplexity_retained=s.get("perplexity_retained"))
+    metrics.update({("student_accuracy_gap" if k == "accuracy_gap" else k): v for k, v in s.items()
+                    if not isinstance(v, str)})  # every value of the summary (Task.summary's too); not gap_closed_on
     tracking.log_metrics(metrics)
     files = {"report.json": json.dumps(report, indent=1, sort_keys=True).encode(),
              "table.md": format_markdown(report).encode(), "table.txt": (format_report(report) + "\n").encode(),

@@ -10,7 +10,7 @@ from functools import cache
 
 from ensemblekd.errors import UserError
 from ensemblekd.plugins import resolve
-from ensemblekd.tasks.base import Served, Task, worker_segments
+from ensemblekd.tasks.base import Column, Served, Task, worker_segments
 from ensemblekd.tasks.classification import Classification
 from ensemblekd.tasks.token import Token
 
@@ -28,4 +28,4 @@ def get_task(name: str) -> Task:
     return task
 
 
-__all__ = ["TASKS", "Served", "Task", "get_task", "worker_segments"]
+__all__ = ["TASKS", "Column", "Served", "Task", "get_task", "worker_segments"]

@@ -32,12 +32,28 @@ class Served(NamedTuple):
     torchscript: bool              # also save a TorchScript trace (fixed shapes break an LM, so not for every task)
 
 
+class Column(NamedTuple):
+    """One column of the evaluation's quality table (between model/role and params/size): its
+    header, the key of the row it shows (also logged as test_<key>.<model>), and how: '%' for a
+    fraction shown as a percentage, else a format spec."""
+
+    header: str
+    key: str
+    fmt: str
+
+
 class Task:
     """A task. Subclass it, set `name`, implement the methods, and add an instance to tasks.TASKS."""
 
     name = "base"
     own_keys: tuple[str, ...] = ()   # config keys only this task uses: set under another task, an error
     stores_features = False          # teachers[i].feature, student.feature and the feature terms apply
+    unit = "row"                     # what the targets count: label's rate, `inspect` and the manifest's
+                                     # bytes_per_<unit> use it; a label entry records its count as <unit>s
+    implicit_store_info: dict[str, Any] = {}  # store_info values a store labelled before the key existed holds
+    columns: tuple[Column, ...] = (Column("test acc", "accuracy", "%"), Column("fidelity", "fidelity", "%"),
+                                   Column("KL", "kl", ".3f"), Column("ECE", "ece", ".3f"))
+    headline = "accuracy"            # the metric evaluate.baseline's gap_closed is measured on
 
     # -- config and store ------------------------------------------------------------------
     def check_config(self, cfg: Config) -> None:
@@ -60,6 +76,15 @@ class Task:
     def features(self, model: torch.nn.Module, inputs, cfg: Config, teacher, device: str, where: str) -> np.ndarray:
         """A teacher's features [N, F] on one input shard (what the PCA of store.feature_dim is fitted on)."""
         raise UserError(f"teacher '{teacher.name}': task {self.name} stores no features")
+
+    def decode(self, table):
+        """The codec's reader: one label table (a shard, or a teacher's whole split) -> its targets
+        (a NamedTuple of numpy arrays; what ekd.open_store(...).targets returns)."""
+        raise NotImplementedError
+
+    def describe_store(self, manifest: dict[str, Any]) -> str:
+        """What `ensemblekd inspect` says of a store's targets after its schema version."""
+        return f"{manifest['num_classes']} classes, {manifest['dtype']}"
 
     def stored_accuracy(self, cfg: Config, store: Store, split: str, teacher: str) -> float | None:
         """A teacher's accuracy on a split from its stored targets (None without labels)."""
@@ -109,19 +134,27 @@ class Task:
     # -- evaluate and serve --------------------------------------------------------------------
     def quality(self, cfg: Config, store: Store, teachers: list[str], others: list[str], student: torch.nn.Module,
                 strategy) -> tuple[dict[str, dict[str, float | None]], int]:
-        """On the test split: {model: {accuracy, fidelity, kl, ece}} for each teacher, "ensemble", each
-        of `others` (assistants: from the store) and "student", and the number of targets."""
+        """On the test split: {model: {accuracy, fidelity, kl, ece, and the keys of `columns`}} for each
+        teacher, "ensemble", each of `others` (assistants: from the store) and "student", and the
+        number of targets."""
         raise NotImplementedError
+
+    def summary(self, ensemble: dict[str, Any], student: dict[str, Any]) -> tuple[dict[str, float | None], str | None]:
+        """What the student keeps of the ensemble's quality (their report rows): values for the
+        report's summary (logged as metrics), and the phrase its summary line ends with."""
+        if None in (ensemble["accuracy"], student["accuracy"]):
+            return {}, None
+        return {}, f"{100 * (ensemble['accuracy'] - student['accuracy']):.2f} points lower test accuracy"
 
     def latency_inputs(self, cfg: Config) -> tuple[torch.Tensor, str | None]:
         """The test inputs that latency is timed on (batches are cut from them), and what one input
         is when a row is not the obvious unit."""
         raise NotImplementedError
 
-    def throughput(self, x: torch.Tensor, batch: int, seconds: float) -> float | None:
-        """Units (task token: tokens) per second of a forward on `batch` latency inputs taking `seconds`;
-        None where the row is the unit."""
-        return None
+    def throughput(self, x: torch.Tensor, batch: int, seconds: float) -> dict[str, float]:
+        """Report values from a forward on `batch` latency inputs taking `seconds` (task token:
+        tokens_per_s); none where the row is the unit."""
+        return {}
 
     def continuations(self, cfg: Config, scorers: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> list[dict]:
         """evaluate.prompts continued greedily by each model (its name -> inputs [1, L] to scores

@@ -98,6 +98,9 @@ class Classification(Task):
             raise UserError("data.vocab_size/tokenizer: only used with task: token")
 
     # -- label -------------------------------------------------------------------------------
+    def decode(self, table: pa.Table) -> Logits:
+        return decode(table)
+
     def read_inputs(self, cfg: Config, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
         ids, x, _ = read_shard(InputShard.of(shard), cfg.data.features, None, cfg.data.id)
         return ids, x

@@ -31,7 +31,7 @@ from ensemblekd.errors import UserError
 from ensemblekd.lm import fit_lm, logits_of, vocab_hash
 from ensemblekd.losses import divergence
 from ensemblekd.store import Store, pack
-from ensemblekd.tasks.base import Served, Task, read_aligned, row_batches, run_on
+from ensemblekd.tasks.base import Column, Served, Task, read_aligned, row_batches, run_on
 from ensemblekd.teachers import kind_of
 from ensemblekd.topk import dense_from_topk, rule_inputs, token_loss, topk_targets
 
@@ -323,6 +323,11 @@ class NextTokenProbabilities(torch.nn.Module):
 class Token(Task):
     name = "token"
     own_keys = ("data.text", "evaluate.prompts", "evaluate.latency_tokens", "store.codec")
+    unit = "token"
+    implicit_store_info = {"codec": "float16"}  # stores from before store.codec have only this one
+    columns = (Column("ppl", "perplexity", ".2f"), Column("NLL/tok", "nll", ".3f"), Column("top-1", "accuracy", "%"),
+               Column("fidelity", "fidelity", "%"), Column("KL", "kl", ".3f"), Column("tok/s", "tokens_per_s", ",.0f"))
+    headline = "perplexity"
 
     def check_config(self, cfg: Config) -> None:
         d = cfg.data
@@ -344,6 +349,14 @@ class Token(Task):
 
     def store_info(self, cfg: Config) -> dict[str, Any]:
         return vocabulary(cfg)
+
+    def describe_store(self, manifest: dict[str, Any]) -> str:
+        per_token = manifest.get("bytes_per_token")
+        return (f"vocabulary {manifest['vocab_size']} (hash {manifest['vocab_hash']}), top-{manifest['top_k']} "
+                f"{manifest.get('codec', 'float16')} + tail" + (f", {per_token:.1f} bytes/token" if per_token else ""))
+
+    def decode(self, table: pa.Table) -> TopK:
+        return decode(table)
 
     # -- label -------------------------------------------------------------------------------
     def read_inputs(self, cfg: Config, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -416,7 +429,7 @@ class Token(Task):
 
     def preflight(self, cfg: Config, store: Store, student) -> None:
         """The store holds this vocabulary; the student runs on a validation sequence and covers it."""
-        store.check_task(self.name, vocabulary(cfg))
+        store.check_task(self.name, vocabulary(cfg), self.implicit_store_info)
         _, tokens, lengths, _ = read_token_shard(InputShard.of(store.inputs("val")[0]), cfg.data)
         out = logits_of(run_on(student, torch.from_numpy(tokens[:1, :lengths[0]])))
         assert cfg.data.vocab_size is not None  # check_config requires it
@@ -527,8 +540,13 @@ class Token(Task):
         x = torch.from_numpy(read_token_split(cfg, cfg.data.test)[0])[:, :cfg.evaluate.latency_tokens]
         return x, f"sequences of {x.shape[1]} tokens"
 
-    def throughput(self, x: torch.Tensor, batch: int, seconds: float) -> float | None:
-        return batch * x.shape[1] / seconds
+    def throughput(self, x: torch.Tensor, batch: int, seconds: float) -> dict[str, float]:
+        return {"tokens_per_s": batch * x.shape[1] / seconds}
+
+    def summary(self, ensemble: dict[str, Any], student: dict[str, Any]) -> tuple[dict[str, float | None], str | None]:
+        retained = ensemble["perplexity"] / student["perplexity"]
+        return ({"perplexity_retained": retained},
+                f"keeps {100 * retained:.1f}% of its perplexity (ensemble ppl / student ppl)")
 
     @torch.inference_mode()
     def continuations(self, cfg: Config, scorers) -> list[dict]:

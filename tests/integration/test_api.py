@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 
 import ensemblekd as ekd
-from ensemblekd.data.inputs import read_split
+from ensemblekd.testing import read_split
 
 pytestmark = pytest.mark.integration
 
 
 def test_only_the_api_is_exported():
-    assert set(ekd.__all__) == {"Config", "DistillResult", "Evaluation", "LabelResult", "ModelRow", "RunResult",
+    assert set(ekd.__all__) == {"Config", "DistillResult", "Evaluation", "LabelResult", "ModelRow", "Options", "RunResult",
                                 "Store", "Strategy", "UserError", "distill", "evaluate", "export", "label",
                                 "load_config", "open_store", "run"}
 
@@ -38,13 +38,15 @@ def test_the_store_reads_as_numpy_and_arrow(labelled):
     store = ekd.open_store(cfg.store.uri)
     assert store.teachers == ["mlp_a", "mlp_b"] and store.splits == ["test", "train", "val"]
     ids, _, _ = read_split(cfg.data.test, cfg.data.features, None, cfg.data.id)
-    logits = store.logits("mlp_a", "test")
+    targets = store.targets("mlp_a", "test")                  # decoded by the store's task: ids, logits, features
     table = store.table("mlp_a", "test")
-    assert logits.shape == (len(ids), 10) and logits.dtype == np.float32
+    assert targets.logits.shape == (len(ids), 10) and targets.logits.dtype == np.dtype(cfg.store.dtype)
+    assert np.array_equal(targets.ids, ids) and targets.features is None
+    assert store.unit == "row" and store.describe() == f"10 classes, {cfg.store.dtype}"
     assert table.column_names == ["id", "logits"] and np.array_equal(table["id"].to_numpy(), ids)
     assert all(ok for *_, ok, _ in store.verify())
     with pytest.raises(ekd.UserError, match="teacher 'nobody' is not in the store"):
-        store.logits("nobody", "test")
+        store.targets("nobody", "test")
     assert not any(hasattr(store, name) for name in ("commit", "save", "set_teacher", "forget_corrupt"))  # read-only
     store.manifest["teachers"].clear()
     assert store.teachers == ["mlp_a", "mlp_b"]  # its manifest is a copy

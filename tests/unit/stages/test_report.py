@@ -10,6 +10,9 @@ import torch
 
 from ensemblekd.stages.evaluate import LATENCY_KEYS, measure_latency, summarise
 from ensemblekd.stages.report import format_markdown, format_report
+from ensemblekd.tasks import TASKS
+
+CLASSIFICATION, TOKEN = TASKS["classification"], TASKS["token"]
 
 
 def test_latency_warms_up_times_each_call_and_fills_the_batch():
@@ -38,7 +41,12 @@ def _synthetic_report() -> dict:
     ]
     for i, r in enumerate(rows):
         r.update({key: 0.01 * (i + 1) * (j + 1) for j, key in enumerate(LATENCY_KEYS)})
-    return {"rows": rows, "summary": summarise(rows),
+    return _report(rows, CLASSIFICATION)
+
+
+def _report(rows: list[dict], task) -> dict:
+    summary, keeps = summarise(rows, task)
+    return {"rows": rows, "summary": summary, "student_keeps": keeps, "columns": [list(c) for c in task.columns],
             "latency": {"threads": 1, "warmup": 20, "repeats": 7, "batches": [1, 64]}}
 
 
@@ -49,7 +57,9 @@ def test_tables_of_a_synthetic_report():
     assert "p50 @64" in table and "student vs. ensemble:" in table and "7 runs after 20 warm-up" in table
     assert max(len(line) for line in table.splitlines()) <= 100
     md = format_markdown(report).splitlines()
-    assert md[0].startswith("| model | role | test acc") and len([l for l in md if l.startswith("| ")]) == 2 + 4
+    assert md[0].startswith("| model | role | test acc | fidelity | KL | ECE | params | size | p50 @1 (ms)")
+    assert len([l for l in md if l.startswith("| ")]) == 2 + 4
+    assert "1.1x smaller on disk" not in table and "3.00 points lower test accuracy" in table
 
 
 def test_a_language_model_report_with_a_baseline_and_continuations():
@@ -62,7 +72,7 @@ def test_a_language_model_report_with_a_baseline_and_continuations():
     alone = {**report["rows"][-1], "model": "student_alone", "role": "baseline", "perplexity": 60.0,
              "nll": float(np.log(60.0))}
     report["rows"].append(alone)
-    report["summary"] = summarise(report["rows"])
+    report = _report(report["rows"], TOKEN)
     assert report["summary"]["gap_closed"] == pytest.approx((60 - 40) / (60 - 18))      # 47.6%
     assert report["summary"]["perplexity_retained"] == pytest.approx(18 / 40)
     report["continuations"] = [{"prompt": "def f", "model": m, "text": "(x):\n  return x"} for m in ("mlp_a", "student")]
@@ -72,4 +82,4 @@ def test_a_language_model_report_with_a_baseline_and_continuations():
     assert "keeps 45.0% of its perplexity" in table
     assert "greedy continuation of 'def f':" in table and '"(x):\\n  return x"' in table
     md = format_markdown(report)
-    assert md.startswith("| model | role | ppl | NLL/tok | top-1") and "```" in md
+    assert md.startswith("| model | role | ppl | NLL/tok | top-1 | fidelity | KL | tok/s | params") and "```" in md

@@ -108,8 +108,10 @@ def test_a_store_labelled_under_one_codec_refuses_the_other(tmp_path):
         reopened.check_task("token", vocabulary(ranked))
     reopened.manifest.pop("codec")                          # a store from before store.codec existed
     reopened.save()
-    assert Store.open(store.uri).manifest["codec"] == "float16"
-    Store.open(store.uri).check_task("token", vocabulary(cfg))
+    old = Store.open(store.uri)                             # holds float16, the one codec there was then
+    old.check_task("token", vocabulary(cfg), TOKEN.implicit_store_info)
+    with pytest.raises(UserError, match="labelled with codec float16, the config gives ranked"):
+        old.check_task("token", vocabulary(ranked), TOKEN.implicit_store_info)
 
 
 def test_batches_pick_each_target_token_with_its_teachers_targets(tmp_path):
