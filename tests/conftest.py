@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny digits data set and a tiny config that runs the whole pipeline fast."""
+"""Shared fixtures: a tiny digits data set, one local Ray, one labelled store (ensemblekd.testing's),
+the servers some tests start, and the tiny LM and GGUF files."""
 
 from __future__ import annotations
 
@@ -8,44 +9,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ensemblekd.testing import labelled_store, tiny_data
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory) -> Path:
-    from ensemblekd.data.builtin import prepare
-
-    out = tmp_path_factory.mktemp("digits")
-    prepare("digits", str(out), shard_rows=128)
-    return out
-
-
-def tiny_config(tmp_path: Path, data_dir: Path, **sections) -> dict:
-    """Two small fitted teachers, a tiny student, everything under tmp_path. The worker loop runs in
-    the test's own process (trainer.num_workers 0); a test of Ray Train itself (ZeRO stages,
-    faults, placement, remote stores) asks for workers: trainer={"num_workers": 2}."""
-    cfg = {
-        "data": {"train": str(data_dir / "train"), "val": str(data_dir / "val"), "test": str(data_dir / "test")},
-        "teachers": [
-            {"name": "mlp_a", "model": "ensemblekd.models:mlp",
-             "kwargs": {"in_features": 64, "num_classes": 10, "hidden": [128]},
-             "fit": {"epochs": 15, "lr": 0.003}, "checkpoint": str(tmp_path / "teachers" / "mlp_a.pt"), "num_cpus": 0.5},
-            {"name": "mlp_b", "model": "ensemblekd.models:mlp",
-             "kwargs": {"in_features": 64, "num_classes": 10, "hidden": [64, 64]},
-             "fit": {"epochs": 15, "lr": 0.003, "seed": 1}, "checkpoint": str(tmp_path / "teachers" / "mlp_b.pt"),
-             "num_cpus": 0.5},
-        ],
-        "store": {"uri": str(tmp_path / "store")},
-        "student": {"model": "ensemblekd.models:mlp", "kwargs": {"in_features": 64, "num_classes": 10, "hidden": [32]}},
-        "distill": {"temperature": 4.0, "alpha": 0.5},
-        "trainer": {"num_workers": 0, "cpus_per_worker": 0.5, "epochs": 8, "batch_size": 64, "lr": 0.005,
-                    "output_dir": str(tmp_path / "out")},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "tests"},
-        "ray": {"num_cpus": 2},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    return cfg
+    return tiny_data(tmp_path_factory.mktemp("digits"))
 
 
 def tiny_lm_config(tmp_path: Path, **changes) -> Path:
@@ -60,12 +31,6 @@ def tiny_lm_config(tmp_path: Path, **changes) -> Path:
     out = tmp_path / "config.yaml"
     out.write_text(yaml.safe_dump(raw))
     return out
-
-
-def write_config(tmp_path: Path, cfg: dict, name: str = "config.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -84,13 +49,9 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def labelled(tmp_path_factory, digits_dir, ray_local):
-    """A tiny config whose teachers are fitted and labelled into its store (shared, read-only)."""
-    import ensemblekd as ekd
-
-    tmp = tmp_path_factory.mktemp("labelled")
-    cfg = ekd.load_config(write_config(tmp, tiny_config(tmp, digits_dir)))
-    result = ekd.label(cfg, progress=False)
-    return cfg, result
+    """testing.labelled_store: a tiny config whose teachers are fitted and labelled into its store
+    (shared, read-only)."""
+    return labelled_store(tmp_path_factory.mktemp("labelled"), digits_dir)
 
 
 # -- servers the tests start on 127.0.0.1 and stop by process group ----------------------------------

@@ -24,9 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import tiny_config, write_config
+from ensemblekd.testing import build_module, save_state, tiny_config, write_config
 
-from ensemblekd.models import build_module, save_state
 
 pytestmark = pytest.mark.integration
 TESTS = Path(__file__).resolve().parents[1]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, free_port, tiny_config, write_config
+from conftest import REPO, free_port
+from ensemblekd.testing import tiny_config, write_config
 
 
 def cli(*args, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import ensemblekd as ekd
-from ensemblekd.errors import UserError
-from ensemblekd.models import build_module, load_state
+from ensemblekd import UserError
+from ensemblekd.testing import build_module, load_state
 from ensemblekd.stages.train import deepspeed_config
 from ensemblekd.store import Store
 from ensemblekd.tasks import classification, get_task, worker_segments

@@ -41,8 +41,7 @@ def two_runs(labelled, tmp_path_factory):
 
 
 def test_report_rows_are_complete_and_consistent(two_runs):
-    from ensemblekd.data.inputs import read_split
-    from ensemblekd.models import build_module, load_state
+    from ensemblekd.testing import build_module, load_state, read_split
     from ensemblekd.store import Store
     from ensemblekd.tasks import get_task
     from ensemblekd.tasks.classification import predict

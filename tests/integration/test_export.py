@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import requests
 import torch
-from conftest import free_port, served_model, write_config
+from conftest import free_port, served_model
+from ensemblekd.testing import build_module, load_state, read_split, write_config
 
 from ensemblekd import tracking
 from ensemblekd.cli import main
-from ensemblekd.data.inputs import read_split
-from ensemblekd.models import build_module, load_state
 from ensemblekd.stages import export
 
 pytestmark = pytest.mark.integration

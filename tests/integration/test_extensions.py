@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_config
+from ensemblekd.testing import tiny_config
 from mlflow.tracking import MlflowClient
 
 import ensemblekd as ekd

@@ -23,8 +23,8 @@ from conftest import REPO
 
 import ensemblekd as ekd
 from ensemblekd import tracking
-from ensemblekd.errors import UserError
-from ensemblekd.models import build_module, save_state
+from ensemblekd import UserError
+from ensemblekd.testing import build_module, save_state
 from ensemblekd.stages.distill import distill
 from ensemblekd.store import LOCK, Store
 

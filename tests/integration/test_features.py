@@ -7,12 +7,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_config, write_config
+from ensemblekd.testing import load_state, load_student, mlp, read_split, tiny_config, write_config
 
 import ensemblekd as ekd
-from ensemblekd.data.inputs import read_split
-from ensemblekd.errors import UserError
-from ensemblekd.models import load_state, load_student, mlp
+from ensemblekd import UserError
 from ensemblekd.store import Store
 from ensemblekd.tasks.classification import decode
 

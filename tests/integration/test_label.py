@@ -7,11 +7,10 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import tiny_config, write_config
+from ensemblekd.testing import build_module, save_state, tiny_config, write_config
 
 import ensemblekd as ekd
-from ensemblekd.errors import UserError
-from ensemblekd.models import build_module, save_state
+from ensemblekd import UserError
 from ensemblekd.store import Store
 from ensemblekd.tasks import classification
 

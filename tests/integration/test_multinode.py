@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, tiny_config
+from conftest import REPO
+from ensemblekd.testing import tiny_config
 from ray_cluster import Cluster, ray_cli, ray_cluster, runtime_env_for_test
 from servers import KEY, SECRET, moto_server, s3fs_client, tracking_server
 
@@ -83,7 +84,7 @@ def write(tmp_path: Path, cfg: dict) -> Path:
 
 def manifest(servers, name: str) -> dict:
     """The store's manifest as a reader sees it: manifest.json plus its commit log (while a run goes)."""
-    from ensemblekd.errors import UserError
+    from ensemblekd import UserError
     from ensemblekd.store import Store
 
     try:

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_config, write_config
+from conftest import REPO
+from ensemblekd.testing import tiny_config, write_config
 
 pytestmark = pytest.mark.integration
 

@@ -15,7 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port, tiny_config, write_config
+from conftest import free_port
+from ensemblekd.testing import tiny_config, write_config
 from servers import KEY, SECRET, moto_server, s3fs_client, tracking_server
 
 pytestmark = pytest.mark.integration
@@ -102,7 +103,7 @@ def test_a_reader_trusts_the_manifest_only_and_sees_other_processes_writes(remot
     """Another process (here a subprocess, in the pipeline a label actor or the driver) replaces a
     shard and the manifest after this process listed and read them: this process must see the new
     objects, not fsspec's cached listing; an object the manifest does not list is never read."""
-    from ensemblekd.errors import UserError
+    from ensemblekd import UserError
     from ensemblekd.io import fs as storage
     from ensemblekd.store import Store
     from ensemblekd.tasks import classification
@@ -157,7 +158,7 @@ def test_an_unreachable_endpoint_is_one_line(tmp_path):
 
 def test_storage_options_need_an_object_store_uri(tmp_path, digits_dir):
     import ensemblekd as ekd
-    from ensemblekd.errors import UserError
+    from ensemblekd import UserError
 
     cfg = tiny_config(tmp_path, digits_dir, store={"storage_options": {"endpoint_url": "http://127.0.0.1:9"}})
     with pytest.raises(UserError, match="store.storage_options: only used with an object-store store.uri"):
@@ -192,8 +193,7 @@ def test_the_server_stores_the_artifacts_and_the_model_loads_and_predicts(remote
     import torch
     from mlflow.tracking import MlflowClient
 
-    from ensemblekd.data.inputs import read_split
-    from ensemblekd.models import build_module, load_state
+    from ensemblekd.testing import build_module, load_state, read_split
 
     cfg, result, tmp = remote_run
     url, artifact_root = mlflow_server

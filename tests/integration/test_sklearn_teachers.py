@@ -16,8 +16,7 @@ import torch
 from conftest import REPO, served_model
 
 import ensemblekd as ekd
-from ensemblekd.data.inputs import read_split
-from ensemblekd.models import load_student
+from ensemblekd.testing import load_student, read_split
 
 pytestmark = pytest.mark.integration
 CONFIG = REPO / "configs" / "digits_sklearn.yaml"

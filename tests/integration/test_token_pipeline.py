@@ -17,7 +17,7 @@ from conftest import REPO, tiny_lm_config
 
 import ensemblekd as ekd
 from ensemblekd.data.builtin import prepare_markov, write_token_split
-from ensemblekd.errors import UserError
+from ensemblekd import UserError
 from ensemblekd.lm import tiny_gpt2
 from ensemblekd.stages.export import STUDENT_MODEL
 from ensemblekd.store import Store

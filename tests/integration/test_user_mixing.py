@@ -6,7 +6,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import ensemblekd as ekd
-from ensemblekd.errors import UserError
+from ensemblekd import UserError
 
 pytestmark = pytest.mark.integration
 

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, tiny_config, write_config
+from conftest import REPO
+from ensemblekd.testing import tiny_config, write_config
 from ensemblekd import UserError, load_config
 
 

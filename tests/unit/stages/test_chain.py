@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_config
+from ensemblekd.testing import tiny_config
 from ensemblekd import UserError, load_config
 from ensemblekd.config import parse_config
 from ensemblekd.stages.chain import assistant_teachers, level_configs, level_role

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import skops.io
 import torch
-from conftest import tiny_config
+from ensemblekd.testing import tiny_config
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO
+from ensemblekd.testing import tiny_config
 from ensemblekd import cli, tracking
 from ensemblekd.config import parse_config
 
