@@ -137,7 +137,8 @@ def distill(config: ConfigSource, overrides: list[str] | None = None, progress: 
     strategy = preflight(cfg)  # before the MLflow run: a store that cannot be trained from makes no run
     with ray_session(), tracking.mlflow_run(cfg, "distill") as info:
         result = chain.distill_chain(cfg, info, progress, strategy)
-        log_student(cfg, result.student)
+        if cfg.tracking.log_model:
+            log_student(cfg, result.student)
     return replace(result, run_id=info["run_id"], tracking_uri=info["tracking_uri"])
 
 
@@ -174,7 +175,8 @@ def run(config: ConfigSource, overrides: list[str] | None = None, progress: bool
         tracking.log_metrics({"distill_seconds": trained.seconds})
         found = evaluate_models(cfg, trained.student)
         report.log_report(cfg, found)
-        log_student(cfg, trained.student)
+        if cfg.tracking.log_model:
+            log_student(cfg, trained.student)
         seconds = time.perf_counter() - start
         tracking.log_metrics({"pipeline_seconds": seconds})
     return RunResult(info["run_id"], info["tracking_uri"], trained.student, cfg.store.uri,

@@ -270,6 +270,8 @@ class TrackingConfig(_Section):
     uri: str | None = None
     experiment: str = "ensemblekd"
     run_name: str | None = None
+    log_model: bool = Field(default=True, description="log the served student (an MLflow model: what `export` "
+                            "registers) in each run/distill run; false for sweeps that only compare metrics")
 
 
 class RayConfig(_Section):

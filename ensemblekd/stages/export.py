@@ -76,7 +76,7 @@ def export_run(run_id: str, name: str | None = None, tracking_uri: str | None = 
         filter_string=f"source_run_id = '{run_id}' AND name = '{STUDENT_MODEL}'")
     if not models:
         raise UserError(f"RUN_ID: run '{run_id}' has no student model; export a run of `ensemblekd run` or "
-                        "`ensemblekd distill`, or use --config CONFIG")
+                        "`ensemblekd distill` made with tracking.log_model true (the default), or use --config CONFIG")
     model = max(models, key=lambda m: m.creation_timestamp)
     if model.tags.get(OUTPUTS_TAG) != "probabilities":
         raise UserError(f"RUN_ID: the student of run '{run_id}' was logged by an older ensemblekd and outputs logits; "

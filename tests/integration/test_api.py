@@ -1,6 +1,7 @@
 """The public Python API as a notebook uses it: configs as mappings with overrides, typed results,
 and read access to the store as numpy and Arrow, on real Ray, DeepSpeed and MLflow."""
 
+import mlflow
 import numpy as np
 import pytest
 
@@ -64,5 +65,18 @@ def test_distill_then_evaluate_return_typed_results(labelled, tmp_path):
     assert [r.model for r in evaluation.rows] == ["mlp_a", "mlp_b", "ensemble", "student"]
     student = evaluation.row("student")
     assert isinstance(student, ekd.ModelRow) and student.params == 64 * 32 + 32 + 32 * 10 + 10
+    assert student.metrics == {}                                         # classification adds nothing to the common fields
     assert student.p50_ms_b1 is None                                     # repeats=0: no latency
     assert "student" in evaluation.table and evaluation.markdown.startswith("| model")
+
+    sweep = ekd.distill(raw, overrides=["tracking.log_model=false"], progress=False)   # metrics only, no served model
+    client = mlflow.MlflowClient(distilled.tracking_uri)
+    experiment = client.get_run(distilled.run_id).info.experiment_id
+
+    def logged_models(run_id: str) -> list:
+        return client.search_logged_models(experiment_ids=[experiment], filter_string=f"source_run_id = '{run_id}'")
+
+    assert len(logged_models(distilled.run_id)) == 1 and logged_models(sweep.run_id) == []
+    assert "val_accuracy" in client.get_run(sweep.run_id).data.metrics
+    with pytest.raises(ekd.UserError, match="has no student model; .* tracking.log_model true"):
+        ekd.export(run_id=sweep.run_id, tracking_uri=sweep.tracking_uri)
