@@ -45,6 +45,14 @@ Writes OUT/lm_real.md (the tables) and OUT/lm_real.json (settings, machine, ever
 
     python tools/bench_lm_real.py                        # the full run (see lm_real.md for its time)
     python tools/bench_lm_real.py --quick --out /tmp/lm  # smoke test (< 2 min): it runs, its numbers mean nothing
+
+Internals measured directly:
+  ensemblekd.topk: the top-k targets, their reconstruction and the students' top-k loss are what is measured
+  ensemblekd.tasks.token: the token shard codec (encode, decode, its Parquet options), measured
+  ensemblekd.store: the store's own Parquet pack / unpack, under the codec and the candidate encoders
+  ensemblekd.lm: the teacher (builtin_gguf, from_gguf), the students (tiny_gpt2) and logits_of
+  ensemblekd.data.text: pydoc rows in SmolLM2's tokenizer (prepare_pydoc); testing.tiny_data writes no such text
+  ensemblekd.fitting: every student is fitted by the same seeded loop (fit_module) on its own targets
 """
 
 from __future__ import annotations
@@ -474,6 +482,8 @@ def markdown(res: dict[str, Any]) -> str:
     m, st, t, store = res["machine"], res["settings"], res["teacher"], res["store"]
     by_k, students = store["by_k"], res["students"]
     sz = st["sizes"]
+    from ensemblekd.testing import markdown_table
+
     lines = [
         "# Token-level soft targets from a real LM: store cost and student perplexity",
         "",
@@ -497,20 +507,21 @@ def markdown(res: dict[str, Any]) -> str:
          "Mass kept = Σ top-k p of the float32 softmax. KL = KL(full ‖ stored) in nats/token, stored = "
          "`topk.dense_from_topk` renormalised (the tail spread evenly). Full float16 logits: "
          f"{2 * res['vocab_size']:,} B/token."),
-        "",
-        "| k | raw B/token | store B/token | at zstd 19 | codec ranked | × smaller than full | mass kept, mean "
-        "| mass kept, p5 | KL nats/token | KL p95 | goal | met (float16 / ranked) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
+    table = []
     for k in KS:
         r = by_k[k]
         c, rk = r["candidates"]["current"], r["candidates"]["ranked"]
         goal = BYTE_GOALS.get(k)
         met = "—" if goal is None else " / ".join("yes" if x["zstd3"] <= goal else "**no**" for x in (c, rk))
-        lines.append(f"| {k} | {r['raw_bytes_per_token']} | {c['zstd3']:.1f} | {c['zstd19']:.1f} | {rk['zstd3']:.1f} "
-                     f"| {2 * res['vocab_size'] / c['zstd3']:,.0f}× | {r['mass_mean']:.4f} | {r['mass_p5']:.4f} "
-                     f"| {r['kl_mean']:.4f} | {r['kl_p95']:.4f} | {f'≤ {goal:g} B/token' if goal else '—'} | {met} |")
+        table.append([k, r["raw_bytes_per_token"], f"{c['zstd3']:.1f}", f"{c['zstd19']:.1f}", f"{rk['zstd3']:.1f}",
+                      f"{2 * res['vocab_size'] / c['zstd3']:,.0f}×", f"{r['mass_mean']:.4f}", f"{r['mass_p5']:.4f}",
+                      f"{r['kl_mean']:.4f}", f"{r['kl_p95']:.4f}", f"≤ {goal:g} B/token" if goal else "—", met])
     lines += [
+        "",
+        markdown_table(["k", "raw B/token", "store B/token", "at zstd 19", "codec ranked", "× smaller than full",
+                        "mass kept, mean", "mass kept, p5", "KL nats/token", "KL p95", "goal", "met (float16 / ranked)"],
+                       table, left=0),
         "",
         ("Checks: `tasks.token.decode` gives back exactly what was encoded, and sorted-f16 each token's same "
          f"(id, log p) pairs: {'yes' if all(by_k[k]['round_trip'] for k in KS) else '**no**'}; "
@@ -526,10 +537,8 @@ def markdown(res: dict[str, Any]) -> str:
          "nats, doubling every 4 nats up to 1/2), renormalised on decoding; measured at k = 8, 32, 128 only. All: Parquet, zstd, no "
          "dictionary, byte-stream split on every value column, the tail float16. KL: of the float16 log p "
          "(current, sorted-f16), of the uint8 codes (sorted-u8, desc-u8), of the companded codes (ranked)."),
-        "",
-        "| k | " + " | ".join(CANDIDATES) + " | KL, float16 log p | KL, uint8 codes | KL, companded | goal |",
-        "|---:|" + "---:|" * len(CANDIDATES) + "---:|---:|---:|---|",
     ]
+    table = []
     for k in FRONTIER_KS:
         r = by_k[k]
         cells = []
@@ -538,24 +547,25 @@ def markdown(res: dict[str, Any]) -> str:
             cells.append("—" if c is None else f"{c['zstd3']:.1f} / {c['zstd19']:.1f}" if "zstd19" in c
                          else f"{c['zstd3']:.1f}")
         goal = BYTE_GOALS.get(k)
-        cmp = f"{r['kl_cmp_mean']:.4f}" if "kl_cmp_mean" in r else "—"
-        lines.append(f"| {k} | " + " | ".join(cells) + f" | {r['kl_mean']:.4f} | {r['kl_u8_mean']:.4f} | {cmp} "
-                     f"| {f'≤ {goal:g}' if goal else '—'} |")
+        table.append([k, *cells, f"{r['kl_mean']:.4f}", f"{r['kl_u8_mean']:.4f}",
+                      f"{r['kl_cmp_mean']:.4f}" if "kl_cmp_mean" in r else "—", f"≤ {goal:g}" if goal else "—"])
     lines += [
+        "",
+        markdown_table(["k", *CANDIDATES, "KL, float16 log p", "KL, uint8 codes", "KL, companded", "goal"], table, left=0),
         "",
         f"## Mass-adaptive top-p (sorted-u8 layout, 1 ≤ k ≤ {K_MAX}) against fixed k at equal bytes",
         "",
         "Fixed k at equal bytes: the sorted-u8 fixed-k figures above, interpolated linearly in log bytes.",
         "",
-        "| p | k mean | k p50 | k p95 | at k max | B/token (zstd 3 / 19) | mass kept, mean | mass kept, p5 "
-        "| KL nats/token | fixed k at equal bytes: KL | fixed k: mass |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        markdown_table(["p", "k mean", "k p50", "k p95", "at k max", "B/token (zstd 3 / 19)", "mass kept, mean",
+                        "mass kept, p5", "KL nats/token", "fixed k at equal bytes: KL", "fixed k: mass"],
+                       [[p, f"{r['k_mean']:.1f}", f"{r['k_p50']:.0f}", f"{r['k_p95']:.0f}", f"{r['at_k_max']:.1%}",
+                         f"{r['zstd3']:.1f} / {r['zstd19']:.1f}", f"{r['mass_mean']:.4f}", f"{r['mass_p5']:.4f}",
+                         f"{r['kl_mean']:.4f}",
+                         *("—" if v is None else f"{v:.4f}"
+                           for v in (r["fixed_k_kl_at_equal_bytes"], r["fixed_k_mass_at_equal_bytes"]))]
+                        for p, r in store["top_p"].items()], left=0),
     ]
-    for p, r in store["top_p"].items():
-        fk, fm = r["fixed_k_kl_at_equal_bytes"], r["fixed_k_mass_at_equal_bytes"]
-        lines.append(f"| {p} | {r['k_mean']:.1f} | {r['k_p50']:.0f} | {r['k_p95']:.0f} | {r['at_k_max']:.1%} "
-                     f"| {r['zstd3']:.1f} / {r['zstd19']:.1f} | {r['mass_mean']:.4f} | {r['mass_p5']:.4f} "
-                     f"| {r['kl_mean']:.4f} | {'—' if fk is None else f'{fk:.4f}'} | {'—' if fm is None else f'{fm:.4f}'} |")
     lines += ["", "Byte goals per candidate (zstd 3, the default level):", ""]
     for name in CANDIDATES:
         lines.append(f"- {name}: " + "; ".join(
@@ -579,14 +589,11 @@ def markdown(res: dict[str, Any]) -> str:
          "thread) leaves the students far from the teacher: this compares the targets early in training, where "
          "the shape of the teacher's tail (spread evenly in the top-k store) still matters most."),
         "",
-        "| student | test perplexity | NLL nats/token | vs full | fit s | s/epoch |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for s in students:
-        lines.append(f"| {s['student']} | {s['test_ppl']:.2f} | {s['test_nll']:.4f} "
-                     f"| {s['test_ppl'] / full['test_ppl'] - 1:+.1%} | {s['fit_s']:.0f} | {s['epoch_s']:.0f} |")
-    lines += [
-        f"| teacher (SmolLM2-135M) | {t['test_ppl']:.2f} | {t['test_nll']:.4f} | — | — | — |",
+        markdown_table(["student", "test perplexity", "NLL nats/token", "vs full", "fit s", "s/epoch"],
+                       [*([s["student"], f"{s['test_ppl']:.2f}", f"{s['test_nll']:.4f}",
+                           f"{s['test_ppl'] / full['test_ppl'] - 1:+.1%}", f"{s['fit_s']:.0f}", f"{s['epoch_s']:.0f}"]
+                          for s in students),
+                        ["teacher (SmolLM2-135M)", f"{t['test_ppl']:.2f}", f"{t['test_nll']:.4f}", "—", "—", "—"]]),
         "",
         (f"Goal: top-32 within {PPL_GOAL:.0%} of full: {top32['test_ppl']:.2f} against {full['test_ppl']:.2f} "
          f"({gap:+.1%}): **{'met' if gap <= PPL_GOAL else 'not met'}**."),
@@ -654,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
     res["minutes"] = (time.perf_counter() - start) / 60
     import json
 
-    from bench_common import write_results
+    from ensemblekd.testing import write_results
 
     res = json.loads(json.dumps(res, default=str))  # int and float keys -> str, as they will be read back
     res["store"]["by_k"] = {int(k): v for k, v in res["store"]["by_k"].items()}

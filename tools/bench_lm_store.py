@@ -23,6 +23,16 @@ Writes OUT/lm_store.md (the table) and OUT/lm_store.json (settings, machine, eve
 
     python tools/bench_lm_store.py                        # the full run (see lm_store.md for its time)
     python tools/bench_lm_store.py --quick --out /tmp/lm  # smoke test (< 1 min): it runs, its numbers mean nothing
+
+Internals measured directly:
+  ensemblekd.topk: the top-k targets and their reconstruction are what is measured
+  ensemblekd.tasks.token: the token shard codec (encode, decode), measured
+  ensemblekd.store: the store's own Parquet unpack, under the codec's decode
+  ensemblekd.lm: the teachers: tiny causal LMs, fitted with fit_lm, run with predict_lm
+  ensemblekd.data.builtin: the synthetic language (markov_corpus; prepare_markov smaller than data.prepare's)
+  ensemblekd.stages.fit: the throughput run fits the teachers untimed (ekd.label fits them inside the label call)
+  ensemblekd.stages.label: timed on train and val alone (splits=); ekd.label also labels test and checks the config
+  ensemblekd.stages.distill: timed without MLflow; ekd.distill logs every epoch and the student inside the time
 """
 
 from __future__ import annotations
@@ -207,12 +217,11 @@ def label_distill_throughput(quick: bool) -> dict[str, Any] | None:
 
     import ray
 
-    from ensemblekd import load_config
+    import ensemblekd as ekd
     from ensemblekd.data.builtin import prepare_markov
     from ensemblekd.stages.distill import distill
     from ensemblekd.stages.fit import fit_teachers
     from ensemblekd.stages.label import label
-    from ensemblekd.store import Store
 
     root = Path(__file__).resolve().parents[1]
     out: dict[str, Any] = {"runs": {}}
@@ -224,12 +233,12 @@ def label_distill_throughput(quick: bool) -> dict[str, Any] | None:
                 sets = [f"data.{s}={work}/data/{s}" for s in ("train", "val", "test")] + [
                     "data.prepare=null", f"store.uri={work}/store-{k}", f"store.top_k={k}", "trainer.epochs=2",
                     f"trainer.output_dir={work}/out-{k}"] + [f"teachers.{i}.checkpoint={work}/t{i}.pt" for i in range(3)]
-                cfg = load_config(root / "configs" / "tiny_lm.yaml", sets)
+                cfg = ekd.load_config(root / "configs" / "tiny_lm.yaml", sets)
                 fit_teachers(cfg, progress=False)
                 t0 = time.perf_counter()
                 labelled = label(cfg, splits=("train", "val"), progress=False)
                 label_s = time.perf_counter() - t0
-                store = Store.open(cfg.store.uri)
+                store = ekd.open_store(cfg.store.uri)
                 input_tokens = sum(e["tokens"] + e["rows"] for s in ("train", "val")
                                    for e in store.manifest["shards"][s][cfg.teachers[0].name].values())
                 train_targets = sum(e["tokens"] for e in store.manifest["shards"]["train"][cfg.teachers[0].name].values())
@@ -237,10 +246,10 @@ def label_distill_throughput(quick: bool) -> dict[str, Any] | None:
                 epoch_s = result.metrics["epoch_seconds"]
                 out["runs"][str(k)] = {"label_s": label_s, "label_tokens_per_s": input_tokens / label_s,
                                        "distill_epoch_s": epoch_s, "distill_tokens_per_s": train_targets / epoch_s,
-                                       "distill_wall_s": result.seconds, "bytes_per_token": store.bytes_per_token(),
+                                       "distill_wall_s": result.seconds, "bytes_per_token": store.bytes_per('token'),
                                        "val_accuracy": result.metrics["val_accuracy"], "shards": labelled.shards}
                 log(f"throughput k={k}: label {input_tokens / label_s:,.0f} tokens/s, distill "
-                    f"{train_targets / epoch_s:,.0f} tokens/s, {store.bytes_per_token():.1f} B/token")
+                    f"{train_targets / epoch_s:,.0f} tokens/s, {store.bytes_per('token'):.1f} B/token")
         finally:
             ray.shutdown()
     return out
@@ -282,6 +291,10 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def throughput_text(tp: dict[str, Any] | None) -> str:
+    import textwrap
+
+    from ensemblekd.testing import markdown_table
+
     if tp is None:
         return "- Label + distill throughput: not measured with --quick."
     runs = tp["runs"]
@@ -289,11 +302,11 @@ def throughput_text(tp: dict[str, Any] | None) -> str:
     lines = ["- Label + distill throughput through the pipeline (configs/tiny_lm.yaml: 3 teachers, 2 Ray Train "
              "workers, DeepSpeed ZeRO-0; 1,024 + 128 sequences of 64 tokens, V = 512), top-32 store against the "
              "full distribution (k = V):", "",
-             "  | store | B/token | label, tokens/s | distill, tokens/s |",
-             "  |---|---:|---:|---:|"]
-    for name, r in (("top-32 + tail", top), ("full (k = V = 512)", dense)):
-        lines.append(f"  | {name} | {r['bytes_per_token']:.1f} | {r['label_tokens_per_s']:,.0f} | "
-                     f"{r['distill_tokens_per_s']:,.0f} |")
+             textwrap.indent(markdown_table(["store", "B/token", "label, tokens/s", "distill, tokens/s"],
+                                            [[name, f"{r['bytes_per_token']:.1f}", f"{r['label_tokens_per_s']:,.0f}",
+                                              f"{r['distill_tokens_per_s']:,.0f}"]
+                                             for name, r in (("top-32 + tail", top), ("full (k = V = 512)", dense))]),
+                             "  ")]
     lines += ["", f"  top-32 against full: label {top['label_tokens_per_s'] / dense['label_tokens_per_s']:.2f}×, distill "
               f"{top['distill_tokens_per_s'] / dense['distill_tokens_per_s']:.2f}×, store "
               f"{dense['bytes_per_token'] / top['bytes_per_token']:.1f}× smaller."]
@@ -301,6 +314,8 @@ def throughput_text(tp: dict[str, Any] | None) -> str:
 
 
 def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    from ensemblekd.testing import markdown_table
+
     m, st = res["machine"], res["settings"]
     lines = [
         "# Token-level soft targets: bytes per token and what the top-k keeps",
@@ -326,20 +341,17 @@ def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                          f"{next(iter(t['by_k'].values()))['tokens']:,} tokens.")
     lines += [
         "",
-        ("| V | teacher | k | ids | raw B/token | top-k store B/token | same, random ids | at zstd 19 | full f16 B/token "
-         "| × smaller than full | mass kept, mean | mass kept, p5 | KL nats/token | encode / decode, tokens/s "
-         "| encode at zstd 19 | target | met |"),
-        "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        markdown_table(["V", "teacher", "k", "ids", "raw B/token", "top-k store B/token", "same, random ids", "at zstd 19",
+                        "full f16 B/token", "× smaller than full", "mass kept, mean", "mass kept, p5", "KL nats/token",
+                        "encode / decode, tokens/s", "encode at zstd 19", "target", "met"],
+                       [[f"{r['vocab_size']:,}", r["teacher"], r["k"], r["index_dtype"], r["raw_bytes_per_token"],
+                         f"{r['bytes_per_token']:.1f}", f"{r['random_ids_bytes_per_token']:.1f}",
+                         f"{r['zstd19_bytes_per_token']:.1f}", f"{r['full_f16_bytes_per_token']:,}",
+                         f"{r['ratio_vs_full']:,.0f}×", f"{r['mass_mean']:.4f}", f"{r['mass_p5']:.4f}",
+                         f"{r['kl_mean']:.4f}", f"{r['encode_tokens_per_s']:,.0f} / {r['decode_tokens_per_s']:,.0f}",
+                         f"{r['zstd19_encode_tokens_per_s']:,.0f}", r["target"] or "—",
+                         "—" if r["met"] is None else ("yes" if r["met"] else "**no**")] for r in rows], left=0),
     ]
-    for r in rows:
-        met = "—" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        lines.append(f"| {r['vocab_size']:,} | {r['teacher']} | {r['k']} | {r['index_dtype']} "
-                     f"| {r['raw_bytes_per_token']} | {r['bytes_per_token']:.1f} "
-                     f"| {r['random_ids_bytes_per_token']:.1f} | {r['zstd19_bytes_per_token']:.1f} "
-                     f"| {r['full_f16_bytes_per_token']:,} "
-                     f"| {r['ratio_vs_full']:,.0f}× | {r['mass_mean']:.4f} | {r['mass_p5']:.4f} | {r['kl_mean']:.4f} "
-                     f"| {r['encode_tokens_per_s']:,.0f} / {r['decode_tokens_per_s']:,.0f} "
-                     f"| {r['zstd19_encode_tokens_per_s']:,.0f} | {r['target'] or '—'} | {met} |")
     tp = res.get("throughput")
     big = [t for v in res["vocabs"] if v["vocab_size"] > 512 for t in v["teachers"]]
     caveat = ""
@@ -407,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     res["throughput"] = label_distill_throughput(args.quick)
     res["minutes"] = (time.perf_counter() - start) / 60
     res["vocabs"] = json.loads(json.dumps(res["vocabs"]))  # int keys -> str, as they will be read back
-    from bench_common import write_results
+    from ensemblekd.testing import write_results
 
     rows = table_rows(res)
     write_results(out, "lm_store", res, rows, markdown(res, rows))

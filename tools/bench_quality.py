@@ -56,12 +56,18 @@ Reports mean ± std test accuracy over seeds and gap closed = (KD - alone) / (en
 (each variant's own ensemble: its rule's mix at T = 1, without labels), per data set and regime
 the best variant and the goals checked, writes OUT/quality.md, OUT/quality.json and OUT/quality.png
 (accuracy against student size, and every variant's mean ± std per data set and regime), and
-logs every run to one MLflow experiment in OUT/mlflow.db.
+logs every run (ekd.distill's and ekd.evaluate's, each named after its data set, regime, variant,
+width and seed) to one MLflow experiment in OUT/mlflow.db.
 
     python tools/bench_quality.py                 # the full benchmark (59 min on 2 cores)
     python tools/bench_quality.py --quick         # smoke test: specialists low ca_mkd; 1 seed, 3 epochs
     python tools/bench_quality.py --datasets specialists --variants rules,alone --seeds 2
     python tools/bench_quality.py --summarise-only
+
+Internals measured directly:
+  ensemblekd.fitting: the specialists are fitted by the teachers' seeded loop (fit_module); the API fits whole configs
+  ensemblekd.mixing: each rule's per-row weights on the stored logits (build_strategy); the API mixes only in training
+  ensemblekd.io.ray_session: one local Ray for the whole run; each ekd.* call alone starts and stops one
 """
 
 from __future__ import annotations
@@ -109,8 +115,6 @@ def prepare_specialists(out: Path, shard_rows: int = 128, seed: int = 0) -> None
     standardised with the train split's statistics."""
     from sklearn.model_selection import train_test_split
 
-    from ensemblekd.io import fs
-
     x, y = specialist_data(seed, **SPECIALISTS)
     ids = np.arange(len(y), dtype=np.int64)
     idx_train, idx_rest = train_test_split(ids, train_size=0.6, stratify=y, random_state=seed)
@@ -118,21 +122,21 @@ def prepare_specialists(out: Path, shard_rows: int = 128, seed: int = 0) -> None
     mean, std = x[idx_train].mean(0), x[idx_train].std(0) + 1e-6
     x = ((x - mean) / std).astype(np.float32)
     for split, idx in (("train", idx_train), ("val", idx_val), ("test", idx_test)):
+        (out / split).mkdir(parents=True, exist_ok=True)
         for i, start in enumerate(range(0, len(idx), shard_rows)):
             part = np.sort(idx[start:start + shard_rows])
             table = pa.table({"id": pa.array(part),
                               "x": pa.FixedSizeListArray.from_arrays(pa.array(x[part].reshape(-1), pa.float32()),
                                                                       x.shape[1]),
                               "y": pa.array(y[part])})
-            fs.write_bytes_atomic(str(out / split / f"part-{i:05d}.parquet"), fs.table_to_parquet_bytes(table))
+            pq.write_table(table, out / split / f"part-{i:05d}.parquet")
 
 
 def read_split(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, x [n, F] float32, y [n] int64 with -100 where the label is missing) of a prepared split."""
-    t = pa.concat_tables([pq.read_table(f) for f in sorted(path.glob("*.parquet"))])
-    x = np.array(t["x"].combine_chunks().flatten(), np.float32).reshape(t.num_rows, -1)  # a writable copy
-    y = np.array([-100 if v is None else v for v in t["y"].to_pylist()], np.int64)
-    return t["id"].to_numpy(), x, y
+    from ensemblekd import testing
+
+    return testing.read_split(str(path), "x", "y", "id")
 
 
 def fit_specialist(x: np.ndarray, y: np.ndarray, group: int, seed: int = 0, epochs: int | None = None):
@@ -141,12 +145,12 @@ def fit_specialist(x: np.ndarray, y: np.ndarray, group: int, seed: int = 0, epoc
     import torch
     import torch.nn.functional as F
 
+    from ensemblekd import testing
     from ensemblekd.fitting import fit_module
-    from ensemblekd.models import mlp
 
     s, f = SPECIALISTS, SPECIALIST_FIT
     torch.manual_seed(seed * 100 + group)
-    model = mlp(x.shape[1], s["groups"] * s["per_group"], f["hidden"])
+    model = testing.mlp(x.shape[1], s["groups"] * s["per_group"], f["hidden"])
     keep = torch.zeros(x.shape[1])
     keep[group * s["block"]:(group + 1) * s["block"]] = 1.0
     with torch.no_grad():
@@ -162,14 +166,14 @@ def fit_specialist(x: np.ndarray, y: np.ndarray, group: int, seed: int = 0, epoc
 
 def fit_specialists(data: Path, out: Path, seed: int = 0) -> list[Path]:
     """Fit (once) and save the three specialists' state dicts: out/spec_G.pt."""
-    from ensemblekd.models import save_state
+    from ensemblekd import testing
 
     paths = [out / f"spec_{g}.pt" for g in range(SPECIALISTS["groups"])]
     if all(p.exists() for p in paths):
         return paths
     _, x, y = read_split(data / "train")
     for g, p in enumerate(paths):
-        save_state(fit_specialist(x, y, g, seed), str(p))
+        testing.save_state(fit_specialist(x, y, g, seed), str(p))
     return paths
 
 
@@ -202,9 +206,9 @@ def feature_module(model: str, kwargs: dict) -> str:
     """The name of a model's last ReLU (its penultimate feature), as in model.named_modules()."""
     from torch import nn
 
-    from ensemblekd.models import build_module
+    from ensemblekd import testing
 
-    return [name for name, m in build_module(model, kwargs).named_modules() if isinstance(m, nn.ReLU)][-1]
+    return [name for name, m in testing.build_module(model, kwargs).named_modules() if isinstance(m, nn.ReLU)][-1]
 
 
 def teachers(dataset: str, in_features: int, num_classes: int, out: Path) -> list[dict]:
@@ -309,14 +313,14 @@ def base_config(dataset: str, regime: str, data: Path, out: Path, epochs: int, h
         "trainer": {"num_workers": 2, "epochs": epochs, "batch_size": 64, "lr": 0.005,
                     "output_dir": str(out / dataset / regime / "runs")},
         "evaluate": {"repeats": 0},  # no latency: quality only
-        "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "ensemblekd-bench-quality"},
+        "tracking": {"uri": f"sqlite:///{out / 'mlflow.db'}", "experiment": "ensemblekd-bench-quality",
+                     "log_model": False},  # runs compared by metrics: no served model each
         "ray": {"num_cpus": 2},
     }
 
 
-def variant_config(base: dict, variant: str, seed: int, hidden: int):
-    from ensemblekd.config import Config
-
+def variant_config(base: dict, variant: str, seed: int, hidden: int, where: str) -> dict:
+    """The variant's config; its MLflow runs are named `where variant hHIDDEN seedSEED`."""
     raw = json.loads(json.dumps(base))
     distill = dict(VARIANTS[variant][1])
     if distill.get("assistants") == "TA":  # an assistant about 2.5x the student (capacity-gap rule of thumb)
@@ -329,23 +333,17 @@ def variant_config(base: dict, variant: str, seed: int, hidden: int):
     raw["distill"].update(distill)
     raw["trainer"]["seed"] = seed
     raw["trainer"]["output_dir"] = f"{raw['trainer']['output_dir']}/{slug(variant)}-h{hidden}-s{seed}"
-    raw["tracking"]["run_name"] = f"{variant} h{hidden} seed{seed}"
-    return Config.model_validate(raw)
+    raw["tracking"]["run_name"] = f"{where} {variant} h{hidden} seed{seed}"
+    return raw
 
 
-def run_variant(cfg, tags: dict) -> dict:
-    from ensemblekd import tracking
-    from ensemblekd.stages.chain import distill_chain
-    from ensemblekd.stages.evaluate import evaluate
+def run_variant(cfg: dict) -> dict:
+    """Distil the student (with its TA or generations) and evaluate it, an MLflow run each: the
+    evaluation's rows (ekd.ModelRow) by model."""
+    import ensemblekd as ekd
 
-    with tracking.mlflow_run(cfg, "bench") as info:
-        import mlflow
-
-        mlflow.set_tags({f"bench.{k}": v for k, v in tags.items()})
-        trained = distill_chain(cfg, info, progress=False)
-        report = evaluate(cfg, trained.student)
-        tracking.log_metrics({f"test_accuracy.{r['model']}": r["accuracy"] for r in report["rows"]})
-    return {r["model"]: r for r in report["rows"]}
+    trained = ekd.distill(cfg, progress=False)
+    return {r.model: r for r in ekd.evaluate(cfg, student=trained.student).rows}
 
 
 def right_specialist_weights(base: dict, regime: str, full: Path) -> list[dict]:
@@ -354,16 +352,15 @@ def right_specialist_weights(base: dict, regime: str, full: Path) -> list[dict]:
     the accuracy of the mixed target (its argmax at T against the true label), from the stored logits."""
     import torch
 
-    from ensemblekd.config import Config
+    import ensemblekd as ekd
     from ensemblekd.mixing import build_strategy
-    from ensemblekd.store import Store
 
-    cfg = Config.model_validate(base)
+    cfg = ekd.load_config(base, check=False)
     names = [t.name for t in cfg.teachers]
-    store = Store.open(cfg.store.uri)
-    tables = [store.table(n, "train") for n in names]
-    ids = tables[0]["id"].to_numpy()
-    z = torch.from_numpy(np.stack([store.logits(n, "train") for n in names], axis=1))   # [N, K, C]
+    store = ekd.open_store(cfg.store.uri)
+    targets = [store.targets(n, "train") for n in names]
+    ids = targets[0].ids
+    z = torch.from_numpy(np.stack([t.logits for t in targets], axis=1).astype(np.float32))   # [N, K, C]
     true_ids, _, true_y = read_split(full / "train")
     _, _, seen_y = read_split(Path(cfg.data.train))
     order = {int(i): j for j, i in enumerate(true_ids)}
@@ -403,6 +400,8 @@ def main_hidden(results: list[dict]) -> int:
 def summarise(results: list[dict], weights: list[dict] | None = None) -> tuple[str, list[dict]]:
     """The markdown: per (data set, regime) the best variant and the goals; the table, one row per
     (data set, regime, student size, variant); the teachers; the specialists' rule weights."""
+    from ensemblekd.testing import markdown_table
+
     groups: dict[tuple, list[dict]] = {}
     for r in results:
         groups.setdefault((r["dataset"], r["regime"], r["hidden"], r["variant"]), []).append(r)
@@ -422,48 +421,49 @@ def summarise(results: list[dict], weights: list[dict] | None = None) -> tuple[s
                      "std": acc_std, "ensemble": ens, "gap_closed": gap, "n": len(rs),
                      "teachers": {k: statistics.fmean(x["teachers"][k] for x in rs) for k in rs[0]["teachers"]},
                      "params": rs[0]["params"]})
+    def pm(r: dict) -> str:
+        return f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"
+
+    def closed(r: dict) -> str:
+        return "—" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
+
     main = main_hidden(results) if results else None
-    lines = ["## Best variant per data set and regime", "",
-             f"At the main student size, mlp[{main}]; gap closed against the variant's own ensemble.", "",
-             "| data set | regime | best variant | test acc (mean ± std) | alone | gap closed | seeds |",
-             "|---|---|---|---|---|---|---|"]
+    best_rows = []
     for dataset, regime in dict.fromkeys((r["dataset"], r["regime"]) for r in rows):
         mine = [r for r in rows if (r["dataset"], r["regime"], r["hidden"]) == (dataset, regime, main)]
         kd = [r for r in mine if r["variant"] != "alone"]
         alone = next((r for r in mine if r["variant"] == "alone"), None)
-        if not kd:
-            continue
-        best = max(kd, key=lambda r: r["mean"])
-        gap = "—" if best["gap_closed"] is None else f"{100 * best['gap_closed']:.0f}%"
-        alone_s = "—" if alone is None else f"{100 * alone['mean']:.2f} ± {100 * alone['std']:.2f}"
-        lines.append(f"| {dataset} | {regime} | {best['variant']} | {100 * best['mean']:.2f} ± {100 * best['std']:.2f} "
-                     f"| {alone_s} | {gap} | {best['n']} |")
-    lines += ["", *goals(results, rows, main), "", "## Every run, mean over seeds", "",
-              "| data set | regime | student | variant | test acc (mean ± std) | gap closed | ensemble | seeds |",
-              "|---|---|---|---|---|---|---|---|"]
+        if kd:
+            best = max(kd, key=lambda r: r["mean"])
+            best_rows.append([dataset, regime, best["variant"], pm(best), "—" if alone is None else pm(alone),
+                              closed(best), best["n"]])
+    teachers: dict[tuple[str, str], float] = {}  # (data set, teacher) -> test accuracy, as first seen
     for r in rows:
-        gap = "—" if r["gap_closed"] is None else f"{100 * r['gap_closed']:.0f}%"
-        lines.append(f"| {r['dataset']} | {r['regime']} | mlp[{r['hidden']}] ({r['params']:,} p) | {r['variant']} | "
-                     f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} | {gap} | {100 * r['ensemble']:.2f} | {r['n']} |")
-    lines += ["", "## Teachers", "", "| data set | teacher | test acc |", "|---|---|---|"]
-    seen = set()
-    for r in rows:
-        for name, acc in r["teachers"].items():
-            if (r["dataset"], name) not in seen:
-                seen.add((r["dataset"], name))
-                lines.append(f"| {r['dataset']} | {name} | {100 * acc:.2f} |")
+        for name, a in r["teachers"].items():
+            teachers.setdefault((r["dataset"], name), a)
+    lines = ["## Best variant per data set and regime", "",
+             f"At the main student size, mlp[{main}]; gap closed against the variant's own ensemble.", "",
+             markdown_table(["data set", "regime", "best variant", "test acc (mean ± std)", "alone", "gap closed",
+                             "seeds"], best_rows, left=3),
+             "", *goals(results, rows, main), "", "## Every run, mean over seeds", "",
+             markdown_table(["data set", "regime", "student", "variant", "test acc (mean ± std)", "gap closed",
+                             "ensemble", "seeds"],
+                            [[r["dataset"], r["regime"], f"mlp[{r['hidden']}] ({r['params']:,} p)", r["variant"], pm(r),
+                              closed(r), f"{100 * r['ensemble']:.2f}", r["n"]] for r in rows], left=4),
+             "", "## Teachers", "",
+             markdown_table(["data set", "teacher", "test acc"],
+                            [[d, name, f"{100 * a:.2f}"] for (d, name), a in teachers.items()], left=2)]
     if weights:
         lines += ["", "## Specialists: the weight each rule gives the right specialist", "",
                   "On the train split, from the stored logits: the mean weight of the teacher of the row's group "
                   "(uniform: 1/3; at most 1/2 for entropy and ca_mkd, whose weights are (1 - share) / (K - 1)), "
                   "over all rows and over the labelled ones, and how often the mixed target's argmax at T = 4 "
                   "(what the student is taught) is the true label.", "",
-                  "| regime | rule | right specialist's weight | on labelled rows | mixed target accuracy |",
-                  "|---|---|---|---|---|"]
-        for w in weights:
-            lab = "—" if w["right_weight_labelled"] is None else f"{w['right_weight_labelled']:.3f}"
-            lines.append(f"| {w['regime']} | {w['rule']} | {w['right_weight']:.3f} | {lab} | "
-                         f"{100 * w['target_accuracy']:.2f}% |")
+                  markdown_table(["regime", "rule", "right specialist's weight", "on labelled rows",
+                                  "mixed target accuracy"],
+                                 [[w["regime"], w["rule"], f"{w['right_weight']:.3f}",
+                                   "—" if w["right_weight_labelled"] is None else f"{w['right_weight_labelled']:.3f}",
+                                   f"{100 * w['target_accuracy']:.2f}%"] for w in weights], left=2)]
     return "\n".join(lines), rows
 
 
@@ -618,14 +618,14 @@ def estimate_s(plan, epochs: int, seeds: int) -> tuple[int, float]:
 
 
 def prepare_data(dataset: str, out: Path, low_fraction: float) -> tuple[Path, Path]:
-    from ensemblekd.data.builtin import prepare
+    from ensemblekd import testing
 
     full, low = out / dataset / "data" / "full", out / dataset / "data" / "low"
     if not (full / "test").exists():
         if dataset == "specialists":
             prepare_specialists(full)
         else:
-            prepare(dataset, str(full), shard_rows=128)
+            testing.tiny_data(full, dataset, shard_rows=128)
     if not (low / "test").exists():
         mask_labels(full, low, low_fraction, seed=0)
     if dataset == "specialists":
@@ -668,40 +668,40 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import ensemblekd as ekd
-    from ensemblekd.config import Config, RayConfig
     from ensemblekd.io.ray_session import ensure_ray, ray_session
 
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results, weights = [], []
     with ray_session():
-        ensure_ray(RayConfig(num_cpus=2))
         for dataset in dict.fromkeys(d for d, _, _ in plan):
             full, low = prepare_data(dataset, out, args.low_label_fraction)
+            fitted = base_config(dataset, "full", full, out, epochs, args.hidden)
+            ensure_ray(ekd.load_config(fitted, check=False).ray)  # one Ray for every run (a no-op once started)
             # fits the teachers once on full labels (specialists: fitted above) and labels the full store
-            ekd.label(Config.model_validate(base_config(dataset, "full", full, out, epochs, args.hidden)), progress=False)
+            ekd.label(fitted, progress=False)
             for _, regime, entries in [e for e in plan if e[0] == dataset]:
                 data = full if regime == "full" else low
                 base = base_config(dataset, regime, data, out, epochs, args.hidden)
-                ekd.label(Config.model_validate(base), progress=False)  # labels once per regime (a no-op for full)
+                ekd.label(base, progress=False)  # labels once per regime (a no-op for full)
                 if any(needs_features(v) for v, _ in entries):
-                    ekd.label(Config.model_validate(base_config(dataset, regime, data, out, epochs, args.hidden,
-                                                                features=True)), progress=False)
+                    ekd.label(base_config(dataset, regime, data, out, epochs, args.hidden, features=True), progress=False)
                 if dataset == "specialists":
                     weights += right_specialist_weights(base, regime, full)
                 for seed in seeds:
                     for variant, hidden in entries:
                         cfg = variant_config(base_config(dataset, regime, data, out, epochs, hidden,
-                                                         features=needs_features(variant)), variant, seed, hidden)
+                                                         features=needs_features(variant)), variant, seed, hidden,
+                                             f"{dataset} {regime}")
                         t0 = time.perf_counter()
-                        rows = run_variant(cfg, {"dataset": dataset, "regime": regime, "variant": variant, "seed": seed})
-                        teacher_rows = [r for r in rows.values() if r["role"] == "teacher"]
+                        rows = run_variant(cfg)
+                        teacher_rows = [r for r in rows.values() if r.role == "teacher"]
                         results.append({"dataset": dataset, "regime": regime, "variant": variant,
                                         "group": VARIANTS[variant][0], "seed": seed, "hidden": hidden,
-                                        "student": rows["student"]["accuracy"], "params": rows["student"]["params"],
-                                        "ensemble": rows["ensemble"]["accuracy"],
-                                        "teachers": {r["model"]: r["accuracy"] for r in teacher_rows},
-                                        "teacher_params": {r["model"]: r["params"] for r in teacher_rows},
+                                        "student": rows["student"].accuracy, "params": rows["student"].params,
+                                        "ensemble": rows["ensemble"].accuracy,
+                                        "teachers": {r.model: r.accuracy for r in teacher_rows},
+                                        "teacher_params": {r.model: r.params for r in teacher_rows},
                                         "seconds": time.perf_counter() - t0})
                         (out / "quality.partial.json").write_text(json.dumps({"results": results,
                                                                               "right_weight": weights}))

@@ -22,6 +22,11 @@ manifest  the label driver's bookkeeping at 10 -> 10,000 shards and 1 -> 8 teach
 
     .venv/bin/python tools/bench_scale.py --delta --max-rows 10000000   # all, ~20 min on 2 cores
     .venv/bin/python tools/bench_scale.py --quick         # smoke test: small sizes only
+
+Internals measured directly:
+  ensemblekd.stages.label: timed on train alone (splits=); ekd.label also labels val and test and checks the config
+  ensemblekd.stages.distill: timed without MLflow; ekd.distill logs every epoch and the student inside the time
+  ensemblekd.store: the manifest part drives the real Store's commits, saves and a reader's Store.open
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ import importlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +45,6 @@ from typing import Any
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 SHARD_ROWS = 10_000
 SAVE_EVERY_S = 1.0  # the label loop's cadence (stages/label.py)
 WHOLE_MAX_ENTRIES = 8_000  # the before-design is run up to here
@@ -122,18 +125,18 @@ def label_run(work: Path, rows: int, teachers: int = 2, shard_rows: int = SHARD_
     teacher, driver and worker peak RSS. The caller removes work/data and work/store."""
     import torch
 
-    from ensemblekd.config import Config
-    from ensemblekd.models import build_module, save_state
+    import ensemblekd as ekd
+    from ensemblekd import testing
     from ensemblekd.stages.label import label
 
     for path in (work / "data", work / "store"):
         shutil.rmtree(path, ignore_errors=True)
     synthetic(work / "data", rows, shard_rows=shard_rows)
-    cfg = Config.model_validate(label_config(work, work / "data", str(work / "store"), teachers))
+    cfg = ekd.load_config(label_config(work, work / "data", str(work / "store"), teachers), check=False)
     for t in cfg.teachers:  # random weights: the cost of labelling does not depend on them
         if not os.path.exists(t.checkpoint):
             torch.manual_seed(0)
-            save_state(build_module(t.model, t.kwargs), t.checkpoint)
+            testing.save_state(testing.build_module(t.model, t.kwargs), t.checkpoint)
     gc.collect()
     with WorkerRss() as workers:
         start = time.perf_counter()
@@ -319,54 +322,55 @@ def bench_manifest(work: Path, shards: int, teachers: int, entry_seconds: float,
 
 
 def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    from ensemblekd.testing import markdown_table
+
     m = res["machine"]
     lines = [f"# bench_scale ({m['date']}, {m['cpu']}, {m['cores']} cores)", ""]
+
     def marginal(r: dict[str, Any]) -> str:
         return "" if r["marginal_s_per_million_rows"] is None else f"{r['marginal_s_per_million_rows']:.2f}"
 
+    def rss(r: dict[str, Any]) -> list[str]:
+        return [f"{r['driver_peak_rss_mb']:.0f}", f"{r['worker_peak_rss_mb']:.0f}"]
+
+    rss_header = ["driver peak RSS MB", "worker peak RSS MB"]
     label = [r for r in rows if r["bench"] == "label"]
     if label:
         lines += ["## label: rows grow (2 teachers, 10,000-row shards, local Ray, 2 x 0.5 CPU)", "",
-                  "| rows | shards | seconds | s per million rows | marginal s per million rows | s per shard x teacher "
-                  "| driver peak RSS MB | worker peak RSS MB |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['rows']:,} | {r['shards']:,} | {r['seconds']:.1f} | {r['s_per_million_rows']:.1f} | {marginal(r)} | "
-                  f"{r['s_per_shard_teacher']:.3f} | {r['driver_peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} |"
-                  for r in label]
-        lines.append("")
+                  markdown_table(["rows", "shards", "seconds", "s per million rows", "marginal s per million rows",
+                                  "s per shard x teacher", *rss_header],
+                                 [[f"{r['rows']:,}", f"{r['shards']:,}", f"{r['seconds']:.1f}",
+                                   f"{r['s_per_million_rows']:.1f}", marginal(r), f"{r['s_per_shard_teacher']:.3f}",
+                                   *rss(r)] for r in label], left=0), ""]
     distilled = [r for r in rows if r["bench"] == "distill"]
     if distilled:
         lines += ["## distill: rows grow (two epochs, 2 Ray Train workers x 0.5 CPU, DeepSpeed on CPU, batch 256)", "",
-                  "| rows | shards | seconds | s per million rows | marginal s per million rows | epoch 2 s | "
-                  "epoch 2 s per million rows | driver peak RSS MB | worker peak RSS MB |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['rows']:,} | {r['shards']:,} | {r['seconds']:.1f} | {r['s_per_million_rows']:.1f} | "
-                  f"{marginal(r)} | {r['epoch_s']:.1f} | {r['epoch_s_per_million_rows']:.1f} | "
-                  f"{r['driver_peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} |" for r in distilled]
-        lines.append("")
+                  markdown_table(["rows", "shards", "seconds", "s per million rows", "marginal s per million rows",
+                                  "epoch 2 s", "epoch 2 s per million rows", *rss_header],
+                                 [[f"{r['rows']:,}", f"{r['shards']:,}", f"{r['seconds']:.1f}",
+                                   f"{r['s_per_million_rows']:.1f}", marginal(r), f"{r['epoch_s']:.1f}",
+                                   f"{r['epoch_s_per_million_rows']:.1f}", *rss(r)] for r in distilled], left=0), ""]
     for bench, title in (("teachers", "label: teachers grow"), ("shards", "label: shards grow")):
         pts = [r for r in rows if r["bench"] == bench]
         if pts:
             lines += [f"## {title} ({pts[0]['rows']:,} rows, default placement, local Ray, 2 CPUs)", "",
-                      "| teachers | shards | label actors | seconds | s per million rows | s per million rows x teachers | "
-                      "s per shard x teacher | driver peak RSS MB | worker peak RSS MB |",
-                      "|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
-            lines += [f"| {r['teachers']} | {r['shards']:,} | "
-                      f"{', '.join(str(a['replicas']) + ' x ' + str(len(a['teachers'])) for a in r['actors'])} | "
-                      f"{r['seconds']:.1f} | {r['s_per_million_rows']:.1f} | {r['s_per_million_teacher_rows']:.1f} | "
-                      f"{r['s_per_shard_teacher']:.3f} | {r['driver_peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} |"
-                      for r in pts]
-            lines.append("")
+                      markdown_table(["teachers", "shards", "label actors", "seconds", "s per million rows",
+                                      "s per million rows x teachers", "s per shard x teacher", *rss_header],
+                                     [[r["teachers"], f"{r['shards']:,}",
+                                       ", ".join(f"{a['replicas']} x {len(a['teachers'])}" for a in r["actors"]),
+                                       f"{r['seconds']:.1f}", f"{r['s_per_million_rows']:.1f}",
+                                       f"{r['s_per_million_teacher_rows']:.1f}", f"{r['s_per_shard_teacher']:.3f}",
+                                       *rss(r)] for r in pts], left=0), ""]
     manifest = [r for r in rows if r["bench"] == "manifest"]
     if manifest:
         lines += [f"## manifest: shards and teachers grow (label cost {res['entry_seconds']:.3f} s per shard x "
                   "teacher, saved about once a second, local disk)", "",
-                  "| design | shards | teachers | entries | saves | manifest s | share of label | MB written | "
-                  "reader open s | final whole save s | driver RSS growth MB |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['design']} | {r['shards']:,} | {r['teachers']} | {r['entries']:,} | {r['saves']:,} | "
-                  f"{r['manifest_s']:.2f} | {100 * r['share']:.2f}% | {r['manifest_mb']:.1f} | "
-                  f"{r['reader_open_s']:.2f} | {r['final_save_s']:.2f} | {r['driver_rss_growth_mb']:.0f} |" for r in manifest]
+                  markdown_table(["design", "shards", "teachers", "entries", "saves", "manifest s", "share of label",
+                                  "MB written", "reader open s", "final whole save s", "driver RSS growth MB"],
+                                 [[r["design"], f"{r['shards']:,}", r["teachers"], f"{r['entries']:,}", f"{r['saves']:,}",
+                                   f"{r['manifest_s']:.2f}", f"{100 * r['share']:.2f}%", f"{r['manifest_mb']:.1f}",
+                                   f"{r['reader_open_s']:.2f}", f"{r['final_save_s']:.2f}",
+                                   f"{r['driver_rss_growth_mb']:.0f}"] for r in manifest])]
     return "\n".join(lines) + "\n"
 
 
@@ -419,10 +423,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delta", action="store_true", help="manifest: also a Delta Lake table (needs `pip install deltalake`)")
     p.add_argument("--work", default=None, help="directory for data and stores (default: a temporary one, removed)")
     args = p.parse_args(argv)
-    from bench_common import machine, write_results
-
     import pyarrow as pa
     import ray
+
+    from ensemblekd.testing import machine, write_results
 
     only = args.only.split(",")
     work = Path(args.work or tempfile.mkdtemp(prefix="ekd-scale-"))

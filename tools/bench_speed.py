@@ -25,6 +25,16 @@ directory, removed at the end.
     python tools/bench_speed.py                      # the full benchmark (see README for its time)
     python tools/bench_speed.py --quick --out /tmp/s  # smoke test: a few thousand rows, 1 repeat
     python tools/bench_speed.py --only label,store    # some of the benchmarks
+
+Internals measured directly:
+  ensemblekd.stages.label: timed on the given splits alone (splits=); ekd.label labels all and checks the config
+  ensemblekd.stages.distill: timed without MLflow; ekd.distill logs every epoch and the student inside the time
+  ensemblekd.store: the trainer's reader reads the Store itself; the plain loops read its shard files (shard_uri)
+  ensemblekd.tasks: the trainer's reader (Task.batches) and its shards per worker (worker_segments, the plain loops' too)
+  ensemblekd.tasks.classification: the plain labeller writes ensemblekd's own label shards (encode)
+  ensemblekd.losses: the plain loops and the step benchmark use the trainer's loss (kd_loss)
+  ensemblekd.stages.train: the step benchmark runs the trainer's own DeepSpeed config (deepspeed_config)
+  ensemblekd.config: the TrainerConfig that deepspeed_config takes
 """
 
 from __future__ import annotations
@@ -122,7 +132,7 @@ def write_split(out: Path, rows: int, shard_rows: int, first_id: int, seed: int)
 def make_data(work: Path, s: Sizes) -> dict[str, Any]:
     import torch
 
-    from ensemblekd.models import mlp
+    from ensemblekd.testing import mlp
 
     data = work / "data"
     splits = {"train": write_split(data / "train", s.train_rows, s.shard_rows, 0, 0),
@@ -142,7 +152,7 @@ def make_data(work: Path, s: Sizes) -> dict[str, Any]:
 def load_teachers(specs: list[dict]) -> list[tuple[str, Any]]:
     import torch
 
-    from ensemblekd.models import mlp
+    from ensemblekd.testing import mlp
 
     out = []
     for t in specs:
@@ -162,13 +172,13 @@ def make_config(ctx: dict, train_dir: str, store: Path, output_dir: Path, epochs
                 layout: str = "default"):
     """The benchmark's config; the teachers placed as LAYOUTS[layout] says (default: --label-replicas
     and --label-num-cpus, placed automatically)."""
-    from ensemblekd.config import Config
+    import ensemblekd as ekd
 
     io = {"in_features": FEATURES, "num_classes": CLASSES}
     data = ctx["data"]["dir"]
     placed = {"default": lambda t: {"replicas": ctx["label_replicas"], "num_cpus": ctx["label_num_cpus"]},
               "per_teacher": lambda t: {"group": t["name"], "num_cpus": 0.5}}[layout]
-    return Config.model_validate({
+    return ekd.load_config({
         "data": {"train": train_dir, "val": f"{data}/val", "test": f"{data}/test"},
         "teachers": [{"name": t["name"], "model": "ensemblekd.models:mlp", "kwargs": {**io, "hidden": t["hidden"]},
                       "checkpoint": t["checkpoint"], **placed(t), "batch_size": TEACHER_BATCH} for t in ctx["data"]["teachers"]],
@@ -178,7 +188,7 @@ def make_config(ctx: dict, train_dir: str, store: Path, output_dir: Path, epochs
         "trainer": {"num_workers": ctx["trainer_workers"], "cpus_per_worker": 0.5, "epochs": epochs, "batch_size": GLOBAL_BATCH,
                     "lr": LR, "zero_stage": zero_stage, "max_failures": 0, "output_dir": str(output_dir)},
         "ray": {"num_cpus": 2},
-    })
+    }, check=False)
 
 
 def start_ray() -> float:
@@ -397,8 +407,8 @@ def _train_worker(rank: int, world: int, port: int, job_path: str, result_path: 
     from torch.nn.parallel import DistributedDataParallel
 
     from ensemblekd.losses import kd_loss
-    from ensemblekd.models import mlp
     from ensemblekd.tasks import worker_segments
+    from ensemblekd.testing import mlp
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # read-only views, never written
@@ -594,8 +604,8 @@ def _step_worker(rank: int, world: int, port: int, job_path: str, result_path: s
 
     from ensemblekd.config import TrainerConfig
     from ensemblekd.losses import kd_loss
-    from ensemblekd.models import mlp
     from ensemblekd.stages.train import deepspeed_config
+    from ensemblekd.testing import mlp
 
     job = json.loads(Path(job_path).read_text())
     micro = job["batch"] // world
@@ -807,6 +817,8 @@ def break_even(ds: dict[str, Any], target: float = 4.0) -> str:
 
 
 def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    from ensemblekd.testing import markdown_table
+
     m, st = res["machine"], res["settings"]
     lines = [
         "# Speed, side by side",
@@ -822,13 +834,11 @@ def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"(each teacher ≥ {min(mflops(h) for h in TEACHERS.values()) / mflops(STUDENT_HIDDEN):.0f}× the student). "
         f"Median of {st['repeats']} repeat(s); {st['epochs']} epoch(s); global batch {GLOBAL_BATCH}.",
         "",
-        "| stage | what is measured | ensemblekd | baseline | ratio | target | met |",
-        "|---|---|---:|---:|---:|---|---|",
+        markdown_table(["stage", "what is measured", "ensemblekd", "baseline", "ratio", "target", "met"],
+                       [[r["stage"], r["what"], fmt(r["ensemblekd"], r["unit"]), fmt(r["baseline"], r["unit"]),
+                         f"{r['ratio']:.2f}×", r["target"] or "—",
+                         "—" if r["met"] is None else ("yes" if r["met"] else "**no**")] for r in rows], left=2),
     ]
-    for r in rows:
-        met = "—" if r["met"] is None else ("yes" if r["met"] else "**no**")
-        lines.append(f"| {r['stage']} | {r['what']} | {fmt(r['ensemblekd'], r['unit'])} | {fmt(r['baseline'], r['unit'])} "
-                     f"| {r['ratio']:.2f}× | {r['target'] or '—'} | {met} |")
     extra = []
     if "ray_init_s" in res:
         extra.append(f"Ray start (local, 2 CPUs), paid once per session and not in the label rows: {res['ray_init_s']:.2f} s.")
@@ -877,9 +887,10 @@ def machine() -> dict[str, Any]:
     import deepspeed
     import ray
     import torch
-    from bench_common import machine as basics
 
-    return basics(torch=torch.__version__, ray=ray.__version__, deepspeed=deepspeed.__version__, pyarrow=pa.__version__)
+    from ensemblekd import testing
+
+    return testing.machine(torch=torch.__version__, ray=ray.__version__, deepspeed=deepspeed.__version__, pyarrow=pa.__version__)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -932,9 +943,7 @@ def main(argv: list[str] | None = None) -> int:
         if {"label", "distill", "store"} & set(only):
             import ray
 
-            from ensemblekd.io.ray_session import ray_session
-
-            with ray_session():
+            try:
                 res["ray_init_s"] = ctx["ray_init_s"] = start_ray()
                 log(f"Ray started in {res['ray_init_s']:.2f} s ({ray.available_resources().get('CPU')} CPUs)")
                 for name, fn in (("label", bench_label), ("distill", bench_distill), ("store", bench_store)):
@@ -942,11 +951,13 @@ def main(argv: list[str] | None = None) -> int:
                         t0 = time.perf_counter()
                         res[name] = fn(ctx)
                         log(f"{name}: done in {time.perf_counter() - t0:.0f} s")
+            finally:
+                ray.shutdown()
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     res["minutes"] = (time.perf_counter() - start) / 60
-    from bench_common import write_results
+    from ensemblekd.testing import write_results
 
     rows = table_rows(res)
     write_results(out, "speed", res, rows, markdown(res, rows))
