@@ -7,10 +7,10 @@ import torch
 
 import ensemblekd as ekd
 from ensemblekd import UserError
-from ensemblekd.testing import build_module, load_state
 from ensemblekd.stages.train import deepspeed_config
 from ensemblekd.store import Store
 from ensemblekd.tasks import classification, get_task, worker_segments
+from ensemblekd.testing import build_module, load_state
 
 
 def _rows(segments, offsets):

@@ -11,11 +11,11 @@ import pytest
 import requests
 import torch
 from conftest import free_port, served_model
-from ensemblekd.testing import build_module, load_state, read_split, write_config
 
 from ensemblekd import tracking
 from ensemblekd.cli import main
 from ensemblekd.stages import export
+from ensemblekd.testing import build_module, load_state, read_split, write_config
 
 pytestmark = pytest.mark.integration
 NAME = "digits-student"

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from ensemblekd.testing import tiny_config
 from mlflow.tracking import MlflowClient
 
 import ensemblekd as ekd
+from ensemblekd.testing import tiny_config
 
 pytestmark = pytest.mark.integration
 

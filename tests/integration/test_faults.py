@@ -24,16 +24,16 @@ from conftest import REPO
 import ensemblekd as ekd
 from ensemblekd import tracking
 from ensemblekd import UserError
-from ensemblekd.testing import build_module, save_state
 from ensemblekd.stages.distill import distill
 from ensemblekd.store import LOCK, Store
+from ensemblekd.testing import build_module, save_state
 
 pytestmark = pytest.mark.integration
 TESTS = Path(__file__).resolve().parents[1]  # tests/: faulty_models is imported from there
 
 
 def checksums(uri: str) -> dict[tuple[str, str, str], str]:
-    shards = Store.open(uri).manifest["shards"]
+    shards = ekd.open_store(uri).manifest["shards"]
     return {(s, t, i): e["sha256"] for s, per in shards.items() for t, es in per.items() for i, e in es.items()}
 
 
@@ -101,7 +101,7 @@ def test_killed_teacher_actor_is_restarted_and_its_shard_redone(labelled, tmp_pa
     restarted = actors(actor_id=killed["id"])[0]
     assert restarted.num_restarts >= 1
     assert checksums(cfg.store.uri) == checksums(labelled[0].store.uri)  # identical to an uninterrupted run
-    assert all(ok for *_, ok, _ in Store.open(cfg.store.uri).verify())
+    assert all(ok for *_, ok, _ in ekd.open_store(cfg.store.uri).verify())
 
 
 def test_killed_driver_loses_no_committed_shard(labelled, tmp_path):
@@ -148,7 +148,7 @@ def test_two_label_runs_at_once_make_one_valid_store(labelled, tmp_path):
     assert any("waiting for it to finish" in err for _, err in outputs)
     uri = str(tmp_path / "store")
     assert checksums(uri) == checksums(labelled[0].store.uri)
-    assert all(ok for *_, ok, _ in Store.open(uri).verify())
+    assert all(ok for *_, ok, _ in ekd.open_store(uri).verify())
     assert not os.path.exists(os.path.join(uri, LOCK))
 
 

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-from ensemblekd.testing import load_state, load_student, mlp, read_split, tiny_config, write_config
 
 import ensemblekd as ekd
 from ensemblekd import UserError
 from ensemblekd.store import Store
 from ensemblekd.tasks.classification import decode
+from ensemblekd.testing import load_state, load_student, mlp, read_split, tiny_config, write_config
 
 pytestmark = pytest.mark.integration
 

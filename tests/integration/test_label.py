@@ -7,12 +7,12 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from ensemblekd.testing import build_module, save_state, tiny_config, write_config
 
 import ensemblekd as ekd
 from ensemblekd import UserError
 from ensemblekd.store import Store
 from ensemblekd.tasks import classification
+from ensemblekd.testing import build_module, save_state, tiny_config, write_config
 
 
 def _mtimes(root):
@@ -62,7 +62,7 @@ def test_resume_redoes_only_missing_shards(tmp_path, digits_dir, ray_local):
     after = _mtimes(store_dir)
     redone = {p for p in after if before.get(p) != after[p]}
     assert redone == {store.shard_uri("train", "mlp_a", 1), store.shard_uri("test", "mlp_b", 0)}
-    assert all(ok for *_, ok, _ in Store.open(cfg.store.uri).verify())
+    assert all(ok for *_, ok, _ in ekd.open_store(cfg.store.uri).verify())
 
 
 def test_changed_teacher_is_relabelled_alone(tmp_path, digits_dir, ray_local):
@@ -124,7 +124,7 @@ def test_repair_rewrites_just_the_corrupt_shard(tmp_path, digits_dir, ray_local)
     assert repaired.shards == 1 and repaired.repaired == ["val/mlp_b/shard 1 (checksum mismatch)"]
     after = _mtimes(tmp_path / "store")
     assert {p for p in after if after[p] != before[p]} == {corrupt}
-    assert all(ok for *_, ok, _ in Store.open(cfg.store.uri).verify())
+    assert all(ok for *_, ok, _ in ekd.open_store(cfg.store.uri).verify())
 
 
 def test_resources_no_node_has_are_refused_instead_of_hanging(tmp_path, digits_dir, ray_local):
@@ -252,4 +252,4 @@ def test_two_label_runs_started_together_fit_each_teacher_once(tmp_path, digits_
     assert stdout.count("fitted teacher 'mlp_a'") == 1 and stdout.count("fitted teacher 'mlp_b'") == 1, stdout
     assert sum("labelled 0 shard(s)" in out for out, _ in outs) == 1, stdout
     assert sum("is being written by pid" in err for _, err in outs) == 1  # the second said why it waited
-    assert all(ok for *_, ok, _ in Store.open(str(tmp_path / "store")).verify())
+    assert all(ok for *_, ok, _ in ekd.open_store(str(tmp_path / "store")).verify())

@@ -84,11 +84,11 @@ def write(tmp_path: Path, cfg: dict) -> Path:
 
 def manifest(servers, name: str) -> dict:
     """The store's manifest as a reader sees it: manifest.json plus its commit log (while a run goes)."""
+    import ensemblekd as ekd
     from ensemblekd import UserError
-    from ensemblekd.store import Store
 
     try:
-        return Store.open(f"{S3}/runs/{name}/store").manifest
+        return ekd.open_store(f"{S3}/runs/{name}/store").manifest
     except UserError:  # not there yet
         return {"shards": {}}
 

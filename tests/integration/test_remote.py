@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port
+
+import ensemblekd as ekd
 from ensemblekd.testing import tiny_config, write_config
 from servers import KEY, SECRET, moto_server, s3fs_client, tracking_server
 
@@ -125,12 +127,12 @@ def test_a_reader_trusts_the_manifest_only_and_sees_other_processes_writes(remot
             f"fs.pipe_file({BUCKET + '/copy/manifest.json'!r}, json.dumps({manifest!r}).encode())")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
-    assert Store.open(copy).manifest.get("note") == "rewritten by another process"
+    assert ekd.open_store(copy).manifest.get("note") == "rewritten by another process"
     assert storage.file_size(shard) == 3100 != old_size
     assert storage.read_bytes(shard).startswith(b"not parquet")
-    bad = [(split, t, i, why) for split, t, i, ok, why in Store.open(copy).verify() if not ok]
+    bad = [(split, t, i, why) for split, t, i, ok, why in ekd.open_store(copy).verify() if not ok]
     assert bad == [("train", "mlp_a", 0, f"3100 bytes, manifest says {manifest['shards']['train']['mlp_a']['0']['bytes']}")]
-    assert "9999" not in Store.open(copy).manifest["shards"]["train"]["mlp_a"]
+    assert "9999" not in ekd.open_store(copy).manifest["shards"]["train"]["mlp_a"]
     with pytest.raises(UserError, match="checksum mismatch"):
         classification.decode(Store.open(copy).read_table("train", "mlp_a", 0))
 

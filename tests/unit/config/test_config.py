@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from ensemblekd.testing import tiny_config, write_config
 from ensemblekd import UserError, load_config
+from ensemblekd.testing import tiny_config, write_config
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from ensemblekd.testing import tiny_config
 from ensemblekd import UserError, load_config
 from ensemblekd.config import parse_config
 from ensemblekd.stages.chain import assistant_teachers, level_configs, level_role
+from ensemblekd.testing import tiny_config
 
 DATA = Path("/nonexistent/digits")  # parse_config and load_config(check=False) touch no file
 

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import skops.io
 import torch
-from ensemblekd.testing import tiny_config
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
@@ -18,6 +17,7 @@ from ensemblekd.errors import UserError
 from ensemblekd.models import count_parameters
 from ensemblekd.teachers import kind_of
 from ensemblekd.teachers.scikit_learn import PROBA_FLOOR, EstimatorModule, estimator_logits, estimator_parameters
+from ensemblekd.testing import tiny_config
 
 RNG = np.random.default_rng(0)
 X = RNG.normal(size=(120, 4)).astype(np.float32)

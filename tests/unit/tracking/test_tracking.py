@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from conftest import REPO
-from ensemblekd.testing import tiny_config
 from ensemblekd import cli, tracking
 from ensemblekd.config import parse_config
+from ensemblekd.testing import tiny_config
 
 # A child process that opens a run, prints its id and its experiment's, then waits to be signalled.
 CHILD = """
