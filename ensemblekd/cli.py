@@ -8,6 +8,7 @@ traceback instead).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -234,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         if exc.code != signal.SIGTERM:
             raise
         return _stopped(True)  # SIGTERM after ray.init, whose handler exits with sys.exit(SIGTERM)
+    except BrokenPipeError:  # `ensemblekd inspect STORE | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 1
 
 
 def _stopped(terminated: bool) -> int:
