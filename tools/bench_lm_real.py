@@ -492,7 +492,7 @@ def markdown(res: dict[str, Any]) -> str:
         (f"Machine: {m['cpu']}, {m['cores']} cores ({st['threads']} torch thread used), {m['memory_gib']:.0f} GiB; "
          f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, pyarrow {m['pyarrow']}, "
          f"numpy {m['numpy']}; load average at start {m['load_average_at_start'][0]:.1f} (the machine was shared)."),
-        f"Measured version of `ensemblekd/topk.py` + `ensemblekd/tasks/token.py`: sha256 {m['topk_codec_sha256']}.",
+        f"Measured version of `ensemblekd/topk.py` + `ensemblekd/tasks/token/codec.py`: sha256 {m['topk_codec_sha256']}.",
         "",
         (f"Teacher: SmolLM2-135M-Instruct (`{st['gguf_name']}`, dequantised to float32 by `lm.from_gguf`), "
          f"V = {res['vocab_size']:,}. Text: CPython's pydoc topics (`data.text.prepare_pydoc`, rows of 256 "

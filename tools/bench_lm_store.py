@@ -326,7 +326,7 @@ def markdown(res: dict[str, Any], rows: list[dict[str, Any]]) -> str:
          f"Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}, pyarrow {m['pyarrow']}, "
          f"numpy {m['numpy']}; load average at start {m['load_average_at_start'][0]:.1f}."),
         "",
-        f"Measured version of `ensemblekd/topk.py` + `ensemblekd/tasks/token.py`: sha256 {m['topk_codec_sha256']}.",
+        f"Measured version of `ensemblekd/topk.py` + `ensemblekd/tasks/token/codec.py`: sha256 {m['topk_codec_sha256']}.",
         "",
         ("Teachers (tiny causal LMs from `ensemblekd.lm`, fitted with `fit_lm` on `markov_corpus`, measured on "
         "held-out sequences of the same language; every position of every sequence is one token):"),

@@ -24,7 +24,8 @@ from ensemblekd.losses import IGNORE
 from ensemblekd.mixing import WEIGHTINGS, Assistant, build_strategy, rule_maker
 from ensemblekd.store import Store
 from ensemblekd.tasks import get_task
-from ensemblekd.tasks.token import TokenBatch, _join, encode, make_batch
+from ensemblekd.tasks.token import TokenBatch, encode, make_batch
+from ensemblekd.tasks.token.batches import join_batches
 from ensemblekd.topk import topk_targets
 
 VOCAB = 64
@@ -139,7 +140,7 @@ def test_a_batch_across_two_shards_keeps_positions_right():
     a = make_batch(np.array([0]), tokens, lengths, mask, [])
     b = make_batch(np.array([1]), tokens, lengths, mask, [])
 
-    joined = _join([(np.array([0]), (tokens, lengths, mask, [])), (np.array([1]), (tokens, lengths, mask, []))])
+    joined = join_batches([(np.array([0]), (tokens, lengths, mask, [])), (np.array([1]), (tokens, lengths, mask, []))])
     assert joined.tokens.shape == (2, 4)
     flat = joined.tokens.reshape(-1)
     assert flat[joined.positions + 1].tolist() == joined.labels.tolist() == [*a.labels.tolist(), *b.labels.tolist()]

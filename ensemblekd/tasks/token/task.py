@@ -1,311 +1,36 @@
-"""task: token — causal LMs distilled token by token from compressed top-k targets.
-
-Rows are sequences of token ids. A teacher's logits at position j predict token j + 1, so a
-sequence of L tokens gives L − 1 stored positions: per position the top-k log-probs of the full
-softmax, their ids and the tail mass (ensemblekd.topk). The student trains on every position
-whose next token is a target (data.loss_mask, padding excluded) with topk.token_loss; the
-strategy's per-token teacher weights come from the same rules as for classification, fed the
-sparse targets through topk.rule_inputs. Teachers, student and the store share one vocabulary
-(data.vocab_size) and its tokenizer hash (ensemblekd.lm.vocab_hash), recorded in the manifest.
-
-Label shards (the codec below): one Parquet shard per input shard, a row per sequence: id int64,
-topk_logprobs list<fixed_size_list<halffloat>[k]>, topk_indices list<fixed_size_list<uintN>[k]>
-(the narrowest unsigned type for V), tail_logprob list<halffloat>, next_logprob list<halffloat>;
-position j predicts token j + 1. store.codec: ranked stores topk_codes list<fixed_size_list<uint8>[k]>
-and rank gaps in topk_indices instead (below).
-"""
+"""The Token task: what each stage asks of task token (tasks.base.Task), built on the codec, the
+shared vocabulary and the batches beside it; and the served model (next-token probabilities)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from ensemblekd.config import Config
-from ensemblekd.data.inputs import InputShard, check_columns, input_shards, read_token_shard
+from ensemblekd.data.inputs import InputShard, check_columns, read_token_shard
 from ensemblekd.errors import UserError
-from ensemblekd.lm import fit_lm, logits_of, vocab_hash
+from ensemblekd.lm import fit_lm, logits_of
 from ensemblekd.losses import divergence
-from ensemblekd.store import Store, pack
+from ensemblekd.store import Store
 from ensemblekd.tasks.base import Column, Served, Task, read_aligned, row_batches, run_on
+from ensemblekd.tasks.token.batches import (
+    Sequences,
+    TokenBatch,
+    join_batches,
+    make_batch,
+    model_accuracy,
+    next_at,
+    read_token_split,
+    student_positions,
+)
+from ensemblekd.tasks.token.codec import TopK, decode, encode
+from ensemblekd.tasks.token.vocabulary import shared_vocabulary, tokenizer_path, vocabulary
 from ensemblekd.teachers import kind_of
 from ensemblekd.topk import dense_from_topk, rule_inputs, token_loss, topk_targets
-
-# -- the codec ---------------------------------------------------------------------------------
-# Writer settings by measurement (B/token, k = 32, V = 32k, Zipf-like LM targets; float16 + int32
-# would be 192, float16 + uint16 130): snappy with dictionaries (pyarrow's default) 129; zstd
-# without dictionaries (no value repeats enough to pay) 114; + byte-stream-split, which groups the
-# values' high bytes (the sorted log-probs' exponents, the ids' mostly small or zero upper bytes)
-# 88; zstd level ≥ 17 (its optimal parser) 82.5. Level 3 (88.7) is the default: on the tiny LM
-# teachers' real targets it wrote 824k tokens/s a core against 26k at level 19, for 58.3 against
-# 51.7 B/token; at 19 the writer, not the teacher, set the label stage's pace
-# (store.compression_level chooses). Reading speed does not depend on the level.
-# Data pages v2 leave the nested lists' repetition levels uncompressed (+10); DELTA_BINARY_PACKED
-# ids +16; brotli 11 −3% but 7× slower to write and 2× slower to read; statistics are useless here.
-ZSTD_LEVEL = 3
-_SPLIT = ["topk_logprobs.list.element.list.element", "topk_indices.list.element.list.element",
-          "topk_codes.list.element.list.element", "tail_logprob.list.element", "next_logprob.list.element"]
-
-# store.codec: ranked (measured on SmolLM2 over pydoc text, tools/bench_lm_real.py: 58.8 against
-# 92.6 B/token at k = 32, 205 against 360 at k = 128, KL(full || stored) the same to 1e-4 nats).
-# The ids become their rank in the shard's id frequency (the map, ids by decreasing count, rides
-# in the file's key-value metadata), sorted per token and delta-coded: small gaps between frequent
-# ids compress far better than ids in log-p order. Each log-prob becomes the index of the nearest
-# of 256 levels of −log p whose step doubles every 4 nats (1/16 nat to 4, 1/8 to 8, 1/4 to 12,
-# 1/2 to 83.5): an error of 1/32 nat on a likely id costs as much KL as 1/4 nat on one of
-# p < e^−8. Decoding re-sorts each token by log-prob and renormalises top-k + tail to sum to 1;
-# ids whose codes tie come back by rank, so a top-1 within 1/32 nat of the second may swap.
-CODECS = ("float16", "ranked")
-LEVELS = np.concatenate([np.arange(64) / 16, 4 + np.arange(32) / 8, 8 + np.arange(16) / 4, 12 + np.arange(144) / 2])
-_MIDPOINTS = (LEVELS[1:] + LEVELS[:-1]) / 2
-
-
-def parquet_options(level: int = ZSTD_LEVEL) -> dict[str, Any]:
-    """pyarrow.parquet.write_table options for a token shard (lossless: values are stored as given)."""
-    return {"compression": "zstd", "compression_level": level, "use_dictionary": False,
-            "use_byte_stream_split": _SPLIT, "write_statistics": False, "data_page_version": "1.0"}
-
-
-def _ranked(logp: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[bytes, bytes]]:
-    """(uint8 codes, rank gaps in idx's dtype, metadata): the ranked codec's columns of one shard."""
-    seen, count = np.unique(idx, return_counts=True)
-    by_count = seen[np.argsort(-count, kind="stable")].astype(idx.dtype)
-    rank = np.zeros(int(seen[-1]) + 1 if len(seen) else 1, idx.dtype)
-    rank[by_count] = np.arange(len(by_count))
-    ranks = rank[idx]
-    order = np.argsort(ranks, axis=1, kind="stable")
-    gaps = np.diff(np.take_along_axis(ranks, order, 1).astype(np.int64), axis=1, prepend=0).astype(idx.dtype)
-    codes = np.searchsorted(_MIDPOINTS, -np.take_along_axis(logp, order, 1).astype(np.float32)).astype(np.uint8)
-    meta = {b"ranked_ids": pa.compress(by_count.tobytes(), codec="zstd", asbytes=True),
-            b"ranked_ids_count": str(len(by_count)).encode()}
-    return codes, gaps, meta
-
-
-def _unranked(codes: np.ndarray, gaps: np.ndarray, tail: np.ndarray, meta: dict[bytes, bytes]):
-    """_ranked undone: (log-probs float16 descending, ids, tail float16), top-k + tail summing to 1."""
-    count = int(meta[b"ranked_ids_count"])
-    by_count = np.frombuffer(pa.decompress(meta[b"ranked_ids"], decompressed_size=count * gaps.itemsize,
-                                           codec="zstd", asbytes=True), gaps.dtype)
-    ids = by_count[np.cumsum(gaps, axis=1, dtype=np.int64)]
-    logp = -LEVELS[codes]
-    order = np.argsort(codes, axis=1, kind="stable")            # ascending −log p: descending log p
-    logp, ids = np.take_along_axis(logp, order, 1), np.take_along_axis(ids, order, 1)
-    tail64 = tail.astype(np.float64)
-    norm = np.log(np.exp(logp).sum(1) + np.exp(tail64))
-    return ((logp - norm[:, None]).astype(np.float16), ids.astype(gaps.dtype),
-            (tail64 - norm).astype(np.float16))
-
-
-def encode(ids: np.ndarray, lengths: np.ndarray, logp: np.ndarray, idx: np.ndarray, tail: np.ndarray,
-           level: int = ZSTD_LEVEL, nxt: np.ndarray | None = None, codec: str = "float16") -> tuple[bytes, dict[str, Any]]:
-    """Parquet bytes of one token shard (row r: sequence ids[r], lengths[r] positions) and its
-    manifest entry: rows, tokens, bytes, sha256. idx keeps its dtype (index_dtype(V) from topk_targets).
-    nxt [N]: the log-prob of the token that follows each position (its perplexity on the split,
-    exact whether or not that token is in the top k); 2 B/token before compression.
-    codec: float16 (lossless) or ranked (above; topk_codes uint8 instead of topk_logprobs)."""
-    n, k = logp.shape
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) != len(ids) or lengths.sum() != n or idx.shape != (n, k) or tail.shape != (n,):
-        raise ValueError(f"{len(ids)} rows of {lengths.sum()} positions for logp {logp.shape}, idx {idx.shape}, "
-                         f"tail {tail.shape}")
-    if codec not in CODECS:
-        raise ValueError(f"codec {codec!r}: not one of {CODECS}")
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]), pa.int32())
-
-    def per_row(values: np.ndarray, arrow_type=None) -> pa.ListArray:
-        flat = pa.array(np.ascontiguousarray(values).reshape(-1), arrow_type)
-        tokens = pa.FixedSizeListArray.from_arrays(flat, k) if values.ndim == 2 else flat
-        return pa.ListArray.from_arrays(offsets, tokens)
-
-    meta = None
-    if codec == "ranked":
-        codes, gaps, meta = _ranked(logp, idx)
-        topk = {"topk_codes": per_row(codes), "topk_indices": per_row(gaps)}
-    else:
-        topk = {"topk_logprobs": per_row(logp.astype(np.float16, copy=False), pa.float16()),
-                "topk_indices": per_row(idx)}
-    columns = {"id": pa.array(np.asarray(ids), pa.int64()), **topk,
-               "tail_logprob": per_row(tail.astype(np.float16, copy=False), pa.float16())}
-    if nxt is not None:
-        columns["next_logprob"] = per_row(np.asarray(nxt).astype(np.float16), pa.float16())
-    data, entry = pack(pa.table(columns, metadata=meta), **parquet_options(level))
-    return data, {**entry, "tokens": int(n)}
-
-
-class TopK(NamedTuple):
-    """A decoded token shard; the value arrays are views of the Arrow buffers (float16 codec)."""
-
-    ids: np.ndarray      # [R] int64
-    lengths: np.ndarray  # [R] positions per row (L - 1)
-    logp: np.ndarray     # [N, k] float16
-    idx: np.ndarray      # [N, k] as stored
-    tail: np.ndarray     # [N] float16
-    next: np.ndarray | None = None  # [N] float16: log p of the following token (stores from 2026-11-29 on)
-
-
-def decode(table: pa.Table) -> TopK:
-    """A shard of either codec (a ranked shard has topk_codes in place of topk_logprobs)."""
-    def tokens(name: str) -> pa.Array:
-        return table[name].combine_chunks().flatten()           # the positions of every row, in order
-
-    def matrix(name: str) -> np.ndarray:
-        values = tokens(name)
-        return values.flatten().to_numpy().reshape(-1, values.type.list_size)
-
-    lengths = table["tail_logprob"].combine_chunks().value_lengths().to_numpy().astype(np.int64)
-    tail, idx = tokens("tail_logprob").to_numpy(), matrix("topk_indices")
-    if "topk_codes" in table.column_names:
-        logp, idx, tail = _unranked(matrix("topk_codes"), idx, tail, table.schema.metadata)
-    else:
-        logp = matrix("topk_logprobs")
-    return TopK(table["id"].to_numpy().astype(np.int64), lengths, logp, idx, tail,
-                tokens("next_logprob").to_numpy() if "next_logprob" in table.column_names else None)
-
-
-# -- the vocabulary ------------------------------------------------------------------------------
-def vocabulary(cfg: Config) -> dict[str, Any]:
-    """The manifest's record of the shared vocabulary: size, tokenizer hash, top-k and codec.
-
-    data.tokenizer names a local tokenizer directory, or 'teachers': the tokenizers that come with
-    the teachers (kind huggingface), which must all agree. Without one the ids are synthetic and
-    the hash says so.
-    """
-    d = cfg.data
-    assert d.vocab_size is not None  # check_config requires it
-    own = {t.name: kind_of(t).tokenizer(t) for t in cfg.teachers}
-    own = {name: path for name, path in own.items() if path}
-    if d.tokenizer == "teachers":
-        hashes = {name: vocab_hash(path) for name, path in own.items()}
-        if len(set(hashes.values())) > 1:
-            raise UserError(f"teachers.pretrained: the teachers' tokenizers differ (vocabulary hashes {hashes}); "
-                            "token-level distillation needs one shared tokenizer")
-        digest = next(iter(hashes.values()))
-    else:
-        digest = vocab_hash(d.tokenizer if d.tokenizer else d.vocab_size)
-        for name, path in own.items():
-            if d.tokenizer and vocab_hash(path) != digest:
-                raise UserError(f"teacher '{name}': its tokenizer (hash {vocab_hash(path)}) is not "
-                                f"data.tokenizer's (hash {digest}); all teachers and the student must share one")
-    return {"vocab_size": d.vocab_size, "vocab_hash": digest, "top_k": min(cfg.store.top_k, d.vocab_size),
-            "codec": cfg.store.codec}
-
-
-def tokenizer_path(cfg: Config) -> str | None:
-    """The shared tokenizer: data.tokenizer, or with 'teachers' the first pretrained teacher's own
-    (vocabulary() checks that they all agree); None for synthetic ids."""
-    if cfg.data.tokenizer != "teachers":
-        return cfg.data.tokenizer
-    return next((p for p in (kind_of(t).tokenizer(t) for t in cfg.teachers) if p), None)
-
-
-_warned_padding: set[str] = set()
-
-
-def shared_vocabulary(logits: torch.Tensor, vocab_size: int, who: str) -> torch.Tensor:
-    """Logits cut to the shared vocabulary: a model padded past it (e.g. 152064 rows for a
-    151936-token vocabulary) is truncated with a warning; a smaller one cannot be used."""
-    if logits.shape[-1] < vocab_size:
-        raise UserError(f"{who}: outputs {logits.shape[-1]} logits per token, fewer than data.vocab_size {vocab_size}; "
-                        "it was built for another vocabulary")
-    if logits.shape[-1] > vocab_size and who not in _warned_padding:
-        _warned_padding.add(who)
-        print(f"warning: {who} outputs {logits.shape[-1]} logits per token; using the first {vocab_size} "
-              "(data.vocab_size), the rest is padding", file=sys.stderr, flush=True)
-    return logits[..., :vocab_size]
-
-
-# -- batches -------------------------------------------------------------------------------------
-class TokenBatch(NamedTuple):
-    """A micro-batch of sequences and the N target positions in it."""
-
-    tokens: torch.Tensor        # [B, L] long, right-padded
-    positions: torch.Tensor     # [N] flat index into the student's [B * L] positions
-    labels: torch.Tensor        # [N] the next token at each position
-    logp: torch.Tensor          # [N, K, k] teachers' top-k log-probs (float16)
-    idx: torch.Tensor           # [N, K, k]
-    tail: torch.Tensor          # [N, K] log tail mass (float16)
-
-
-class Sequences(NamedTuple):
-    """One input shard for training: its sequences and, per teacher, (offsets [R + 1], logp, idx, tail)."""
-
-    tokens: np.ndarray
-    lengths: np.ndarray
-    mask: np.ndarray
-    targets: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
-
-
-def make_batch(rows: np.ndarray, tokens, lengths, mask, targets) -> TokenBatch:
-    width = int(lengths[rows].max())
-    inside = np.arange(1, width)[None, :] < lengths[rows][:, None]  # padding is never a target, whatever the mask
-    r, j = np.nonzero(mask[rows, 1:width] & inside)     # position j of batch row r predicts token j + 1
-    src = rows[r]
-    labels = tokens[src, j + 1]
-    picked = [(o[src] + j) for o, *_ in targets]
-    stack = (lambda i: np.stack([t[i][p] for t, p in zip(targets, picked)], axis=1)) if targets else None
-    n = len(r)
-    return TokenBatch(torch.from_numpy(np.ascontiguousarray(tokens[rows, :width])), torch.from_numpy(r * width + j),
-                      torch.from_numpy(labels),
-                      torch.from_numpy(stack(1)) if stack else torch.zeros(n, 0, 0, dtype=torch.float16),
-                      torch.from_numpy(stack(2).astype(np.int64)) if stack else torch.zeros(n, 0, 0, dtype=torch.long),
-                      torch.from_numpy(stack(3)) if stack else torch.zeros(n, 0, dtype=torch.float16))
-
-
-def _join(pieces: list[tuple[np.ndarray, tuple]]) -> TokenBatch:
-    """One batch from rows of up to two shards: each piece batched alone, then padded and joined."""
-    if len(pieces) == 1:
-        return make_batch(pieces[0][0], *pieces[0][1])
-    parts = [make_batch(rows, *data) for rows, data in pieces]
-    width = max(p.tokens.shape[1] for p in parts)
-    tokens, positions, offset = [], [], 0
-    for p in parts:
-        b, w = p.tokens.shape
-        tokens.append(torch.nn.functional.pad(p.tokens, (0, width - w)))
-        positions.append(offset + (p.positions // w) * width + p.positions % w)
-        offset += b * width
-    return TokenBatch(torch.cat(tokens), torch.cat(positions), *(torch.cat(f) for f in list(zip(*parts))[2:]))
-
-
-def _next_at(stored, rows: Sequences, picked_rows: np.ndarray) -> torch.Tensor:
-    """[N, K] stored next-token log-probs at make_batch's positions (same order: row by row, j rising)."""
-    width = int(rows.lengths[picked_rows].max())
-    inside = np.arange(1, width)[None, :] < rows.lengths[picked_rows][:, None]
-    r, j = np.nonzero(rows.mask[picked_rows, 1:width] & inside)
-    src = picked_rows[r]
-    return torch.from_numpy(np.stack([values[offsets[src] + j] for offsets, values in stored], axis=1).astype(np.float32))
-
-
-def student_positions(engine, batch: TokenBatch, vocab: int) -> torch.Tensor:
-    """The student's logits [N, V] at the batch's target positions."""
-    logits = shared_vocabulary(logits_of(engine(batch.tokens)), vocab, "student.model")
-    return logits.reshape(-1, vocab)[batch.positions]
-
-
-
-def read_token_split(cfg: Config, uri: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(tokens [R, L] padded, lengths [R], mask [R, L]) of a whole (small) split; shards may differ in width."""
-    parts = [read_token_shard(s, cfg.data)[1:] for s in input_shards(uri)]
-    width = max(p[0].shape[1] for p in parts)
-    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731
-    return np.concatenate([pad(p[0]) for p in parts]), np.concatenate([p[1] for p in parts]), \
-        np.concatenate([pad(p[2]) for p in parts])
-
-
-@torch.no_grad()
-def model_accuracy(model, tokens: np.ndarray, mask: np.ndarray, vocab: int, batch_size: int = 32) -> float | None:
-    """Top-1 accuracy of next-token predictions over the target tokens (mask)."""
-    hits = total = 0
-    for i in range(0, len(tokens), batch_size):
-        x = torch.from_numpy(tokens[i:i + batch_size])
-        pred = shared_vocabulary(logits_of(model(x)), vocab, "model").argmax(-1)[:, :-1].numpy()
-        m = mask[i:i + batch_size, 1:]
-        hits += int((pred == tokens[i:i + batch_size, 1:])[m].sum())
-        total += int(m.sum())
-    return hits / total if total else None
 
 
 class NextTokenProbabilities(torch.nn.Module):
@@ -447,7 +172,7 @@ class Token(Task):
                 rng) -> Iterator[TokenBatch]:
         """Micro-batches of batch_size sequences (row_batches: a short rest carried into the next shard)."""
         for pieces in row_batches(segments, lambda s: self.read_rows(cfg, store, split, s, teachers), batch_size, rng):
-            yield _join([(rows, data) for data, rows in pieces])
+            yield join_batches([(rows, data) for data, rows in pieces])
 
     def train_step(self, engine, batch: TokenBatch, strategy, cfg: Config, epoch: int):
         """(KDLoss, per-token teacher weights [N, K], N): the loss of one micro-batch, not yet stepped."""
@@ -492,7 +217,7 @@ class Token(Task):
                 if not len(batch.labels):
                     continue
                 log_student = torch.log_softmax(student_positions(student, batch, vocab).float(), -1)
-                picked = None if stored_next is None else _next_at(stored_next, rows, order[start:start + 32])
+                picked = None if stored_next is None else next_at(stored_next, rows, order[start:start + 32])
                 for a in range(0, len(batch.labels), chunk):
                     part = slice(a, a + chunk)
                     stats += self._chunk_stats(batch, part, log_student[part], None if picked is None else picked[part],

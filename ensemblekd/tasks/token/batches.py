@@ -1,0 +1,103 @@
+"""The token task's reader: sequences and their teachers' stored targets as training batches of
+target positions, a split read into memory, and a model's next-token accuracy."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ensemblekd.config import Config
+from ensemblekd.data.inputs import input_shards, read_token_shard
+from ensemblekd.lm import logits_of
+from ensemblekd.tasks.token.vocabulary import shared_vocabulary
+
+
+# -- batches -------------------------------------------------------------------------------------
+class TokenBatch(NamedTuple):
+    """A micro-batch of sequences and the N target positions in it."""
+
+    tokens: torch.Tensor        # [B, L] long, right-padded
+    positions: torch.Tensor     # [N] flat index into the student's [B * L] positions
+    labels: torch.Tensor        # [N] the next token at each position
+    logp: torch.Tensor          # [N, K, k] teachers' top-k log-probs (float16)
+    idx: torch.Tensor           # [N, K, k]
+    tail: torch.Tensor          # [N, K] log tail mass (float16)
+
+
+class Sequences(NamedTuple):
+    """One input shard for training: its sequences and, per teacher, (offsets [R + 1], logp, idx, tail)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    mask: np.ndarray
+    targets: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+
+
+def make_batch(rows: np.ndarray, tokens, lengths, mask, targets) -> TokenBatch:
+    width = int(lengths[rows].max())
+    inside = np.arange(1, width)[None, :] < lengths[rows][:, None]  # padding is never a target, whatever the mask
+    r, j = np.nonzero(mask[rows, 1:width] & inside)     # position j of batch row r predicts token j + 1
+    src = rows[r]
+    labels = tokens[src, j + 1]
+    picked = [(o[src] + j) for o, *_ in targets]
+    stack = (lambda i: np.stack([t[i][p] for t, p in zip(targets, picked)], axis=1)) if targets else None
+    n = len(r)
+    return TokenBatch(torch.from_numpy(np.ascontiguousarray(tokens[rows, :width])), torch.from_numpy(r * width + j),
+                      torch.from_numpy(labels),
+                      torch.from_numpy(stack(1)) if stack else torch.zeros(n, 0, 0, dtype=torch.float16),
+                      torch.from_numpy(stack(2).astype(np.int64)) if stack else torch.zeros(n, 0, 0, dtype=torch.long),
+                      torch.from_numpy(stack(3)) if stack else torch.zeros(n, 0, dtype=torch.float16))
+
+
+def join_batches(pieces: list[tuple[np.ndarray, tuple]]) -> TokenBatch:
+    """One batch from rows of up to two shards: each piece batched alone, then padded and joined."""
+    if len(pieces) == 1:
+        return make_batch(pieces[0][0], *pieces[0][1])
+    parts = [make_batch(rows, *data) for rows, data in pieces]
+    width = max(p.tokens.shape[1] for p in parts)
+    tokens, positions, offset = [], [], 0
+    for p in parts:
+        b, w = p.tokens.shape
+        tokens.append(torch.nn.functional.pad(p.tokens, (0, width - w)))
+        positions.append(offset + (p.positions // w) * width + p.positions % w)
+        offset += b * width
+    return TokenBatch(torch.cat(tokens), torch.cat(positions), *(torch.cat(f) for f in list(zip(*parts))[2:]))
+
+
+def next_at(stored, rows: Sequences, picked_rows: np.ndarray) -> torch.Tensor:
+    """[N, K] stored next-token log-probs at make_batch's positions (same order: row by row, j rising)."""
+    width = int(rows.lengths[picked_rows].max())
+    inside = np.arange(1, width)[None, :] < rows.lengths[picked_rows][:, None]
+    r, j = np.nonzero(rows.mask[picked_rows, 1:width] & inside)
+    src = picked_rows[r]
+    return torch.from_numpy(np.stack([values[offsets[src] + j] for offsets, values in stored], axis=1).astype(np.float32))
+
+
+def student_positions(engine, batch: TokenBatch, vocab: int) -> torch.Tensor:
+    """The student's logits [N, V] at the batch's target positions."""
+    logits = shared_vocabulary(logits_of(engine(batch.tokens)), vocab, "student.model")
+    return logits.reshape(-1, vocab)[batch.positions]
+
+
+def read_token_split(cfg: Config, uri: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens [R, L] padded, lengths [R], mask [R, L]) of a whole (small) split; shards may differ in width."""
+    parts = [read_token_shard(s, cfg.data)[1:] for s in input_shards(uri)]
+    width = max(p[0].shape[1] for p in parts)
+    pad = lambda a: np.pad(a, ((0, 0), (0, width - a.shape[1])))  # noqa: E731
+    return np.concatenate([pad(p[0]) for p in parts]), np.concatenate([p[1] for p in parts]), \
+        np.concatenate([pad(p[2]) for p in parts])
+
+
+@torch.no_grad()
+def model_accuracy(model, tokens: np.ndarray, mask: np.ndarray, vocab: int, batch_size: int = 32) -> float | None:
+    """Top-1 accuracy of next-token predictions over the target tokens (mask)."""
+    hits = total = 0
+    for i in range(0, len(tokens), batch_size):
+        x = torch.from_numpy(tokens[i:i + batch_size])
+        pred = shared_vocabulary(logits_of(model(x)), vocab, "model").argmax(-1)[:, :-1].numpy()
+        m = mask[i:i + batch_size, 1:]
+        hits += int((pred == tokens[i:i + batch_size, 1:])[m].sum())
+        total += int(m.sum())
+    return hits / total if total else None
