@@ -2,7 +2,8 @@
 recipe says (tests/integration/test_extensions.py runs them end to end). Configs name them as
 'toy_extensions:NAME'; Ray's processes import this module through PYTHONPATH (the tests' folder).
 
-- ToyTask: classification whose label stage records a marker in the store (Task.store_info);
+- ToyTask: classification whose label stage records a marker in the store (Task.store_info) and
+  whose report adds a column of its own, the test error rate (Task.columns, Task.quality);
 - ToyKind: a torch teacher whose manifest spec carries a marker (TeacherKind.spec), for ToyTask;
 - FirstTeacherOnly: a strategy that gives the first teacher all the weight;
 - half_squared_distance: a divergence, 1/2 Σ (q - s)².
@@ -16,6 +17,7 @@ from collections import Counter
 import torch
 
 import ensemblekd as ekd
+from ensemblekd.tasks import Column
 from ensemblekd.tasks.classification import Classification
 from ensemblekd.teachers.pytorch import TorchKind
 
@@ -26,8 +28,16 @@ CALLS: Counter = Counter()
 class ToyTask(Classification):
     name = TASK
 
+    columns = (*Classification.columns, Column("error", "error", "%"))
+
     def store_info(self, cfg):
         return {**super().store_info(cfg), "toy_task": "made by ToyTask"}
+
+    def quality(self, cfg, store, teachers, others, student, strategy):
+        found, targets = super().quality(cfg, store, teachers, others, student, strategy)
+        for row in found.values():
+            row["error"] = 1 - row["accuracy"]
+        return found, targets
 
 
 class ToyKind(TorchKind):

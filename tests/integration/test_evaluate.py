@@ -13,9 +13,10 @@ import pytest
 import torch
 import yaml
 
+import ensemblekd as ekd
 from ensemblekd.metrics import expected_calibration_error
-from ensemblekd.stages.evaluate import LATENCY_KEYS
-from ensemblekd.stages.report import format_report
+
+LATENCY_KEYS = ("p50_ms_b1", "p99_ms_b1", "p50_ms_b64", "p99_ms_b64")
 
 
 # -- two real runs in one experiment ----------------------------------------------------------
@@ -23,8 +24,6 @@ from ensemblekd.stages.report import format_report
 def two_runs(labelled, tmp_path_factory):
     """`kd` (T=4, alpha=0.5) and `alone` (T=2, alpha=1: hard labels only, the gap-closed baseline)."""
     import mlflow
-
-    import ensemblekd as ekd
 
     cfg, _ = labelled
     tmp = tmp_path_factory.mktemp("compare")
@@ -41,10 +40,7 @@ def two_runs(labelled, tmp_path_factory):
 
 
 def test_report_rows_are_complete_and_consistent(two_runs):
-    from ensemblekd.testing import build_module, load_state, read_split
-    from ensemblekd.store import Store
-    from ensemblekd.tasks import get_task
-    from ensemblekd.tasks.classification import predict
+    from ensemblekd.testing import load_student, read_split
 
     _, runs = two_runs
     cfg, result = runs["kd"]
@@ -67,12 +63,12 @@ def test_report_rows_are_complete_and_consistent(two_runs):
 
     # fidelity, KL and ECE of the student recomputed here: uniform mix of the stored teacher logits
     ids, x, y = read_split(cfg.data.test, "x", "y", "id")
-    store = Store.open(cfg.store.uri)
-    classification = get_task("classification")
-    p_ens = np.mean([torch.softmax(torch.from_numpy(classification.split_logits(cfg, store, "test", n, ids)), -1).numpy()
-                     for n in ("mlp_a", "mlp_b")], axis=0)
-    student = load_state(build_module(cfg.student.model, cfg.student.kwargs), result.student, "student")
-    z = predict(student, x)
+    store = ekd.open_store(cfg.store.uri)
+    stored = [store.targets(n, "test") for n in ("mlp_a", "mlp_b")]
+    assert all(np.array_equal(t.ids, ids) for t in stored)
+    p_ens = np.mean([torch.softmax(torch.from_numpy(t.logits.astype(np.float32)), -1).numpy() for t in stored], axis=0)
+    with torch.no_grad():
+        z = load_student(cfg.student, result.student)(torch.from_numpy(x)).numpy()
     assert st["fidelity"] == pytest.approx((z.argmax(1) == p_ens.argmax(1)).mean())
     assert st["accuracy"] == pytest.approx((z.argmax(1) == y).mean())
     q = torch.softmax(torch.from_numpy(z), -1).numpy()
@@ -80,7 +76,7 @@ def test_report_rows_are_complete_and_consistent(two_runs):
     assert st["ece"] == pytest.approx(expected_calibration_error(q, y))
 
     table = result.table
-    assert table == format_report(report) and "p50 @64" in table and "student vs. ensemble:" in table
+    assert table == ekd.Evaluation.of(report).table and "p50 @64" in table and "student vs. ensemble:" in table
     assert max(len(line) for line in table.splitlines()) <= 100
 
 

@@ -34,5 +34,8 @@ def test_a_toy_task_kind_strategy_and_loss_run_end_to_end(tmp_path, digits_dir, 
     assert metrics["val_accuracy"] > 0.3                          # 10 classes, chance is 0.1
     student = result.evaluation.row("student")
     assert student.accuracy > 0.3
+    assert student.metrics == {"error": pytest.approx(1 - student.accuracy)}  # the task's own column
+    assert result.table.splitlines()[0].split()[-3:] == ["error", "params", "size"]
     run = MlflowClient(result.tracking_uri).get_run(result.run_id).data
+    assert run.metrics["test_error.student"] == pytest.approx(1 - student.accuracy)
     assert run.params["task"] == toy.TASK and run.params["distill.loss"] == "toy_extensions:half_squared_distance"
