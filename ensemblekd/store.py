@@ -373,8 +373,8 @@ class Store:
         for key, value in {"task": task, **info}.items():
             stored = self.manifest.get(key, (implicit or {}).get(key))
             if stored not in (None, value) and self.manifest["shards"]:
-                raise UserError(f"{self.uri}: labelled with {key} {stored}, the config gives {value} "
-                                "(another task, tokenizer, top_k or codec); use a new store.uri")
+                raise UserError(f"{self.uri}: labelled with {key} {stored}, the config gives {value}; "
+                                "use a new store.uri (or the config the store was labelled with)")
             self.manifest[key] = value
 
     def check_task(self, task: str, info: dict[str, Any], implicit: dict[str, Any] | None = None) -> None:
