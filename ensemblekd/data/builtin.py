@@ -1,5 +1,8 @@
 """Built-in data sets, written as sharded train/val/test Parquet so the project runs with nothing
-downloaded: scikit-learn's tabular sets (task classification) and a synthetic language (task token).
+downloaded: scikit-learn's tabular sets (task classification), a synthetic language (`markov`, task
+token), CPython's pydoc topics as real text (`pydoc`, task token: written by data.text.prepare_pydoc
+with the shared tokenizer) and the standard library's docstrings labelled by Library Reference
+chapter (`docstrings`, task text: data.docstrings, split by module).
 
 `DATASETS` maps each name to the task it is for; `data.prepare` names one, and `prepare_for_config`
 writes it where the config's split paths point, when it is missing.
@@ -22,7 +25,8 @@ from ensemblekd.errors import UserError
 from ensemblekd.io import fs
 
 SKLEARN_SETS = ("digits", "breast_cancer", "wine", "iris")
-DATASETS = {**{name: "classification" for name in SKLEARN_SETS}, "markov": "token", "pydoc": "token"}  # name -> task
+DATASETS = {**{name: "classification" for name in SKLEARN_SETS}, "markov": "token", "pydoc": "token",
+            "docstrings": "text"}  # name -> task
 NEEDS_TOKENIZER = ("pydoc",)  # real text: written by data.text.prepare_pydoc with the shared tokenizer
 
 
@@ -34,6 +38,10 @@ def prepare(name: str, out: str, shard_rows: int = 256, seed: int = 0, vocab_siz
         raise UserError("--shard-rows must be at least 1")
     if name == "markov":
         return prepare_markov(out, shard_rows=shard_rows, **({"vocab_size": vocab_size} if vocab_size else {}))
+    if name == "docstrings":
+        from ensemblekd.data.docstrings import prepare_docstrings  # imports much of the standard library
+
+        return prepare_docstrings(out, shard_rows=shard_rows, seed=seed)
     return prepare_sklearn(name, out, shard_rows, seed)
 
 
