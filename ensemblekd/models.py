@@ -56,6 +56,30 @@ def cnn(in_features: int, num_classes: int, channels: list[int] | tuple[int, ...
     return nn.Sequential(*layers)
 
 
+# -- scikit-learn text classifiers (task text, kind sklearn) -----------------------------------
+def tfidf_logistic(ngram_range: list[int] | tuple[int, int] = (1, 2), analyzer: str = "word", min_df: int = 1,
+                   C: float = 10.0, max_iter: int = 2000):
+    """TF-IDF (sublinear term frequencies) + logistic regression: a Pipeline that reads raw text."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(TfidfVectorizer(ngram_range=tuple(ngram_range), analyzer=analyzer, min_df=min_df,
+                                         sublinear_tf=True), LogisticRegression(C=C, max_iter=max_iter))
+
+
+def tfidf_naive_bayes(ngram_range: list[int] | tuple[int, int] = (2, 4), analyzer: str = "char_wb", min_df: int = 2,
+                      alpha: float = 0.1):
+    """Character n-gram TF-IDF + complement naive Bayes: a Pipeline that reads raw text, and errs
+    differently from a linear model over words."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.naive_bayes import ComplementNB
+    from sklearn.pipeline import make_pipeline
+
+    return make_pipeline(TfidfVectorizer(ngram_range=tuple(ngram_range), analyzer=analyzer, min_df=min_df,
+                                         sublinear_tf=True), ComplementNB(alpha=alpha))
+
+
 # -- any torch model from a config ------------------------------------------------------------
 def build_module(model: str, kwargs: dict[str, Any], key: str = "model") -> nn.Module:
     """Call the 'module:callable' `model` with kwargs; a UserError naming `key` if that fails or

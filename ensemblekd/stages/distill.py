@@ -141,6 +141,7 @@ def distill(cfg: Config, mlflow_info: dict[str, str] | None = None, progress: bo
     seconds = time.perf_counter() - start
     student_uri = fs.join(tr.output_dir, STUDENT_FILE)
     fs.write_bytes_atomic(student_uri, student)
+    get_task(cfg.task).save_student(cfg, student_uri)
     metrics = {k: v for k, v in metrics.items() if k not in ("steps", "worker")}
     return DistillResult(student_uri, metrics, seconds)
 

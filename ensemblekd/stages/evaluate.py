@@ -47,11 +47,9 @@ def one_thread():
 
 
 @torch.inference_mode()
-def measure_latency(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, batch: int, warmup: int = 20,
-                    repeats: int = 200) -> tuple[float, float]:
-    """(p50, p99) milliseconds of forward() on `batch` rows of x (repeated if x has fewer), after
+def measure_latency(forward: Callable[[Any], Any], xb: Any, warmup: int = 20, repeats: int = 200) -> tuple[float, float]:
+    """(p50, p99) milliseconds of forward(xb) on a batch of inputs (Task.latency_batch), after
     `warmup` untimed calls. Threads are the caller's choice (evaluate uses one)."""
-    xb = x.repeat(-(-batch // len(x)), *([1] * (x.dim() - 1)))[:batch]
     for _ in range(warmup):
         forward(xb)
     times = np.empty(repeats)
@@ -109,7 +107,8 @@ def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: 
     with one_thread():
         for row, model in zip(rows, models):  # one model after another, in the rows' order
             for b in LATENCY_BATCHES:
-                p50, p99 = measure_latency(model or ensemble_forward, x, b, warmup, repeats) if repeats else (None, None)
+                p50, p99 = (measure_latency(model or ensemble_forward, task.latency_batch(x, b), warmup, repeats)
+                            if repeats else (None, None))
                 row.update({f"p50_ms_b{b}": p50, f"p99_ms_b{b}": p99})
             if row["p50_ms_b64"]:
                 row.update(task.throughput(x, 64, row["p50_ms_b64"] / 1000))

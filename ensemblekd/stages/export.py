@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import sys
 import tempfile
-import warnings
 from typing import Any
 
 from ensemblekd import tracking
@@ -22,33 +22,18 @@ from ensemblekd.stages.train import STUDENT_FILE
 from ensemblekd.tasks import get_task
 
 STUDENT_MODEL = "student"                       # the logged model `run` and `distill` leave in their run
-TORCHSCRIPT_FILE = "student.torchscript.pt"     # its TorchScript copy, under extra_files/
 OUTPUTS_TAG = "ensemblekd.outputs"              # "probabilities"; absent on students logged before export existed
 
 
 def log_student(cfg: Config, student_uri: str) -> None:
-    """Log the student as the MLflow PyTorch model STUDENT_MODEL, plus its raw state dict `student.pt`.
-
-    The served model is the task's (task.served: classification gives class probabilities at T = 1,
-    token next-token probabilities), saved as a torch.export program (pt2: no pickle, no ensemblekd
-    code needed to load it) with a signature and an input example, and where the task allows it a
-    TorchScript copy in `extra_files/TORCHSCRIPT_FILE` (torch.jit.load, from Python or C++ libtorch,
-    without MLflow).
-    """
+    """Log the student as the MLflow model STUDENT_MODEL (the task's served model: Task.log_model;
+    classification gives class probabilities at T = 1, token next-token probabilities, text class
+    probabilities from texts), plus its raw state dict `student.pt`."""
     import mlflow
-    import torch
 
-    served = get_task(cfg.task).served(cfg, load_student(cfg.student, student_uri))
+    get_task(cfg.task).log_model(cfg, load_student(cfg.student, student_uri), STUDENT_MODEL,
+                                 {OUTPUTS_TAG: "probabilities"})
     with tempfile.TemporaryDirectory() as tmp:
-        extra = []
-        if served.torchscript:
-            extra.append(os.path.join(tmp, TORCHSCRIPT_FILE))
-            with warnings.catch_warnings(), torch.no_grad():
-                warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; libtorch still loads it
-                torch.jit.save(torch.jit.trace(served.module, torch.from_numpy(served.example)), extra[0])
-        mlflow.pytorch.log_model(served.module, name=STUDENT_MODEL, signature=served.signature,
-                                 input_example=served.example, serialization_format="pt2", extra_files=extra or None,
-                                 pip_requirements=["torch"], tags={OUTPUTS_TAG: "probabilities"})
         path = os.path.join(tmp, STUDENT_FILE)
         with open(path, "wb") as f:
             f.write(fs.read_bytes(student_uri))
@@ -101,6 +86,10 @@ def export_config(cfg: Config, name: str | None = None) -> dict[str, Any]:
 
 
 def serve_command(result: dict[str, Any], port: int = 5001) -> str:
-    """The exact `mlflow models serve` line for a registered version, from any directory."""
-    return (f"MLFLOW_TRACKING_URI={shlex.quote(result['tracking_uri'])} mlflow models serve "
-            f"-m models:/{result['name']}/{result['version']} --env-manager local -p {port}")
+    """The exact `mlflow models serve` line for a registered version, from any directory and without
+    the virtual environment activated: mlflow starts `uvicorn` by name, so the line puts this
+    Python's bin directory first on PATH (without it the server exits 127)."""
+    bin_dir = os.path.dirname(sys.executable)
+    return (f"PATH={shlex.quote(bin_dir)}:\"$PATH\" MLFLOW_TRACKING_URI={shlex.quote(result['tracking_uri'])} "
+            f"{shlex.quote(os.path.join(bin_dir, 'mlflow'))} models serve -m models:/{result['name']}/{result['version']} "
+            f"--env-manager local -p {port}")

@@ -296,6 +296,7 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
         in_flight[ref] = (split, i, names, pool, actor)
 
     rows, units, last_save, agreed = 0, 0, time.monotonic(), False
+    truncated: dict[str, int] = {}  # inputs a teacher cut to its length limit (task text), said once at the end
     unit = get_task(cfg.task).unit
     try:
         agree(cfg, store, todo, actors)
@@ -314,12 +315,17 @@ def run_pools(cfg: Config, store: Store, todo: list[tuple[str, str, int]], progr
                     store.commit(split, name, i, entry)
                     rows += entry["rows"]
                     units += entry.get(f"{unit}s", 0)  # the task's unit of work (task token: tokens)
+                    truncated[name] = truncated.get(name, 0) + entry.get("truncated", 0)
                 submit(pool, actor)
                 bar.update(len(names))
                 bar.set_postfix_str(f"{units / (time.perf_counter() - start):,.0f} {unit}s/s")
                 if time.monotonic() - last_save > 1.0:
                     store.save(whole=False)  # the new commits only: one small object (Store.save)
                     last_save = time.monotonic()
+        for name, count in truncated.items():
+            if count:
+                note(f"teacher '{name}': {count} of the inputs it labelled were longer than its length limit and were "
+                     "cut to it")
     finally:
         if agreed:
             store.save()  # whatever committed is kept, also on error or Ctrl-C

@@ -12,9 +12,10 @@ from ensemblekd.errors import UserError
 from ensemblekd.plugins import resolve
 from ensemblekd.tasks.base import Column, Served, Task, worker_segments
 from ensemblekd.tasks.classification import Classification
+from ensemblekd.tasks.text import Text
 from ensemblekd.tasks.token import Token
 
-TASKS: dict[str, Task] = {task.name: task for task in (Classification(), Token())}
+TASKS: dict[str, Task] = {task.name: task for task in (Classification(), Token(), Text())}
 
 
 @cache

@@ -90,6 +90,11 @@ class Task:
         """A teacher's accuracy on a split from its stored targets (None without labels)."""
         raise NotImplementedError
 
+    def labelled(self, cfg: Config, split: str, who: str) -> tuple[Any, np.ndarray]:
+        """(inputs, labels) of a split's labelled rows, as a teacher kind that fits its own model takes
+        them (kind sklearn: a feature matrix, or an array of texts); a UserError naming `who` if none."""
+        raise UserError(f"{who}: task {self.name} has no labelled rows to fit a teacher on")
+
     # -- fit a teacher -------------------------------------------------------------------------
     def fit(self, model: torch.nn.Module, cfg: Config, teacher) -> None:
         """Train a torch teacher from scratch on the train split (fitting.fit_module, the task's loss)."""
@@ -127,6 +132,11 @@ class Task:
         """(top-1 hits, targets) of the student on one evaluation batch."""
         raise NotImplementedError
 
+    def save_student(self, cfg: Config, student_uri: str) -> str | None:
+        """Write what serves the trained student without ensemblekd beside student.pt (task text: a
+        save_pretrained directory); its path, or None."""
+        return None
+
     def tokenizer(self, cfg: Config) -> str | None:
         """The shared tokenizer that turns text into the task's inputs (task token), if any."""
         return None
@@ -151,6 +161,10 @@ class Task:
         is when a row is not the obvious unit."""
         raise NotImplementedError
 
+    def latency_batch(self, x: Any, batch: int) -> Any:
+        """`batch` latency inputs cut from x (repeated when it has fewer)."""
+        return x.repeat(-(-batch // len(x)), *([1] * (x.dim() - 1)))[:batch]
+
     def throughput(self, x: torch.Tensor, batch: int, seconds: float) -> dict[str, float]:
         """Report values from a forward on `batch` latency inputs taking `seconds` (task token:
         tokens_per_s); none where the row is the unit."""
@@ -166,7 +180,39 @@ class Task:
         return model(x)
 
     def served(self, cfg: Config, student: torch.nn.Module) -> Served:
+        """The served model as a torch module (what log_model logs by default)."""
         raise NotImplementedError
+
+    def log_model(self, cfg: Config, student: torch.nn.Module, name: str, tags: dict[str, str]) -> None:
+        """Log the served student in the active MLflow run as the model `name`: by default `served`
+        as an MLflow PyTorch model (log_torch_model)."""
+        log_torch_model(self.served(cfg, student), name, tags)
+
+
+TORCHSCRIPT_FILE = "student.torchscript.pt"     # the served model's TorchScript copy, under extra_files/
+
+
+def log_torch_model(served: Served, name: str, tags: dict[str, str]) -> None:
+    """The served module as an MLflow PyTorch model: a torch.export program (pt2: no pickle, no
+    ensemblekd code needed to load it) with a signature and an input example, and where the task
+    allows it a TorchScript copy in extra_files/TORCHSCRIPT_FILE (torch.jit.load, from Python or
+    C++ libtorch, without MLflow)."""
+    import os
+    import tempfile
+    import warnings
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = []
+        if served.torchscript:
+            extra.append(os.path.join(tmp, TORCHSCRIPT_FILE))
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates TorchScript; libtorch still loads it
+                torch.jit.save(torch.jit.trace(served.module, torch.from_numpy(served.example)), extra[0])
+        mlflow.pytorch.log_model(served.module, name=name, signature=served.signature, input_example=served.example,
+                                 serialization_format="pt2", extra_files=extra or None, pip_requirements=["torch"],
+                                 tags=tags)
 
 
 # -- shared parts --------------------------------------------------------------------------------

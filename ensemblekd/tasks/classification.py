@@ -10,6 +10,7 @@ store and runs the student.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -18,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ensemblekd.config import Config
-from ensemblekd.data.inputs import (InputShard, check_columns, label_span, labelled_split, negative_labels, read_shard,
-                                    read_split)
+from ensemblekd.data.inputs import (InputShard, check_columns, features_to_numpy, label_span, labelled_split,
+                                    negative_labels, read_shard, read_split)
 from ensemblekd.errors import UserError
 from ensemblekd.features import feature_terms, student_with_features
 from ensemblekd.fitting import fit_module
@@ -60,19 +61,22 @@ def decode(table: pa.Table) -> Logits:
 
 
 @torch.no_grad()
-def predict(module: torch.nn.Module, x: np.ndarray, batch_size: int = 1024, device: str = "cpu") -> np.ndarray:
-    """float32 logits [N, C] of a model over features [N, F], batch_size rows at a time."""
-    return predict_outputs(module, x, batch_size, device)[0]
+def predict(module: torch.nn.Module, x: np.ndarray, batch_size: int = 1024, device: str = "cpu",
+            as_inputs: Callable[[np.ndarray], Any] = torch.from_numpy) -> np.ndarray:
+    """float32 logits [N, C] of a model over inputs x (features [N, F]), batch_size rows at a time."""
+    return predict_outputs(module, x, batch_size, device, as_inputs)[0]
 
 
 @torch.no_grad()
-def predict_outputs(module: torch.nn.Module, x: np.ndarray, batch_size: int = 1024,
-                    device: str = "cpu") -> list[np.ndarray]:
-    """Each output of a model over features [N, F] as float32 arrays: [logits] or, for a teacher
-    with a feature (features.WithFeatures), [logits, features]."""
+def predict_outputs(module: torch.nn.Module, x: np.ndarray, batch_size: int = 1024, device: str = "cpu",
+                    as_inputs: Callable[[np.ndarray], Any] = torch.from_numpy) -> list[np.ndarray]:
+    """Each output of a model over inputs x (features [N, F]; as_inputs makes a batch of them what
+    the model takes) as float32 arrays: [logits] or, for a teacher with a feature
+    (features.WithFeatures), [logits, features]."""
     parts = []
     for i in range(0, len(x), batch_size):
-        out = module(torch.from_numpy(x[i:i + batch_size]).to(device))
+        batch = as_inputs(x[i:i + batch_size])
+        out = module(batch.to(device) if isinstance(batch, torch.Tensor) else batch)
         parts.append([o.float().cpu() for o in (out if isinstance(out, tuple) else (out,))])
     if not parts:
         return [np.zeros((0, 0), np.float32)]
@@ -80,17 +84,51 @@ def predict_outputs(module: torch.nn.Module, x: np.ndarray, batch_size: int = 10
 
 
 class Rows(NamedTuple):
-    """One input shard for training: features, labels (IGNORE where none) and the teachers' logits."""
+    """One input shard for training: inputs, labels (IGNORE where none) and the teachers' logits."""
 
-    x: np.ndarray        # [N, F] float32, read-only (a view of Arrow's buffer)
+    x: np.ndarray        # [N, F] float32, read-only (a view of Arrow's buffer); task text: [N] str
     y: np.ndarray        # [N] int64
     z: np.ndarray        # [N, K, C] float32
     f: np.ndarray        # [N, d_1 + ... + d_K] float32: the teachers' features side by side ([N, 0]: none read)
 
 
 class Classification(Task):
+    """A row of inputs, one label, C logits per teacher. What a row's input is (a feature vector
+    here, a text in task text) is said by four members that a subclass may change: input_key,
+    to_inputs, as_inputs and on_device; everything else is shared."""
+
     name = "classification"
     stores_features = True
+    input_key = "data.features"                  # the config key that names the input column
+    to_inputs = staticmethod(features_to_numpy)  # that column -> an array of inputs [N, ...]
+
+    def input_column(self, cfg: Config) -> str:
+        return cfg.data.features
+
+    def as_inputs(self, x: np.ndarray) -> Any:
+        """An array of inputs as the models take them (a batch): a float tensor [N, F]."""
+        return torch.from_numpy(x)
+
+    def on_device(self, batch: Any, device) -> Any:
+        """A batch moved to the device a model runs on."""
+        return batch.to(device)
+
+    def read(self, cfg: Config, shard: dict[str, Any], label: bool = True, writable: bool = True,
+             scan: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, inputs, labels) of one input shard (labels IGNORE without data.label or label)."""
+        return read_shard(InputShard.of(shard), self.input_column(cfg), cfg.data.label if label else None, cfg.data.id,
+                          writable, scan, self.to_inputs, self.input_key)
+
+    def read_split(self, cfg: Config, split: str, label: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, inputs, labels) of a whole (small) split."""
+        return read_split(getattr(cfg.data, split), self.input_column(cfg), cfg.data.label if label else None,
+                          cfg.data.id, self.to_inputs, self.input_key)
+
+    def labelled(self, cfg: Config, split: str, who: str) -> tuple[np.ndarray, np.ndarray]:
+        return labelled_split(cfg.data, split, who, self.input_column(cfg), self.to_inputs, self.input_key)
+
+    def predict(self, model: torch.nn.Module, x: np.ndarray, batch_size: int = 1024, device: str = "cpu") -> np.ndarray:
+        return predict(model, x, batch_size, device, self.as_inputs)
 
     def check_config(self, cfg: Config) -> None:
         d = cfg.data
@@ -102,7 +140,7 @@ class Classification(Task):
         return decode(table)
 
     def read_inputs(self, cfg: Config, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        ids, x, _ = read_shard(InputShard.of(shard), cfg.data.features, None, cfg.data.id)
+        ids, x, _ = self.read(cfg, shard, label=False)
         return ids, x
 
     def label_shard(self, model, inputs, cfg: Config, teacher, device: str, where: str):
@@ -123,13 +161,12 @@ class Classification(Task):
         extra = {} if feature is None else {"feature_dim": int(feature.shape[1])}
         return data, {**entry, **extra, "num_classes": int(logits.shape[1]), "dtype": cfg.store.dtype}
 
-    @staticmethod
-    def _outputs(model, x: np.ndarray, teacher, device: str, where: str) -> list[np.ndarray]:
+    def _outputs(self, model, x: np.ndarray, teacher, device: str, where: str) -> list[np.ndarray]:
         try:
-            return predict_outputs(model, x, teacher.batch_size, device)
+            return predict_outputs(model, x, teacher.batch_size, device, self.as_inputs)
         except RuntimeError as exc:
             raise UserError(f"teacher '{teacher.name}' failed on {where} ({str(exc).splitlines()[0]}); "
-                            "check data.features matches the model's input") from None
+                            f"check {self.input_key} matches the model's input") from None
 
     def features(self, model, inputs, cfg: Config, teacher, device: str, where: str) -> np.ndarray:
         return self._outputs(model, inputs[1], teacher, device, where)[1]
@@ -144,12 +181,12 @@ class Classification(Task):
     def stored_accuracy(self, cfg: Config, store: Store, split: str, teacher: str) -> float | None:
         if not cfg.data.label:
             return None
-        ids, _, y = read_split(getattr(cfg.data, split), cfg.data.features, cfg.data.label, cfg.data.id)
+        ids, _, y = self.read_split(cfg, split)
         return accuracy(self.split_logits(cfg, store, split, teacher, ids).argmax(1), y)
 
     # -- fit a teacher -------------------------------------------------------------------------
     def fit(self, model, cfg: Config, teacher) -> None:
-        x, y = (torch.from_numpy(a) for a in labelled_split(cfg.data, "train", f"teacher '{teacher.name}'"))
+        x, y = (torch.from_numpy(a) for a in self.labelled(cfg, "train", f"teacher '{teacher.name}'"))
         classes = run_on(model, x[:2], f"teacher '{teacher.name}'").shape[-1]
         if y.max() >= classes:
             raise UserError(f"data.train: labels reach {int(y.max())}, but teacher '{teacher.name}' outputs {classes} "
@@ -159,13 +196,13 @@ class Classification(Task):
                    f.seed, f.weight_decay)
 
     def accuracy(self, model, cfg: Config, split: str) -> float | None:
-        _, x, y = read_split(getattr(cfg.data, split), cfg.data.features, cfg.data.label, cfg.data.id)
-        return accuracy(predict(model, x).argmax(1), y)
+        _, x, y = self.read_split(cfg, split)
+        return accuracy(self.predict(model, x).argmax(1), y)
 
     # -- distill -------------------------------------------------------------------------------
     def check_inputs(self, cfg: Config, shards: list[InputShard], num_classes: int | None) -> None:
         d = cfg.data
-        check_columns(shards, {"data.features": d.features, "data.label": d.label})
+        check_columns(shards, {self.input_key: self.input_column(cfg), "data.label": d.label})
         for shard in shards if d.label and num_classes else []:
             assert d.label is not None and num_classes is not None  # the loop runs only with both
             span = label_span([shard], d.label)
@@ -176,8 +213,8 @@ class Classification(Task):
                                 f"{num_classes} classes (0..{num_classes - 1}); fix the labels or the teachers")
 
     def preflight(self, cfg: Config, store: Store, student) -> None:
-        _, x, _ = read_shard(InputShard.of(store.inputs("val")[0]), cfg.data.features, None, cfg.data.id)
-        out = run_on(student, torch.from_numpy(x[:2]))
+        _, x, _ = self.read(cfg, store.inputs("val")[0], label=False)
+        out = run_on(student, self.as_inputs(x[:2]))
         if out.shape[-1] != store.num_classes:
             raise UserError(f"student.model: outputs {out.shape[-1]} classes but the teachers have {store.num_classes}; "
                             "fix student.kwargs")
@@ -191,7 +228,7 @@ class Classification(Task):
         if not cfg.distill.feature_terms:
             return student
         dims = store.feature_dims([t.name for t in cfg.teachers])
-        _, x, _ = read_shard(InputShard.of(store.inputs("val")[0]), cfg.data.features, None, cfg.data.id)
+        _, x, _ = self.read(cfg, store.inputs("val")[0], label=False)
         assert cfg.student.feature is not None  # the config requires it with feature terms
         return student_with_features(student, cfg.student.feature, dims, bool(cfg.distill.hint_weight),
                                      torch.from_numpy(x[:2]))
@@ -200,9 +237,7 @@ class Classification(Task):
         """One input shard and its teachers' logits (and features, when the run learns from them),
         alignment checked by id. Not scanned for NaN: the label stage did, and distill's preflight
         checks the inputs are unchanged since."""
-        d = cfg.data
-        ids, x, y = read_shard(InputShard.of(store.inputs(split)[shard]), d.features, d.label, d.id, writable=False,
-                               scan=False)
+        ids, x, y = self.read(cfg, store.inputs(split)[shard], writable=False, scan=False)
         found = read_aligned(store, split, shard, teachers, decode, ids)
         z = np.stack([t.logits for t in found], axis=1, dtype=np.float32) if found else np.zeros((len(y), 0, 0), np.float32)
         with_features = cfg.distill.feature_terms and found
@@ -211,13 +246,15 @@ class Classification(Task):
         return Rows(x, y, z, f)
 
     def batches(self, cfg: Config, store: Store, split: str, teachers: list[str], segments, batch_size: int, rng):
-        """(x, y, teacher logits, teacher features) float32 tensors per micro-batch."""
+        """(inputs (as_inputs), y, teacher logits, teacher features) per micro-batch; the last three
+        float32 tensors."""
         for pieces in row_batches(segments, lambda s: self.read_rows(cfg, store, split, s, teachers), batch_size, rng):
-            yield tuple(torch.from_numpy(gather([(getattr(rows, f), idx) for rows, idx in pieces])) for f in Rows._fields)
+            x, *rest = (gather([(getattr(rows, f), idx) for rows, idx in pieces]) for f in Rows._fields)
+            yield (self.as_inputs(x), *(torch.from_numpy(a) for a in rest))
 
     def train_step(self, engine, batch, strategy, cfg: Config, epoch: int):
         d = cfg.distill
-        x, y, z, f = (t.to(engine.device) for t in batch)
+        x, (y, z, f) = self.on_device(batch[0], engine.device), (t.to(engine.device) for t in batch[1:])
         targets, weights = strategy.targets(z, y, d.temperature, epoch)
         out = kd_loss(engine(x), targets, y, d.temperature, d.alpha, divergence(d))
         if d.feature_terms:
@@ -234,17 +271,16 @@ class Classification(Task):
 
     def count_correct(self, engine, batch, cfg: Config) -> tuple[int, int]:
         x, y, *_ = batch
-        pred = engine(x.to(engine.device)).argmax(-1).cpu()
+        pred = engine(self.on_device(x, engine.device)).argmax(-1).cpu()
         keep = y >= 0
         return int((pred[keep] == y[keep]).sum()), int(keep.sum())
 
     # -- evaluate and serve --------------------------------------------------------------------
     def quality(self, cfg: Config, store: Store, teachers: list[str], others: list[str], student, strategy):
-        d = cfg.data
-        ids, x, y = read_split(d.test, d.features, d.label, d.id)
+        ids, x, y = self.read_split(cfg, "test")
         logits = {n: self.split_logits(cfg, store, "test", n, ids) for n in [*teachers, *others]}
         p_ens = strategy.targets(torch.from_numpy(np.stack([logits[n] for n in teachers], axis=1)), None, 1.0)[0].numpy()
-        logits["student"] = predict(student, x)
+        logits["student"] = self.predict(student, x)
 
         def measure(z: np.ndarray) -> dict[str, float | None]:
             return {"accuracy": accuracy(z.argmax(1), y), "fidelity": float((z.argmax(1) == p_ens.argmax(1)).mean()),
@@ -257,8 +293,7 @@ class Classification(Task):
         return out, len(y)
 
     def latency_inputs(self, cfg: Config) -> tuple[torch.Tensor, str | None]:
-        d = cfg.data
-        return torch.from_numpy(read_split(d.test, d.features, d.label, d.id)[1]), None
+        return self.as_inputs(self.read_split(cfg, "test", label=False)[1]), None
 
     def served(self, cfg: Config, student) -> Served:
         """softmax(student(x)) at T = 1 (the temperature only softens training targets): float32

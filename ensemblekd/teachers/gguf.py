@@ -26,6 +26,10 @@ from ensemblekd.teachers.huggingface import HuggingFaceKind
 
 class GGUFKind(HuggingFaceKind):
     name = "gguf"
+    tasks = ("token",)
+    suffix = ".gguf"
+    can_fit = False
+    builtin_models = tuple(BUILTIN_GGUF)
 
     class Options(Options):
         prepare: str | None = Field(default=None, description="a built-in model (smollm2) copied to `pretrained` "
@@ -38,10 +42,6 @@ class GGUFKind(HuggingFaceKind):
         if not t.pretrained.endswith(GGUF_SUFFIX):
             raise UserError(f"{key}.pretrained: teacher '{t.name}' of kind gguf needs a .gguf file, not "
                             f"'{t.pretrained}'")
-        prepare = self.options(cfg, t).prepare
-        if prepare is not None and prepare not in BUILTIN_GGUF:
-            raise UserError(f"{key}.prepare: unknown built-in model '{prepare}'; choose one of "
-                            f"{', '.join(BUILTIN_GGUF)}")
 
     def check_files(self, cfg: Config, t: TeacherConfig) -> None:
         assert t.pretrained is not None  # check() requires it

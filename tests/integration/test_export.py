@@ -16,6 +16,7 @@ from ensemblekd import tracking
 from ensemblekd.cli import main
 from ensemblekd.stages import export
 from ensemblekd.testing import build_module, load_state, read_split, write_config
+from ensemblekd.tasks.base import TORCHSCRIPT_FILE
 
 pytestmark = pytest.mark.integration
 NAME = "digits-student"
@@ -106,7 +107,7 @@ def test_torchscript_copy_predicts_the_same(student_run, exported, test_rows):
     import mlflow
 
     mlflow.set_tracking_uri(student_run[0].tracking.uri)
-    path = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1/extra_files/{export.TORCHSCRIPT_FILE}")
+    path = mlflow.artifacts.download_artifacts(f"models:/{NAME}/1/extra_files/{TORCHSCRIPT_FILE}")
     scripted = torch.jit.load(path)
     x, want = test_rows
     with torch.no_grad():

@@ -186,7 +186,7 @@ def test_real_text_needs_a_tokenizer_and_one_source(tmp_path):
                                                                      "entry per teacher (2) summing to trainer.epochs"),
     (["distill.temprature=2"], "distill.temprature: unknown key; remove it or check its spelling"),
     (["teachers.1.trusted=[a.B]"], "teachers.1.trusted: only used with kind: sklearn"),
-    (["teachers.0.prepare=smollm2"], "teachers.0.prepare: only used with kind: gguf"),
+    (["teachers.0.prepare=smollm2"], "teachers.0.prepare: only used with kind: huggingface or gguf"),
     (["teachers.0.checkpiont=x.pt"], "teachers.0.checkpiont: unknown key; remove it or check its spelling"),
     (["distill.weighting_kwargs={gamma: 2}"], "distill.weighting_kwargs: a rule's or strategy's own keys now sit in "
                                               "distill beside its name"),

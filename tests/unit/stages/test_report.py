@@ -22,9 +22,13 @@ def test_latency_warms_up_times_each_call_and_fills_the_batch():
         shapes.append(tuple(xb.shape))
         time.sleep(0.002)
 
-    p50, p99 = measure_latency(forward, torch.zeros(10, 3), batch=64, warmup=3, repeats=20)
+    p50, p99 = measure_latency(forward, CLASSIFICATION.latency_batch(torch.zeros(10, 3), 64), warmup=3, repeats=20)
     assert len(shapes) == 23 and set(shapes) == {(64, 3)}
     assert 2.0 <= p50 <= p99 < 1000
+
+
+def test_a_text_latency_batch_repeats_the_texts():
+    assert TASKS["text"].latency_batch(["a", "b", "c"], 7) == ["a", "b", "c", "a", "b", "c", "a"]
 
 
 def _synthetic_report() -> dict:
