@@ -243,6 +243,8 @@ class TrainerConfig(_Section):
     epochs: Int = Field(default=20, ge=1)
     batch_size: Int = Field(default=64, ge=1, description="global batch, split across workers")
     lr: Float = Field(default=3e-3, gt=0)
+    warmup: Float = Field(default=0.0, ge=0, lt=1, description="the share of the steps over which the learning "
+                          "rate rises linearly to lr before its cosine decay (e.g. 0.1 for a transformer student)")
     weight_decay: Float = Field(default=0.0, ge=0)
     zero_stage: Int = Field(default=0, ge=0, le=3)
     seed: Int = 0
@@ -385,7 +387,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-STUDENT_PATH_KWARGS = ("tokenizer", "pretrained")  # student.kwargs that name local directories (hf_text.classifier)
+STUDENT_PATH_KWARGS = ("tokenizer", "pretrained", "embeddings_from")  # student.kwargs that name local directories (hf_text.classifier)
 
 
 def _absolute_paths(cfg: Config) -> None:

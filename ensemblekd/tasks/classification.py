@@ -10,6 +10,7 @@ store and runs the student.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -81,6 +82,17 @@ def predict_outputs(module: torch.nn.Module, x: np.ndarray, batch_size: int = 10
     if not parts:
         return [np.zeros((0, 0), np.float32)]
     return [torch.cat(column).numpy() for column in zip(*parts)]
+
+
+def grouped_by_label(y: np.ndarray) -> bool:
+    """Whether a shard's labels come in runs (sorted by label, or by something that decides it):
+    fewer than a quarter of the label changes a random order of them would have."""
+    y = y[y >= 0]
+    if len(y) < 32:
+        return False
+    share = np.unique(y, return_counts=True)[1] / len(y)
+    expected = (len(y) - 1) * (1 - (share ** 2).sum())
+    return expected > 8 and int((y[1:] != y[:-1]).sum()) < expected / 4
 
 
 class Rows(NamedTuple):
@@ -221,6 +233,11 @@ class Classification(Task):
         if cfg.distill.feature_terms:
             store.feature_dims([t.name for t in cfg.teachers])
             self.student_module(cfg, store, student)
+        shard = store.inputs("train")[0]
+        if cfg.data.label and grouped_by_label(self.read(cfg, shard)[2]):
+            print(f"distill: note: {shard['uri']} holds its rows grouped by label; the trainer shuffles rows within a "
+                  "shard only, so its batches would hold one or two classes: write the rows in a random order",
+                  file=sys.stderr, flush=True)
 
     def student_module(self, cfg: Config, store: Store, student: torch.nn.Module) -> torch.nn.Module:
         """The module the trainer steps: the student, wrapped with its feature tap and hint

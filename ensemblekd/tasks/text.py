@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -95,7 +96,7 @@ class Text(Classification):
             cut = count(texts)
             if cut:
                 print(f"distill: {cut} of {len(texts)} train texts are longer than the student's max_length "
-                      f"({student.max_length} tokens) and are cut to it")
+                      f"({student.max_length} tokens) and are cut to it", file=sys.stderr, flush=True)
 
     def save_student(self, cfg: Config, student_uri: str) -> str | None:
         """A Hugging Face student is also saved with save_pretrained (weights, config with id2label,
@@ -134,8 +135,7 @@ class Text(Classification):
         signature = infer_signature(example, pd.DataFrame(probabilities, columns=names))
         with tempfile.TemporaryDirectory() as tmp:
             student.save_pretrained(tmp, names)
-            with warnings.catch_warnings():  # MLflow's advice on type hints and pandas' on its own code: not the user's
-                warnings.filterwarnings("ignore", message=".*type hints.*")
+            with warnings.catch_warnings():  # pandas' advice on MLflow's own code: not the user's to act on
                 warnings.filterwarnings("ignore", message=".*Operation with range is deprecated.*")
                 mlflow.pyfunc.log_model(name=name, artifacts={"model": tmp}, signature=signature, input_example=example,
                                         python_model=os.path.join(os.path.dirname(__file__), "text_served.py"),

@@ -148,7 +148,8 @@ class HuggingFaceKind(TeacherKind):
         out = self.artifact(cfg, t)
         tmp = f"{out.rstrip('/')}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        names = getattr(task, "label_names", None)  # the data's class names, where the task knows them (text)
+        model.save_pretrained(tmp, names(cfg, model.num_labels) if names else None)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         return task.accuracy(model, cfg, "val")

@@ -1,6 +1,6 @@
 """Task text end to end on the built-in docstrings set: every teacher kind that reads text (a Hugging
 Face classifier as a user saved it, a Hugging Face backbone with a head fitted here, a TF-IDF
-pipeline fitted here) labelled by Ray actors, a Hugging Face student trained by two Ray Train
+pipeline fitted here, a GGUF causal LM with a head on its last token fitted here) labelled by Ray actors, a Hugging Face student trained by two Ray Train
 workers with DeepSpeed, evaluated and logged to MLflow; its save_pretrained directory loaded by
 transformers' pipeline; `export`'s serve line run as printed, answering texts with the student's
 own probabilities. Tiny models with MiniLM's real tokenizer: one run, shared by the module."""
@@ -30,7 +30,7 @@ NAME = "docstrings-student"
 
 
 @pytest.fixture(scope="module")
-def text_config(tmp_path_factory, tiny_bert, minilm_dir, docstrings_data) -> dict:
+def text_config(tmp_path_factory, tiny_bert, minilm_dir, docstrings_data, tiny_gguf) -> dict:
     tmp = tmp_path_factory.mktemp("text")
     data = docstrings_data
     return {
@@ -42,6 +42,8 @@ def text_config(tmp_path_factory, tiny_bert, minilm_dir, docstrings_data) -> dic
              "fit": {"epochs": 1, "batch_size": 64, "lr": 0.003}, "checkpoint": str(tmp / "teachers" / "head_bert")},
             {"name": "tfidf", "kind": "sklearn", "model": "ensemblekd.models:tfidf_logistic", "kwargs": {"C": 3.0},
              "fit": {}, "checkpoint": str(tmp / "teachers" / "tfidf.skops")},
+            {"name": "lm_head", "pretrained": str(tiny_gguf), "max_length": 32,   # a causal LM read on its last token
+             "fit": {"epochs": 1, "batch_size": 64, "lr": 0.003}},
         ],
         "store": {"uri": str(tmp / "store")},
         "student": {"model": "ensemblekd.hf_text:classifier", "kwargs": {
@@ -67,11 +69,11 @@ def text_run(text_config, ray_local):
 def test_every_text_teacher_kind_labels_and_the_student_is_evaluated(text_run):
     cfg, result = text_run
     rows = {r.model: r for r in result.evaluation.rows}
-    assert set(rows) == {"user_bert", "head_bert", "tfidf", "ensemble", "student"}
+    assert set(rows) == {"user_bert", "head_bert", "tfidf", "lm_head", "ensemble", "student"}
     store = ekd.open_store(cfg.store.uri)
     assert store.task == "text" and store.num_classes == 12
     _, _, y = read_split(cfg.data.test, "text", "y", "id", texts_to_numpy, "data.text_column")
-    for name in ("user_bert", "head_bert", "tfidf"):
+    for name in ("user_bert", "head_bert", "tfidf", "lm_head"):
         assert store.targets(name, "test").logits.shape == (len(y), 12)
     # the head fitted here learnt something; the untrained user classifier did not have to
     assert rows["tfidf"].accuracy > 0.2 and rows["head_bert"].accuracy > 1 / 12

@@ -73,8 +73,9 @@ def test_texts_ids_and_order(prepared):
     texts = [x for t in tables.values() for x in t["text"].to_pylist()]
     assert len(texts) == len(set(texts)) and all(len(x) >= MIN_CHARS and x == x.strip() for x in texts)
     assert max(len(x) for x in texts) <= 600
-    for table in tables.values():
-        assert table["id"].to_pylist() == sorted(table["id"].to_pylist())
+    for table in tables.values():  # shuffled: the trainer shuffles within a shard, so a shard must mix chapters
+        first = table.slice(0, 64)["y"].to_pylist()
+        assert table["id"].to_pylist() != sorted(table["id"].to_pylist()) and len(set(first)) >= 6
 
 
 def test_two_runs_write_identical_files(prepared, tmp_path):

@@ -109,3 +109,24 @@ def test_long_texts_are_cut_and_counted(tiny_bert):
     assert model.encode(texts)["input_ids"].shape == (2, 8)
     with torch.no_grad():
         assert model(texts).shape == (2, 12)
+
+
+def test_a_students_word_embeddings_start_from_a_pca_of_another_models(tiny_bert, minilm_dir):
+    from transformers import AutoModel
+
+    from ensemblekd.hf_text import pca_embeddings
+
+    config = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    student = classifier(12, str(minilm_dir), config=config, embeddings_from=str(tiny_bert["backbone"]))
+    words = student.model.get_input_embeddings().weight.detach()
+    source = AutoModel.from_pretrained(tiny_bert["backbone"]).get_input_embeddings().weight.detach()
+    centred = source - source.mean(0)
+    # a full-rank linear map of the source's (centred) embeddings, the one pca_embeddings computes
+    assert words.shape == (30522, 16)
+    assert torch.allclose(words, pca_embeddings(str(tiny_bert["backbone"]), 30522, 16) * 5 * 0.02)
+    kept = torch.linalg.lstsq(centred, words).solution
+    assert torch.linalg.matrix_rank(kept) == 16
+    with pytest.raises(UserError, match="embeds 30522 tokens in 32 dimensions; the student's tokenizer has 30522 and "
+                                        "hidden_size 64"):
+        classifier(12, str(minilm_dir), config={**config, "hidden_size": 64, "intermediate_size": 64},
+                   embeddings_from=str(tiny_bert["backbone"]))

@@ -64,7 +64,8 @@ def test_prepare_puts_the_builtin_smollm2_in_place(tmp_path, smollm2_gguf):
     ({"pretrained": "m.bin", "kind": "gguf"}, "teachers.0.pretrained: teacher 'lm' of kind gguf needs a .gguf file"),
     ({"pretrained": "m.gguf", "prepare": "llama-70b"}, "teachers.0.prepare: unknown built-in model 'llama-70b'; "
                                                        "choose one of smollm2"),
-    ({"pretrained": "m.gguf", "fit": {"epochs": 1}}, "teachers.0.fit: teachers of kind gguf cannot be fitted here"),
+    ({"pretrained": "m.gguf", "fit": {"epochs": 1}}, "teachers.0.fit: a classification head is fitted on a "
+                                                    "pretrained model with task text only"),
     ({"model": "ensemblekd.lm:tiny_gpt2", "kwargs": {"vocab_size": 1024}, "fit": {}, "prepare": "smollm2"},
      "teachers.0.prepare: only used with kind: huggingface or gguf"),
 ])
