@@ -129,6 +129,9 @@ def load_classifier(path: str, who: str, num_labels: int | None = None, max_leng
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"{who}: cannot load a sequence classifier from '{path}' ({first_line(exc)})") from None
     _check_pair(model, tok, who, tokenizer or path)
+    if "gguf_file" in kwargs:  # dequantised to float32 on load: nothing is quantized any more, and a
+        model.hf_quantizer = None  # quantizer left in place would make save_pretrained refuse the model
+        model.config.__dict__.pop("quantization_config", None)
     if tok.pad_token is None:  # a causal LM's tokenizer may have none; its classifier finds the last token by it
         tok.pad_token = tok.eos_token
     if model.config.pad_token_id is None:

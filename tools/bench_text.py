@@ -80,6 +80,7 @@ def main() -> None:
              f"{(time.perf_counter() - started) / 60:.1f} min.", "",
              markdown_table(["measure", "median", "spread (min..max)", "goal"], table), "",
              markdown_table(["model", "test accuracy, median", "spread (min..max)"], accuracy)]
+    os.makedirs(args.out, exist_ok=True)
     write_results(args.out, "text", {"seeds": found, "machine": machine()}, rows, "\n".join(lines) + "\n")
 
 if __name__ == "__main__":

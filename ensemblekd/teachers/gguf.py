@@ -21,7 +21,6 @@ from torch import nn
 from ensemblekd.config import Config, TeacherConfig
 from ensemblekd.errors import UserError
 from ensemblekd.lm import BUILTIN_GGUF, GGUF_SUFFIX
-from ensemblekd.plugins import Options
 from ensemblekd.teachers.base import key_of
 from ensemblekd.teachers.huggingface import HuggingFaceKind
 
@@ -31,7 +30,7 @@ class GGUFKind(HuggingFaceKind):
     tasks = ("token", "text")
     builtin_models = tuple(BUILTIN_GGUF)
 
-    class Options(Options):
+    class Options(HuggingFaceKind.Options):  # max_length and train_layers: its classifier's (task text)
         prepare: str | None = Field(default=None, description="a built-in model (smollm2) copied to `pretrained` "
                                     "when that file is missing")
 
