@@ -29,6 +29,7 @@ from ensemblekd.stages.export import export_config, export_run, log_student, ser
 from ensemblekd.stages.prepare import prepare
 from ensemblekd.stages.label import LabelResult
 from ensemblekd.stages.label import label as label_store
+from ensemblekd.stages.student_init import init_student, log_init
 from ensemblekd.stages.train import STUDENT_FILE
 from ensemblekd.stages.validate import validate
 from ensemblekd.store import Store, StoreView
@@ -44,7 +45,7 @@ class ModelRow:
 
     model: str
     role: str                                   # teacher | ensemble | assistant | generation | student
-                                                # | baseline
+                                                # | baseline | pruned (student.init, untrained)
     accuracy: float | None                      # task token: top-1 next-token accuracy
     fidelity: float | None                      # top-1 agreement with the ensemble
     kl: float | None                            # mean KL(ensemble || model), nats
@@ -134,8 +135,10 @@ def label(config: ConfigSource, overrides: list[str] | None = None, progress: bo
 def distill(config: ConfigSource, overrides: list[str] | None = None, progress: bool = True) -> DistillResult:
     """Train the student from the store, in a new MLflow run that also logs the served student."""
     cfg = load_config(config, overrides)
+    started = init_student(cfg, progress)
     strategy = preflight(cfg)  # before the MLflow run: a store that cannot be trained from makes no run
     with ray_session(), tracking.mlflow_run(cfg, "distill") as info:
+        log_init(started)
         result = chain.distill_chain(cfg, info, progress, strategy)
         if cfg.tracking.log_model:
             log_student(cfg, result.student)
@@ -169,6 +172,7 @@ def run(config: ConfigSource, overrides: list[str] | None = None, progress: bool
                                   for t in cfg.teachers})
             tracking.log_json(store.manifest, "store/manifest.json")
             tracking.log_json(labelled.actors, "label/actors.json")
+            log_init(init_student(cfg, progress))  # after label: a teacher fitted there can start the student
             trained = chain.distill_chain(cfg, info, progress)
             if cfg.evaluate.baseline:
                 chain.distill_baseline(cfg, info, progress)

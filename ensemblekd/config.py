@@ -184,9 +184,38 @@ def _redact(options: dict[str, Any]) -> dict[str, Any]:
             for k, v in options.items()}
 
 
+Size = Annotated[int | float, BeforeValidator(_not_a_bool)]  # a count (int) or a share of the teacher's (float in (0, 1])
+PRUNED_STUDENT = "ensemblekd.prune:pruned_student"      # student.model of a student that student.init starts
+PRUNED_LR = 6e-4  # trainer.lr of such a student unless set: a fifth of the default, as the pruning literature advises
+
+
+class StudentInit(_Section):
+    """Start the student from a teacher's weights (ensemblekd.prune): its most influential blocks,
+    its most active channels; an ordinary model of the teacher's family, written to `path`."""
+
+    teacher: str = Field(description="the teacher (its name) whose weights start the student: a Llama causal LM "
+                         "(GGUF or Hugging Face directory) or a BERT encoder")
+    layers: Size | list[Int] | None = Field(default=None, description="blocks kept: a count, a share of the "
+                                            "teacher's (0.67), or their indices; None: all")
+    choose: Literal["influence", "spaced"] = Field(default="influence", description="which blocks a count keeps: "
+                                                   "the highest block influence on the calibration sample, or evenly "
+                                                   "spaced ones (every other one for half: DistilBERT)")
+    intermediate_size: Size | None = Field(default=None, description="MLP channels kept per block (count or share), "
+                                           "the most active on the calibration sample")
+    num_attention_heads: Size | None = Field(default=None, description="query heads kept per block (a multiple of "
+                                             "the key/value heads)")
+    hidden_size: Size | None = Field(default=None, description="residual-stream channels kept (Llama only)")
+    calibration: Int = Field(default=32, ge=1, description="rows of the train split the scores are measured on")
+    batch_size: Int = Field(default=8, ge=1)
+    path: str | None = Field(default=None, description="where the pruned model is written (a Hugging Face "
+                             "directory); default trainer.output_dir/student_init")
+
+
 class StudentConfig(_Section):
-    model: str
+    model: str | None = Field(default=None, description="'module:callable' building the student; with init, "
+                              f"{PRUNED_STUDENT} (the pruned directory, as its task reads it)")
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    init: StudentInit | None = None
     feature: ModuleName | None = Field(default=None, description="the module whose output is the student's feature (a name "
                                 "from model.named_modules()): what distill.hint_weight and rkd_* compare")
 
@@ -329,6 +358,7 @@ class Config(_Section):
             if not self.student.feature:
                 raise ValueError("student.feature: distill.hint_weight/rkd_* need the student's feature module; "
                                  "name it (see model.named_modules())")
+        self._student_from_init()
         if self.trainer.batch_size % self.trainer.world_size:
             raise ValueError(
                 f"trainer.batch_size: {self.trainer.batch_size} does not split evenly over "
@@ -347,6 +377,21 @@ class Config(_Section):
         if self.data.prepare and self.data.prepare not in DATASETS:
             raise ValueError(f"data.prepare: unknown data set '{self.data.prepare}'; choose one of {', '.join(DATASETS)}")
         return self
+
+    def _student_from_init(self) -> None:
+        init = self.student.init
+        if init is None:
+            if self.student.model is None:
+                raise ValueError("student.model: give the 'module:callable' that builds the student, or student.init")
+            return
+        if init.teacher not in [t.name for t in self.teachers]:
+            raise ValueError(f"student.init.teacher: no teacher is named '{init.teacher}'; choose one of "
+                             f"{', '.join(t.name for t in self.teachers)}")
+        init.path = init.path or f"{self.trainer.output_dir.rstrip('/')}/student_init"
+        self.student.model = self.student.model or PRUNED_STUDENT
+        self.student.kwargs.setdefault("path", init.path)
+        if "lr" not in self.trainer.model_fields_set:
+            self.trainer.lr = PRUNED_LR
 
     def node_paths(self) -> dict[str, str]:
         """Every path that Ray actors and workers, on any node, read or write, by config key."""
@@ -387,7 +432,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-STUDENT_PATH_KWARGS = ("tokenizer", "pretrained", "embeddings_from")  # student.kwargs that name local directories (hf_text.classifier)
+# student.kwargs that name local directories (hf_text.classifier, lm.from_pretrained)
+STUDENT_PATH_KWARGS = ("tokenizer", "pretrained", "embeddings_from", "path")
 
 
 def _absolute_paths(cfg: Config) -> None:
@@ -403,6 +449,8 @@ def _absolute_paths(cfg: Config) -> None:
             t.checkpoint = resolve_uri(t.checkpoint)
         if t.pretrained:
             t.pretrained = resolve_uri(t.pretrained)
+    if cfg.student.init and cfg.student.init.path:
+        cfg.student.init.path = resolve_uri(cfg.student.init.path)
     for key in STUDENT_PATH_KWARGS:
         value = cfg.student.kwargs.get(key)
         if isinstance(value, str) and value:
@@ -416,7 +464,7 @@ def check_inputs(cfg: Config, check_data: bool = True) -> None:
     credentials, bucket), the student's and assistants' import paths, the data files. (The
     teachers' files are their kind's to check: stages.validate.)"""
     check_reachable(cfg.store.uri, "store.uri")
-    import_callable(cfg.student.model, "student.model")
+    import_callable(cfg.student.model or "", "student.model")
     if check_data and cfg.data.prepare is None:
         for split in ("train", "val", "test"):
             uri = getattr(cfg.data.text, split) if cfg.data.text else getattr(cfg.data, split)

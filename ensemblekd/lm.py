@@ -21,6 +21,7 @@ from torch import nn
 
 from ensemblekd.errors import UserError
 from ensemblekd.fitting import fit_module
+from ensemblekd.io.compat import deepspeed_on_cpu
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -89,6 +90,66 @@ def from_pretrained(path: str) -> nn.Module:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"from_pretrained: cannot load a causal LM from '{path}' ({first})") from None
     return CausalLM(model).eval()
+
+
+def hf_causal_lm(model: nn.Module) -> Any | None:
+    """The transformers PreTrainedModel a CausalLM wraps (its `lm`) when it can generate text; None
+    for any other module (a plain torch LM has no save_pretrained directory to give)."""
+    if not isinstance(model, CausalLM):
+        return None
+    from transformers import PreTrainedModel
+
+    hf = model.lm
+    return hf if isinstance(hf, PreTrainedModel) and hf.can_generate() else None
+
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def save_causal_lm(model: nn.Module, path: str, tokenizer: Any = None, max_new_tokens: int | None = None) -> None:
+    """A CausalLM's Hugging Face model as save_pretrained writes it (safetensors weights, config.json,
+    generation_config.json) and the tokenizer, when given, beside it: a directory that
+    AutoModelForCausalLM, AutoTokenizer and pipeline("text-generation") load without ensemblekd.
+
+    The configs get the tokenizer's bos/eos/pad ids where they have none (pad: eos when the
+    tokenizer has no pad token), so generation stops at end-of-sequence and pads without advice;
+    the generation config gets max_new_tokens (and keeps generate's default, greedy decoding). The
+    model in memory is left as it was: the two configs are written again from copies."""
+    import copy
+
+    hf = hf_causal_lm(model)
+    if hf is None:
+        raise TypeError(f"save_causal_lm: a CausalLM over a Hugging Face model is needed, not {type(model).__name__}")
+    quiet_transformers()
+    deepspeed_on_cpu()  # save_pretrained asks DeepSpeed about ZeRO-3
+    hf.save_pretrained(path)
+    config, generation = copy.deepcopy(hf.config), copy.deepcopy(hf.generation_config)
+    ids = {key: getattr(tokenizer, key, None) for key in SPECIAL_IDS}
+    if ids["pad_token_id"] is None:
+        ids["pad_token_id"] = ids["eos_token_id"]
+    for target in (config, generation):
+        for key, value in ids.items():
+            if value is not None and getattr(target, key, None) is None:
+                setattr(target, key, int(value))
+    if max_new_tokens is not None:
+        generation.max_new_tokens = int(max_new_tokens)
+    config.save_pretrained(path)
+    generation.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def from_config(path: str) -> nn.Module:
+    """A causal LM of the shape saved in a local directory (its config.json), with fresh random
+    weights: the same student as from_pretrained(path) but learnt from nothing (what starting from
+    a teacher is measured against)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UserError(f"from_config: cannot read a model config from '{path}' ({first_line(exc)})") from None
+    return CausalLM(AutoModelForCausalLM.from_config(config))
 
 
 GGUF_SUFFIX = ".gguf"

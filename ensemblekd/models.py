@@ -115,13 +115,19 @@ def save_state(module: nn.Module, uri: str) -> None:
     fs.write_bytes_atomic(uri, buf.getvalue())
 
 
+def build_student(student_cfg) -> nn.Module:
+    """The student as config section `student` builds it (student.init's pruned weights, where given)."""
+    assert student_cfg.model is not None, "the config sets student.model, or student.init does"
+    return build_module(student_cfg.model, student_cfg.kwargs, "student.model")
+
+
 def load_student(student_cfg, uri: str) -> nn.Module:
     """The student (config section `student`) with the weights at `uri`: for evaluation and serving."""
-    return load_state(build_module(student_cfg.model, student_cfg.kwargs, "student.model"), uri, "student")
+    return load_state(build_student(student_cfg), uri, "student")
 
 
 def count_parameters(model: nn.Module) -> int:
     """Trainable numbers in a model; a module that wraps another framework's model (a scikit-learn
     teacher) says how many it has with a `num_parameters` attribute."""
-    own = getattr(model, "num_parameters", None)
-    return int(own) if own is not None else sum(p.numel() for p in model.parameters())
+    own = getattr(model, "num_parameters", None)  # a Hugging Face model's is a method: its parameters are torch's
+    return int(own) if own is not None and not callable(own) else sum(p.numel() for p in model.parameters())

@@ -131,7 +131,7 @@ def smollm2_gguf(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory, smollm2_gguf) -> Path:
-    """A 1-layer GGUF LM with SmolLM2's first 1,024 tokens as its vocabulary (tests/gguf_models.py)."""
+    """A 2-layer GGUF LM with SmolLM2's first 1,024 tokens as its vocabulary (tests/gguf_models.py)."""
     from gguf_models import write_tiny_gguf
 
     return write_tiny_gguf(str(smollm2_gguf), tmp_path_factory.mktemp("gguf") / "tiny.gguf")

@@ -1,6 +1,6 @@
 """A tiny GGUF causal LM for tests: SmolLM2's tokenizer cut to its first `vocab` tokens (with the
-merges that stay inside them: still a consistent byte-level BPE) and a 1-layer Llama of width 16
-with random weights, written with the gguf package. Loads in about 2 s where the real file takes 30."""
+merges that stay inside them: still a consistent byte-level BPE) and a Llama of `blocks` layers of
+width 16 with random weights, written with the gguf package. Loads in about 2 s where the real file takes 30."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 
-def write_tiny_gguf(source: str, path: Path, vocab: int = 1024, hidden: int = 16, seed: int = 0) -> Path:
+def write_tiny_gguf(source: str, path: Path, vocab: int = 1024, hidden: int = 16, seed: int = 0,
+                    blocks: int = 2) -> Path:
     from gguf import GGUFReader, GGUFWriter
 
     reader = GGUFReader(source)
@@ -24,7 +25,7 @@ def write_tiny_gguf(source: str, path: Path, vocab: int = 1024, hidden: int = 16
     token_types = [int(types.parts[i][0]) for i in types.data[:vocab]]
     merges = [m for m in strings("tokenizer.ggml.merges") if m.replace(" ", "") in kept and set(m.split(" ")) <= kept]
     w = GGUFWriter(str(path), "llama")
-    w.add_block_count(1)
+    w.add_block_count(blocks)
     w.add_context_length(256)
     w.add_embedding_length(hidden)
     w.add_feed_forward_length(2 * hidden)
@@ -49,10 +50,12 @@ def write_tiny_gguf(source: str, path: Path, vocab: int = 1024, hidden: int = 16
     shapes = {"attn_q": (hidden, hidden), "attn_k": (hidden, hidden), "attn_v": (hidden, hidden),
               "attn_output": (hidden, hidden), "ffn_gate": (2 * hidden, hidden), "ffn_up": (2 * hidden, hidden),
               "ffn_down": (hidden, 2 * hidden)}
-    for name, shape in shapes.items():
-        w.add_tensor(f"blk.0.{name}.weight", (g.standard_normal(shape) * 0.2).astype(np.float32))
-    for name in ("blk.0.attn_norm", "blk.0.ffn_norm", "output_norm"):
-        w.add_tensor(f"{name}.weight", np.ones(hidden, np.float32))
+    for b in range(blocks):
+        for name, shape in shapes.items():
+            w.add_tensor(f"blk.{b}.{name}.weight", (g.standard_normal(shape) * 0.2).astype(np.float32))
+        for name in ("attn_norm", "ffn_norm"):
+            w.add_tensor(f"blk.{b}.{name}.weight", np.ones(hidden, np.float32))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

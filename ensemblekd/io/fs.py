@@ -17,7 +17,7 @@ import fnmatch
 import io
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import fsspec
@@ -151,6 +151,54 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
             with contextlib.suppress(OSError):
                 fs.rm_file(tmp)
             raise
+
+
+def write_dir_atomic(uri: str, write: Callable[[str], None], last: tuple[str, ...] = ()) -> None:
+    """Make the directory `uri` hold exactly what `write(local_dir)` puts in a fresh local directory,
+    and never a part of it under its own name.
+
+    Local: written in a temporary sibling (NAME.tmp-XXXXXXXX), then renamed into place; an earlier
+    directory is renamed aside first and removed last (put back if the rename fails). A failed
+    write removes the temporary directory and leaves the earlier one as it was. Remote (no
+    directory rename): written locally, the earlier objects removed, then uploaded one file at a
+    time (each object appears whole), the files named in `last` (what marks the directory as
+    complete, e.g. config.json) after the others: an upload cut short leaves no such file.
+    """
+    import shutil
+    import tempfile
+
+    fs, path = filesystem(uri)
+    if is_remote(uri):
+        with tempfile.TemporaryDirectory() as tmp:
+            write(tmp)
+            names = sorted(os.listdir(tmp), key=lambda name: (name in last, name))
+            with writing(uri):
+                if fs.exists(path):
+                    fs.rm(path, recursive=True)
+                for name in names:
+                    fs.put(os.path.join(tmp, name), f"{path.rstrip('/')}/{name}", recursive=True)
+        return
+    parent, tag = os.path.dirname(path), uuid.uuid4().hex[:8]
+    tmp, aside = f"{path}{TEMPORARY}{tag}", f"{path}.old-{tag}"
+    with writing(uri):
+        try:
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            os.mkdir(tmp)
+            write(tmp)
+            moved = os.path.isdir(path)
+            if moved:
+                os.rename(path, aside)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                if moved:
+                    os.rename(aside, path)
+                raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def remove_temporaries(dir_uri: str, patterns: tuple[str, ...]) -> int:

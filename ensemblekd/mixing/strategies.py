@@ -276,4 +276,5 @@ class BornAgain(Assistant):
             raise UserError(f"distill.generations: the earlier generations are named {', '.join(names)}, and "
                             f"{', '.join(taken)} is already a teacher's name; rename that teacher")
         s = cfg.student
+        assert s.model is not None  # the config sets it, or student.init does
         return [AssistantConfig(name=n, model=s.model, kwargs=s.kwargs, feature=s.feature) for n in names]

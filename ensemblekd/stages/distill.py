@@ -20,7 +20,7 @@ from ensemblekd.errors import UserError
 from ensemblekd.io import compat, fs
 from ensemblekd.io.ray_session import driver_progress, ensure_ray, require
 from ensemblekd.mixing import Strategy, build_strategy
-from ensemblekd.models import build_module
+from ensemblekd.models import build_student
 from ensemblekd.store import Store
 from ensemblekd.stages.validate import check_labelled_inputs
 from ensemblekd.stages.train import STEP_METRICS, STUDENT_FILE, InProcessSession, epoch_steps, run_in_process, train_loop
@@ -38,7 +38,7 @@ def preflight(cfg: Config) -> Strategy:
         store.check_sizes(split, names)
     check_labelled_inputs(cfg, store, ("train", "val"))
     strategy = build_strategy(cfg.distill, names, store.val_accuracy(names), cfg.trainer.epochs)
-    student = build_module(cfg.student.model, cfg.student.kwargs, "student.model")
+    student = build_student(cfg.student)
     get_task(cfg.task).preflight(cfg, store, student)
     return strategy
 

@@ -23,8 +23,9 @@ import torch
 from ensemblekd.config import Config
 from ensemblekd.io import fs
 from ensemblekd.mixing import build_strategy
-from ensemblekd.models import count_parameters, load_student
+from ensemblekd.models import build_student, count_parameters, load_student
 from ensemblekd.stages.chain import assistant_teachers, baseline_config, level_role
+from ensemblekd.stages.student_init import read_record
 from ensemblekd.stages.train import STUDENT_FILE
 from ensemblekd.stages.validate import check_labelled_inputs
 from ensemblekd.store import Store
@@ -34,6 +35,7 @@ from ensemblekd.teachers import kind_of
 LATENCY_BATCHES = (1, 64)
 LATENCY_KEYS = [f"p{q}_ms_b{b}" for b in LATENCY_BATCHES for q in (50, 99)]
 BASELINE = "student_alone"  # the row of the student trained on the labels alone (evaluate.baseline)
+PRUNED = "pruned"           # the row of student.init's pruned model before any training
 
 
 @contextmanager
@@ -83,6 +85,9 @@ def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: 
     baseline = load_student(cfg.student, baseline_uri) if ev.baseline and fs.exists(baseline_uri) else None
     if baseline is not None:
         quality[BASELINE] = task.quality(cfg, store, names, [], baseline, strategy)[0]["student"]
+    pruned = build_student(cfg.student).eval() if cfg.student.init else None  # student.init's weights, untrained
+    if pruned is not None:
+        quality[PRUNED] = task.quality(cfg, store, names, [], pruned, strategy)[0]["student"]
 
     teachers = [kind_of(t).load(cfg, t) for t in cfg.teachers]
     rows = [_row(t.name, "teacher", quality, kind_of(t).num_parameters(m), kind_of(t).artifact_bytes(cfg, t))
@@ -98,6 +103,9 @@ def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: 
     if baseline is not None:
         rows.append(_row(BASELINE, "baseline", quality, count_parameters(baseline), fs.file_size(baseline_uri)))
         models.append(baseline)
+    if pruned is not None:
+        rows.append(_row(PRUNED, "pruned", quality, count_parameters(pruned), fs.file_size(student_uri)))
+        models.append(pruned)
 
     def ensemble_forward(xb: torch.Tensor) -> torch.Tensor:
         z = torch.stack([task.logits(teacher, xb, cfg) for teacher in teachers], dim=-2)
@@ -118,6 +126,8 @@ def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: 
     summary, keeps = summarise(rows, task)
     found = {"rows": rows, "test_rows": targets, "summary": summary, "student_keeps": keeps, "latency": latency,
              "columns": [list(c) for c in task.columns]}
+    if cfg.student.init is not None:
+        found["init"] = read_record(cfg.student.init)
     if ev.prompts:
         scorers: dict[str, Callable[..., torch.Tensor]]  # inputs [1, L] -> scores [1, L, V]
         scorers = {r["model"]: (lambda xb, m=m: task.logits(m, xb, cfg)) if m is not None else ensemble_forward

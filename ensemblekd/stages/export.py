@@ -22,7 +22,8 @@ from ensemblekd.stages.train import STUDENT_FILE
 from ensemblekd.tasks import get_task
 
 STUDENT_MODEL = "student"                       # the logged model `run` and `distill` leave in their run
-OUTPUTS_TAG = "ensemblekd.outputs"              # "probabilities"; absent on students logged before export existed
+OUTPUTS_TAG = "ensemblekd.outputs"              # "probabilities", or "text" (a generating LM); absent on students
+                                                # logged before export existed
 
 
 def log_student(cfg: Config, student_uri: str) -> None:
@@ -63,7 +64,7 @@ def export_run(run_id: str, name: str | None = None, tracking_uri: str | None = 
         raise UserError(f"RUN_ID: run '{run_id}' has no student model; export a run of `ensemblekd run` or "
                         "`ensemblekd distill` made with tracking.log_model true (the default), or use --config CONFIG")
     model = max(models, key=lambda m: m.creation_timestamp)
-    if model.tags.get(OUTPUTS_TAG) != "probabilities":
+    if OUTPUTS_TAG not in model.tags:
         raise UserError(f"RUN_ID: the student of run '{run_id}' was logged by an older ensemblekd and outputs logits; "
                         "export it with --config CONFIG instead")
     name = name or f"{client.get_experiment(run.info.experiment_id).name}-student"

@@ -13,6 +13,7 @@ from ensemblekd import tracking
 from ensemblekd.config import Config
 from ensemblekd.io import fs
 from ensemblekd.stages.evaluate import LATENCY_KEYS
+from ensemblekd.stages.student_init import describe
 from ensemblekd.tables import human_bytes, markdown_table, text_table
 
 COST_HEADER = ("model", "p50 @1", "p99 @1", "p50 @64", "p99 @64")
@@ -52,6 +53,11 @@ def summary_line(report: dict[str, Any]) -> str:
             f"(p50),\n  {size}")
 
 
+def init_line(report: dict[str, Any]) -> list[str]:
+    """What the student kept of the teacher it started from (student.init), when it did."""
+    return [describe(report["init"])] if report.get("init") else []
+
+
 def continuations_text(report: dict[str, Any], width: int = 100) -> list[str]:
     """Greedy continuations (task token), one line per model under each prompt."""
     out, prompt = [], None
@@ -72,20 +78,20 @@ def format_report(report: dict[str, Any]) -> str:
         lat = report["latency"]
         out += ["", f"latency, ms (1 CPU thread, batch 1 and 64, {lat['repeats']} runs after {lat['warmup']} warm-up)",
                 text_table(COST_HEADER, [[r["model"], *_cost_cells(r)] for r in rows])]
-    return "\n".join([*out, "", summary_line(report), *continuations_text(report)])
+    return "\n".join([*out, "", summary_line(report), *init_line(report), *continuations_text(report)])
 
 
 def format_markdown(report: dict[str, Any]) -> str:
     """One markdown table with every column, then the summary line and any continuations."""
     header = [*_quality_header(report), *(f"{h} (ms)" for h in COST_HEADER[1:])]
     lines = [[*_quality_cells(report, r), *_cost_cells(r)] for r in report["rows"]]
-    extra = "\n".join(continuations_text(report))
+    extra = "\n".join([*init_line(report), *continuations_text(report)])
     return markdown_table(header, lines, left=2) + "\n\n" + summary_line(report) + "\n" + (
         f"\n```{extra}\n```\n" if extra else "")
 
 
 ROLE_COLOURS = {"teacher": "tab:blue", "ensemble": "tab:red", "assistant": "tab:green", "generation": "tab:purple",
-                "student": "tab:orange"}
+                "pruned": "tab:gray", "student": "tab:orange"}
 
 
 def bubble_chart(report: dict[str, Any]) -> bytes:

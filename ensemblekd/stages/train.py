@@ -31,7 +31,7 @@ from ensemblekd.config import Config
 from ensemblekd.errors import UserError
 from ensemblekd.io import compat, fs
 from ensemblekd.mixing import build_strategy
-from ensemblekd.models import build_module
+from ensemblekd.models import build_student
 from ensemblekd.store import Store
 from ensemblekd.tasks import get_task, worker_segments
 
@@ -69,8 +69,7 @@ def build_engine(cfg: Config, total_steps: int, store: Store):
     compat.skip_shm_comm_op()
 
     tr = cfg.trainer
-    model = get_task(cfg.task).student_module(cfg, store, build_module(cfg.student.model, cfg.student.kwargs,
-                                                                          "student.model"))
+    model = get_task(cfg.task).student_module(cfg, store, build_student(cfg.student))
     ds_config = deepspeed_config(tr)
     optimizer = None
     if "optimizer" not in ds_config:

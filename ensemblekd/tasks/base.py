@@ -9,6 +9,7 @@ targets). The stages never branch on it: they call the Task methods below, and t
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ import torch
 
 from ensemblekd.config import Config
 from ensemblekd.errors import UserError
+from ensemblekd.io import fs
 from ensemblekd.losses import KDLoss
 from ensemblekd.store import Store
 
@@ -95,6 +97,11 @@ class Task:
         them (kind sklearn: a feature matrix, or an array of texts); a UserError naming `who` if none."""
         raise UserError(f"{who}: task {self.name} has no labelled rows to fit a teacher on")
 
+    def calibration(self, cfg: Config, rows: int, batch_size: int) -> list[Any]:
+        """Batches of `rows` train rows (a seeded sample: calibration_rows), as a teacher's forward
+        takes them: what student.init measures a teacher on."""
+        raise UserError(f"student.init: task {self.name} cannot start a student from a teacher")
+
     # -- fit a teacher -------------------------------------------------------------------------
     def fit(self, model: torch.nn.Module, cfg: Config, teacher) -> None:
         """Train a torch teacher from scratch on the train split (fitting.fit_module, the task's loss)."""
@@ -133,8 +140,8 @@ class Task:
         raise NotImplementedError
 
     def save_student(self, cfg: Config, student_uri: str) -> str | None:
-        """Write what serves the trained student without ensemblekd beside student.pt (task text: a
-        save_pretrained directory); its path, or None."""
+        """Write what serves the trained student without ensemblekd beside student.pt (tasks text and
+        token: a save_pretrained directory, HF_STUDENT_DIR, written by save_hf_student); its path, or None."""
         return None
 
     def tokenizer(self, cfg: Config) -> str | None:
@@ -190,6 +197,16 @@ class Task:
 
 
 TORCHSCRIPT_FILE = "student.torchscript.pt"     # the served model's TorchScript copy, under extra_files/
+HF_STUDENT_DIR = "student_hf"   # beside student.pt: a Hugging Face student as save_pretrained writes it
+
+
+def save_hf_student(student_uri: str, write: Callable[[str], None]) -> str:
+    """The directory HF_STUDENT_DIR beside student_uri, holding what `write(local_dir)` puts there
+    (a save_pretrained directory): written whole or not at all (fs.write_dir_atomic; on object
+    storage config.json is uploaded last, so a cut upload is no model directory). Its URI."""
+    out = fs.join(os.path.dirname(student_uri), HF_STUDENT_DIR)
+    fs.write_dir_atomic(out, write, last=("config.json",))
+    return out
 
 
 def log_torch_model(served: Served, name: str, tags: dict[str, str]) -> None:
@@ -197,7 +214,6 @@ def log_torch_model(served: Served, name: str, tags: dict[str, str]) -> None:
     ensemblekd code needed to load it) with a signature and an input example, and where the task
     allows it a TorchScript copy in extra_files/TORCHSCRIPT_FILE (torch.jit.load, from Python or
     C++ libtorch, without MLflow)."""
-    import os
     import tempfile
     import warnings
 
@@ -218,6 +234,11 @@ def log_torch_model(served: Served, name: str, tags: dict[str, str]) -> None:
 # -- shared parts --------------------------------------------------------------------------------
 READ_AHEAD = 2  # shards read in background threads: a Parquet decode is mostly one thread, so two keep
                 # two cores busy (reader 1.0x -> 1.7x bare pyarrow in tools/bench_speed.py's store row)
+def calibration_rows(total: int, rows: int, seed: int) -> np.ndarray:
+    """`rows` of a split's `total`, drawn without replacement (trainer.seed), in their order."""
+    return np.sort(np.random.default_rng(seed).choice(total, size=min(rows, total), replace=False))
+
+
 def worker_segments(shard_rows: list[int], num_workers: int, rank: int, seed: int, epoch: int,
                     shuffle: bool = True, drop_remainder: bool = True) -> list[tuple[int, int, int]]:
     """This worker's rows of an epoch as (shard, start, stop) segments.

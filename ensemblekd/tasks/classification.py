@@ -28,7 +28,7 @@ from ensemblekd.fitting import fit_module
 from ensemblekd.losses import IGNORE, KDLoss, divergence, kd_loss
 from ensemblekd.metrics import accuracy, expected_calibration_error, mean_kl
 from ensemblekd.store import Store, pack
-from ensemblekd.tasks.base import Served, Task, gather, read_aligned, row_batches, run_on
+from ensemblekd.tasks.base import Served, Task, calibration_rows, gather, read_aligned, row_batches, run_on
 
 
 class Logits(NamedTuple):
@@ -138,6 +138,11 @@ class Classification(Task):
 
     def labelled(self, cfg: Config, split: str, who: str) -> tuple[np.ndarray, np.ndarray]:
         return labelled_split(cfg.data, split, who, self.input_column(cfg), self.to_inputs, self.input_key)
+
+    def calibration(self, cfg: Config, rows: int, batch_size: int) -> list[Any]:
+        x = self.read_split(cfg, "train", label=False)[1]
+        x = x[calibration_rows(len(x), rows, cfg.trainer.seed)]
+        return [self.as_inputs(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]
 
     def predict(self, model: torch.nn.Module, x: np.ndarray, batch_size: int = 1024, device: str = "cpu") -> np.ndarray:
         return predict(model, x, batch_size, device, self.as_inputs)

@@ -26,12 +26,10 @@ import torch
 from ensemblekd.config import Config
 from ensemblekd.data.inputs import LABEL_NAMES_KEY, InputShard, input_shards, read_footer, texts_to_numpy
 from ensemblekd.errors import UserError
-from ensemblekd.io import fs
 from ensemblekd.models import load_student
 from ensemblekd.store import Store
+from ensemblekd.tasks.base import HF_STUDENT_DIR, save_hf_student
 from ensemblekd.tasks.classification import Classification
-
-HF_STUDENT_DIR = "student_hf"   # trainer.output_dir/student_hf: the student as save_pretrained writes it
 
 
 def label_names(shard: dict[str, Any] | InputShard) -> list[str] | None:
@@ -105,9 +103,8 @@ class Text(Classification):
         save = getattr(student, "save_pretrained", None)
         if save is None:
             return None
-        out = fs.join(os.path.dirname(student_uri), HF_STUDENT_DIR)
-        save(out, self.label_names(cfg, student.num_labels))
-        return out
+        names = self.label_names(cfg, student.num_labels)
+        return save_hf_student(student_uri, lambda directory: save(directory, names))
 
     # -- evaluate and serve --------------------------------------------------------------------
     def latency_batch(self, x: list[str], batch: int) -> list[str]:

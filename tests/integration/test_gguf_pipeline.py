@@ -1,7 +1,9 @@
 """A GGUF teacher through the whole pipeline on a user's own text: `ensemblekd run` with a 1-layer GGUF
 LM (SmolLM2's tokenizer cut to 1,024 tokens, tests/gguf_models.py) and a fitted GPT-2 teaching a
 smaller GPT-2 on a few pydoc topics given as JSON Lines (data.text), with the student trained alone
-beside it (evaluate.baseline) and greedy continuations in the report; the store uses the ranked codec. The real SmolLM2 config
+beside it (evaluate.baseline) and greedy continuations in the report; the store uses the ranked codec.
+The student starts from the GGUF teacher (student.init: 1 of its 2 blocks, half its MLP, 12 of 16
+hidden channels), so the report also has the pruned model before training. The real SmolLM2 config
 (configs/smollm2.yaml) is checked in tests/unit/config; its run is measured in docs/language-models.md."""
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ def test_gguf_teacher_on_a_users_text_end_to_end(tmp_path, tiny_gguf):
              "fit": {"epochs": 3, "lr": 0.01, "batch_size": 16}, "checkpoint": str(tmp_path / "gpt2.pt")},
         ],
         "store": {"uri": str(tmp_path / "store"), "top_k": 16, "codec": "ranked"},
-        "student": {"model": "ensemblekd.lm:tiny_gpt2", "kwargs": {"vocab_size": 1024, "n_layer": 1, "n_embd": 16,
-                                                                   "n_positions": 64}},
+        "student": {"init": {"teacher": "tiny_gguf", "layers": 1, "intermediate_size": 0.5, "hidden_size": 12,
+                             "calibration": 8}},
         "distill": {"temperature": 1.0, "alpha": 0.0},
         "trainer": {"num_workers": 2, "epochs": 1, "batch_size": 16, "lr": 0.01, "output_dir": str(tmp_path / "out")},
         "evaluate": {"baseline": True, "latency_tokens": 8, "warmup": 0, "repeats": 1, "max_new_tokens": 4,
@@ -62,7 +64,10 @@ def test_gguf_teacher_on_a_users_text_end_to_end(tmp_path, tiny_gguf):
     assert "topk_codes" in pq.read_schema(shard).names
     report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
     rows = {r["model"]: r for r in report["rows"]}
-    assert set(rows) == {"tiny_gguf", "gpt2", "ensemble", "student", "student_alone"}
+    assert set(rows) == {"tiny_gguf", "gpt2", "ensemble", "student", "student_alone", "pruned"}
+    assert rows["pruned"]["params"] == rows["student"]["params"] == report["init"]["params"]
+    assert report["init"]["layers"] in ([0], [1]) and report["init"]["widths"] == {"intermediate_size": 16,
+                                                                                    "hidden_size": 12}
     for r in rows.values():
         assert 1.0 < r["perplexity"] < 1e6 and math.isclose(r["perplexity"], math.exp(r["nll"]), rel_tol=1e-6)
         assert r["tokens_per_s"] > 0
@@ -73,10 +78,11 @@ def test_gguf_teacher_on_a_users_text_end_to_end(tmp_path, tiny_gguf):
     assert said == set(rows) and all(c["prompt"] == "The for statement" for c in report["continuations"])
     table = (tmp_path / "out" / "report" / "table.txt").read_text()
     assert "ppl" in table and "greedy continuation of 'The for statement':" in table
-    assert "student trained alone" in table
+    assert "student trained alone" in table and "student started from tiny_gguf: 1 of 2 blocks" in table
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     run = mlflow.search_runs(experiment_names=["gguf"], output_format="list", filter_string="tags.mlflow.parentRunId IS NULL")[0]
     assert run.data.metrics["test_perplexity.student"] == pytest.approx(rows["student"]["perplexity"])
+    assert run.data.params["init.kept_hidden_size"] == "12"
     children = mlflow.search_runs(experiment_names=["gguf"], output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert [c.info.run_name for c in children] == ["baseline"]

@@ -7,6 +7,7 @@ own probabilities. Tiny models with MiniLM's real tokenizer: one run, shared by 
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -140,3 +141,37 @@ def test_export_serves_texts_with_the_line_it_prints(text_run, tmp_path):
         np.testing.assert_allclose([[row[n] for n in names] for row in got], want, atol=1e-5)
     finally:
         stop_group(proc)
+
+
+def test_a_student_cut_from_a_bert_teacher_is_distilled_from_the_same_store(text_run, text_config):
+    """student.init on the run's store: the user's 2-block BERT classifier keeps 1 block and half its
+    MLP, is distilled, and the report shows it before (pruned) and after training."""
+    import mlflow
+
+    cfg, _ = text_run
+    out = os.path.join(text_config["_tmp"], "pruned")
+    changed = {k: v for k, v in text_config.items() if k != "_tmp"}
+    changed["student"] = {"init": {"teacher": "user_bert", "layers": 1, "choose": "spaced", "intermediate_size": 0.5,
+                                   "calibration": 16},
+                          "kwargs": {"num_classes": 12, "max_length": 32}}
+    changed["trainer"] = {**changed["trainer"], "output_dir": out}
+    changed["teachers"] = [{**t, "checkpoint": os.path.join(cfg.trainer.output_dir, "teachers", t["name"])}
+                           if "fit" in t and "checkpoint" not in t else t
+                           for t in changed["teachers"]]   # a teacher fitted by the run stays where the run put it
+    path = write_config(text_config["_tmp"], changed, name="pruned.yaml")
+    distilled = ekd.distill(path, progress=False)
+    pruned_dir = os.path.join(out, "student_init")
+    record = json.loads(open(os.path.join(pruned_dir, "init.json")).read())
+    assert record["layers"] == [0] and record["widths"] == {"intermediate_size": 32} and record["teacher_layers"] == 2
+    assert record["calibration_tokens"] > 16 and record["params"] < record["teacher_params"]
+    hf = json.loads(open(os.path.join(pruned_dir, "config.json")).read())
+    assert (hf["num_hidden_layers"], hf["intermediate_size"], len(hf["id2label"])) == (1, 32, 12)
+    assert os.path.isfile(os.path.join(pruned_dir, "tokenizer.json"))        # the teacher's, beside the weights
+    run = mlflow.MlflowClient(cfg.tracking.uri).get_run(distilled.run_id)
+    assert run.data.params["init.kept_layers"] == "0" and run.data.params["init.kept_intermediate_size"] == "32"
+    assert float(run.data.params["trainer.lr"]) == 6e-4                        # a pruned student's default
+    found = ekd.evaluate(path, repeats=0)
+    rows = {r.model: r for r in found.rows}
+    assert rows["pruned"].role == "pruned" and rows["pruned"].params == rows["student"].params == record["params"]
+    assert rows["pruned"].accuracy != rows["student"].accuracy or rows["pruned"].kl != rows["student"].kl
+    assert "student started from user_bert: 1 of 2 blocks (kept 0), intermediate_size 32" in found.table

@@ -10,7 +10,8 @@ sparse targets through topk.rule_inputs. Teachers, student and the store share o
 
 The task is a package of its parts: `codec` (the label shards, written and read), `vocabulary` (the
 one vocabulary and tokenizer every model shares), `batches` (the reader: target positions and their
-teachers' targets), and `task` (the Token class the stages call: config checks, labelling, the
+teachers' targets), `served` (a Hugging Face student's save_pretrained directory and its MLflow
+text-generation model), and `task` (the Token class the stages call: config checks, labelling, the
 objective, evaluation with its report columns, and the served model).
 """
 

@@ -1,5 +1,6 @@
 """The Token task: what each stage asks of task token (tasks.base.Task), built on the codec, the
-shared vocabulary and the batches beside it; and the served model (next-token probabilities)."""
+shared vocabulary, the batches and the served student beside it; and the served model of a student
+that generates no text (next-token probabilities)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from ensemblekd.errors import UserError
 from ensemblekd.lm import fit_lm, logits_of
 from ensemblekd.losses import divergence
 from ensemblekd.store import Store
-from ensemblekd.tasks.base import Column, Served, Task, read_aligned, row_batches, run_on
+from ensemblekd.tasks.base import Column, Served, Task, calibration_rows, read_aligned, row_batches, run_on
 from ensemblekd.tasks.token.batches import (
     Sequences,
     TokenBatch,
@@ -28,6 +29,7 @@ from ensemblekd.tasks.token.batches import (
     student_positions,
 )
 from ensemblekd.tasks.token.codec import TopK, decode, encode
+from ensemblekd.tasks.token.served import generates_text, log_text_generation, save_student_hf
 from ensemblekd.tasks.token.vocabulary import shared_vocabulary, tokenizer_path, vocabulary
 from ensemblekd.teachers import kind_of
 from ensemblekd.topk import dense_from_topk, rule_inputs, token_loss, topk_targets
@@ -143,6 +145,13 @@ class Token(Task):
         fit_lm(model, tokens, epochs=f.epochs, lr=f.lr, batch_size=f.batch_size, seed=f.seed,
                weight_decay=f.weight_decay, mask=mask)
 
+    def calibration(self, cfg: Config, rows: int, batch_size: int) -> list[torch.Tensor]:
+        """Token batches, each cut to its shortest row (no padding enters the scores)."""
+        tokens, lengths, _ = read_token_split(cfg, cfg.data.train)
+        picked = calibration_rows(len(tokens), rows, cfg.trainer.seed)
+        return [torch.from_numpy(tokens[part, :int(lengths[part].min())]).long()
+                for part in (picked[i:i + batch_size] for i in range(0, len(picked), batch_size))]
+
     def accuracy(self, model, cfg: Config, split: str) -> float | None:
         tokens, _, mask = read_token_split(cfg, getattr(cfg.data, split))
         assert cfg.data.vocab_size is not None  # check_config requires it
@@ -191,6 +200,12 @@ class Token(Task):
         assert cfg.data.vocab_size is not None  # check_config requires it
         pred = student_positions(engine, batch, cfg.data.vocab_size).argmax(-1)
         return int((pred == batch.labels).sum()), len(batch.labels)
+
+    def save_student(self, cfg: Config, student_uri: str) -> str | None:
+        """A Hugging Face causal LM student is also saved with save_pretrained (weights, configs with
+        the tokenizer's special ids, the shared tokenizer) in HF_STUDENT_DIR next to student.pt
+        (served.save_student_hf); None for any other student."""
+        return save_student_hf(cfg, student_uri)
 
     # -- evaluate and serve --------------------------------------------------------------------
     @torch.inference_mode()
@@ -300,6 +315,15 @@ class Token(Task):
     def logits(self, model, x: torch.Tensor, cfg: Config) -> torch.Tensor:
         assert cfg.data.vocab_size is not None  # check_config requires it
         return shared_vocabulary(logits_of(model(x)), cfg.data.vocab_size, "teacher")
+
+    def log_model(self, cfg: Config, student, name: str, tags: dict[str, str]) -> None:
+        """A Hugging Face causal LM student with a tokenizer: MLflow's transformers flavor, a
+        text-generation pipeline (texts in, generated texts out; served.log_text_generation). Any
+        other student, or one without a tokenizer: next-token probabilities (served)."""
+        if generates_text(cfg, student):
+            log_text_generation(cfg, student, name, tags)
+        else:
+            super().log_model(cfg, student, name, tags)
 
     def served(self, cfg: Config, student) -> Served:
         """Token ids int64 [-1, -1] -> next-token probabilities float32 [-1, -1, V] at every position;

@@ -249,3 +249,26 @@ def test_features_are_for_classification_only(tmp_path):
     with pytest.raises(UserError, match="teachers.feature/student.feature/distill.hint_weight/rkd_\\*: features are "
                                         "stored and learnt from with task: classification only"):
         load_config(raw, check=False)
+
+
+def test_student_init_builds_the_student_from_its_directory_at_a_fifth_of_the_learning_rate(tmp_path, digits_dir):
+    raw = tiny_config(tmp_path, digits_dir)
+    raw["student"] = {"init": {"teacher": "mlp_a", "layers": 0.5}}
+    del raw["trainer"]["lr"]
+    cfg = load_config(write_config(tmp_path, raw))
+    assert cfg.student.model == "ensemblekd.prune:pruned_student" and cfg.trainer.lr == 6e-4
+    assert cfg.student.init.path == str(Path(cfg.trainer.output_dir) / "student_init")
+    assert cfg.student.kwargs["path"] == cfg.student.init.path and Path(cfg.student.init.path).is_absolute()
+    raw["trainer"]["lr"] = 0.01                                  # a learning rate given is kept
+    assert load_config(write_config(tmp_path, raw)).trainer.lr == 0.01
+    smollm2 = load_config(REPO / "configs" / "smollm2.yaml", check=False)
+    assert smollm2.student.init.teacher == "smollm2" and smollm2.trainer.lr == 6e-4
+
+
+@pytest.mark.parametrize("student, expected", [
+    ({"model": None}, "student.model: give the 'module:callable' that builds the student, or student.init"),
+    ({"init": {"teacher": "nobody"}}, "student.init.teacher: no teacher is named 'nobody'; choose one of mlp_a, mlp_b"),
+    ({"init": {"teacher": "mlp_a", "choose": "random"}}, "student.init.choose"),
+])
+def test_student_init_mistakes_are_named(tmp_path, digits_dir, student, expected):
+    assert expected in _error(tmp_path, digits_dir, student=student)

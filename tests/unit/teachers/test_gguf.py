@@ -33,7 +33,7 @@ def test_a_gguf_file_is_a_teacher_with_its_own_tokenizer(tmp_path, tiny_gguf):
     model = kind.load(cfg, t)
     logits = model(torch.tensor([[5, 6, 7, 8]]))
     assert logits.shape == (1, 4, 1024) and torch.isfinite(logits).all()
-    assert kind.num_parameters(model) == 1024 * 16 + 4 * 16 * 16 + 3 * 32 * 16 + 3 * 16
+    assert kind.num_parameters(model) == 1024 * 16 + 2 * (4 * 16 * 16 + 3 * 32 * 16 + 2 * 16) + 16  # 2 blocks, tied
     assert kind.tokenizer(t) == str(tiny_gguf) and len(load_tokenizer(str(tiny_gguf))) == 1024
     assert kind.artifact_bytes(cfg, t) == tiny_gguf.stat().st_size
     first = kind.fingerprint(cfg, t)

@@ -1,0 +1,254 @@
+#!/usr/bin/env python3
+"""What each part of a student cut from SmolLM2 buys (student.init, configs/smollm2.yaml), at one
+token budget and seed per row:
+
+  pruned         the config's pruned SmolLM2, untrained
+  next_token     pruned, then trained on the next tokens alone (distill.alpha 1)
+  smollm2_only   pruned, then distilled from SmolLM2 alone (alpha 0)
+  ensemble       pruned, then distilled from the ensemble (the config: alpha 0, accuracy weighting)
+  random         the same shape from random weights (lm.from_config), trained on the next tokens
+                 at the from-scratch learning rate (3e-3)
+
+each with held-out perplexity and top-1 over the test split, against the ensemble's; next_token
+and ensemble over --seeds seeds (median and spread: trainer.seed orders the batches). Then the
+tokens/s of SmolLM2 and of each student shape (batch 64 x evaluate.latency_tokens, 1 thread, the
+median of 3 timings of 3 calls each, with their spread), and the curve of perplexity against kept
+parameters, untrained, for depth only (blocks by influence), width only (MLP channels) and both;
+the three equal-size shapes of the curve are also distilled from the ensemble on the same tokens.
+
+The token budget is the first --train-shards shards of the pydoc train split (the config's data,
+written once), labelled into a store of its own; every training run is one epoch of it through
+Ray Train + DeepSpeed, as the config trains. Writes OUT/prune.md, OUT/prune.json, OUT/prune_curve.png.
+
+    python tools/bench_prune.py                          # 3 seeds, 2 train shards (about 27k tokens)
+    python tools/bench_prune.py --seeds 1 --train-shards 1 --out /tmp/p
+
+Internals measured directly:
+  ensemblekd.api: label and distill as a user calls them (ekd.*)
+  ensemblekd.prune: measure, plan, prune (the curve); Task.quality (perplexity, top-1)
+  ensemblekd.stages.evaluate: measure_latency, one_thread
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+import ensemblekd as ekd
+from ensemblekd import prune
+from ensemblekd.lm import CausalLM
+from ensemblekd.mixing import build_strategy
+from ensemblekd.models import build_student, count_parameters, load_student
+from ensemblekd.stages.evaluate import measure_latency, one_thread
+from ensemblekd.stages.prepare import prepare
+from ensemblekd.store import Store
+from ensemblekd.tasks import get_task
+from ensemblekd.teachers import kind_of
+from ensemblekd.testing import machine, markdown_table, median_spread, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES = {"depth": {"layers": 20}, "width": {"intermediate_size": 768},
+          "both": {"layers": 26, "intermediate_size": 1024}}
+CURVE = {"depth": [{"layers": n} for n in (27, 24, 20, 16)],
+         "width": [{"intermediate_size": n} for n in (1152, 768, 512)],
+         "both": [{"layers": 28, "intermediate_size": 1280}, {"layers": 26, "intermediate_size": 1024},
+                  {"layers": 22, "intermediate_size": 1024}, {"layers": 20, "intermediate_size": 768}]}
+
+
+def bench_config(base: dict, work: Path, train_shards: int) -> dict:
+    """The config on the first train shards, with a store, teachers and runs of its own."""
+    cfg = copy.deepcopy(base)
+    subset = work / "data" / "train_subset"
+    if not subset.exists():
+        tmp = work / "data" / "train_subset.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for shard in sorted(glob.glob(str(work / base["data"]["train"] / "*.parquet")))[:train_shards]:
+            shutil.copy(shard, tmp)
+        tmp.rename(subset)
+    cfg["data"].update({"train": str(subset), "prepare": None})
+    for t in cfg["teachers"]:
+        if t.get("checkpoint"):
+            t["checkpoint"] = t["checkpoint"].replace("runs/smollm2/", "runs/bench/")
+    cfg["store"]["uri"] = "runs/bench/store"
+    cfg["trainer"].update({"output_dir": "runs/bench/run"})
+    cfg["evaluate"]["baseline"] = False
+    cfg["tracking"] = {"experiment": "bench-prune", "log_model": False}
+    return cfg
+
+
+def variant(cfg: dict, name: str, seed: int, **changes) -> dict:
+    out = copy.deepcopy(cfg)
+    for section, values in changes.items():
+        out[section] = values if values is None or not isinstance(out.get(section), dict) else {**out[section], **values}
+    out["trainer"]["seed"] = seed
+    out["trainer"]["output_dir"] = f"runs/bench/{name}-seed{seed}"
+    return out
+
+
+def with_shape(cfg: dict, shape: dict, name: str) -> dict:
+    init = {**{k: v for k, v in cfg["student"]["init"].items() if k not in ("layers", "intermediate_size")}, **shape,
+            "path": f"runs/bench/init-{name}"}
+    return {**cfg, "student": {"init": init}}
+
+
+def quality(eval_cfg, student) -> dict:
+    """Perplexity and top-1 on the test split, the ensemble's beside them (Task.quality)."""
+    store = Store.open(eval_cfg.store.uri)
+    names = [t.name for t in eval_cfg.teachers]
+    strategy = build_strategy(eval_cfg.distill, names, store.val_accuracy(names), eval_cfg.trainer.epochs, ensemble=True)
+    found, _ = get_task("token").quality(eval_cfg, store, names, [], student, strategy)
+    return {m: {"perplexity": found[m]["perplexity"], "accuracy": found[m]["accuracy"]}
+            for m in ("student", "ensemble", *names)}
+
+
+def tokens_per_s(model, x: torch.Tensor) -> list[float]:
+    """Three timings (median of 3 calls after 1 warm-up each) of a forward on x, as tokens/s."""
+    with one_thread():
+        return [x.numel() / (measure_latency(model, x, warmup=1, repeats=3)[0] / 1000) for _ in range(3)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--train-shards", type=int, default=2)
+    ap.add_argument("--work", default="/tmp/ensemblekd-bench-prune", help="data, teachers, store and runs (reused)")
+    ap.add_argument("--out", default=str(ROOT / "tools" / "results"))
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    os.chdir(work)
+    started = time.perf_counter()
+    base = yaml.safe_load((ROOT / "configs" / "smollm2.yaml").read_text())
+    prepare(ekd.load_config(base))                              # the pydoc splits and SmolLM2's file
+    cfg = bench_config(base, work, args.train_shards)
+    ekd.label(cfg, progress=False)
+    eval_cfg = ekd.load_config(variant(cfg, "eval", 0))
+    runs: list[dict] = []
+
+    def distilled(name: str, seed: int, run_cfg: dict) -> dict:
+        t0 = time.perf_counter()
+        result = ekd.distill(run_cfg, progress=False)
+        loaded = ekd.load_config(run_cfg)
+        q = quality(eval_cfg, load_student(loaded.student, result.student))
+        row = {"variant": name, "seed": seed, **q["student"], "ensemble": q["ensemble"]["perplexity"],
+               "smollm2": q["smollm2"]["perplexity"], "seconds": time.perf_counter() - t0,
+               "params": count_parameters(build_student(loaded.student))}
+        runs.append(row)
+        print(row, flush=True)
+        return row
+
+    own = with_shape(cfg, {k: base["student"]["init"].get(k) for k in ("layers", "intermediate_size")}, "config")
+    for seed in range(args.seeds):
+        distilled("ensemble", seed, variant(own, "ensemble", seed))
+        distilled("next_token", seed, variant(own, "next_token", seed, distill={"alpha": 1.0}))
+    distilled("smollm2_only", 0, variant({**own, "teachers": [t for t in own["teachers"] if t["name"] == "smollm2"]},
+                                         "smollm2_only", 0, distill={"weighting": "uniform"}))
+    init_dir = "runs/bench/init-config"
+    distilled("random", 0, variant({**own, "student": {"model": "ensemblekd.lm:from_config",
+                                                       "kwargs": {"path": init_dir}}}, "random", 0,
+                                   trainer={"lr": 3e-3}))
+    pruned = build_student(ekd.load_config(variant(own, "pruned", 0)).student)
+    runs.append({"variant": "pruned", "seed": 0, **quality(eval_cfg, pruned)["student"],
+                 "params": count_parameters(pruned)})
+    for shape_name, shape in SHAPES.items():
+        distilled(f"ensemble_{shape_name}", 0, variant(with_shape(cfg, shape, shape_name), f"ensemble_{shape_name}", 0))
+
+    # speed and the untrained curve: SmolLM2 loaded once, scored once on the config's calibration sample
+    teacher_cfg = next(t for t in eval_cfg.teachers if t.name == "smollm2")
+    teacher = kind_of(teacher_cfg).load(eval_cfg, teacher_cfg)
+    x, _ = get_task("token").latency_inputs(eval_cfg)
+    x = get_task("token").latency_batch(x, 64)
+    speed = {"smollm2": tokens_per_s(teacher, x)}
+    init = eval_cfg.student.init
+    assert init is not None
+    scores = prune.measure(teacher, get_task("token").calibration(eval_cfg, init.calibration, init.batch_size))
+    full = count_parameters(teacher)
+    curve = []
+    for mode, points in CURVE.items():
+        for point in points:
+            kept = prune.plan(teacher, scores, point.get("layers"),
+                              widths={"intermediate_size": point.get("intermediate_size")})
+            student = CausalLM(prune.prune(teacher, scores, kept))
+            row = {"mode": mode, **point, "params": count_parameters(student), "share": count_parameters(student) / full,
+                   **quality(eval_cfg, student)["student"]}
+            if point in SHAPES.values() or point == {k: v for k, v in own["student"]["init"].items()
+                                                     if k in ("layers", "intermediate_size") and v is not None}:
+                speed[f"{mode} {point}"] = tokens_per_s(student, x)
+            curve.append(row)
+            print(row, flush=True)
+    report(args, runs, speed, curve, full, time.perf_counter() - started)
+
+
+def report(args, runs: list[dict], speed: dict, curve: list[dict], full: int, seconds: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    ens = runs[0]["ensemble"]
+    table, rows = [], []
+    for name in ("pruned", "next_token", "smollm2_only", "ensemble", "random", "ensemble_depth", "ensemble_width",
+                 "ensemble_both"):
+        found = [r for r in runs if r["variant"] == name]
+        if not found:
+            continue
+        ppl, spread = median_spread([r["perplexity"] for r in found])
+        top1 = median_spread([r["accuracy"] for r in found])[0]
+        rows.append({"variant": name, "perplexity": ppl, "spread": spread, "top1": top1, "seeds": len(found),
+                     "kept": ens / ppl, "params": found[0]["params"]})
+        table.append([name, f"{ppl:.2f}", f"{min(r['perplexity'] for r in found):.2f}..{max(r['perplexity'] for r in found):.2f}",
+                      f"{100 * top1:.2f}%", f"{100 * ens / ppl:.1f}%", f"{found[0]['params']:,}", str(len(found))])
+    nt = next((r for r in rows if r["variant"] == "next_token"), None)
+    kd = next((r for r in rows if r["variant"] == "ensemble"), None)
+    gain = (nt["perplexity"] - kd["perplexity"]) / nt["perplexity"] if nt and kd else None
+    teacher = median_spread(speed["smollm2"])[0]
+    speed_rows = [[name, f"{median_spread(v)[0]:,.0f}", f"{min(v):,.0f}..{max(v):,.0f}",
+                   f"{median_spread(v)[0] / teacher:.2f}x"] for name, v in speed.items()]
+    lines = ["# Students cut from SmolLM2: what each part buys (configs/smollm2.yaml)", "",
+             f"Generated by `python tools/bench_prune.py --seeds {args.seeds} --train-shards {args.train_shards}` on "
+             f"{time.strftime('%Y-%m-%d %H:%M')} in {seconds / 60:.1f} min; SmolLM2 has {full:,} parameters; the "
+             f"ensemble's test perplexity is {ens:.2f}.", "",
+             markdown_table(["variant", "test ppl (median)", "spread", "top-1", "ensemble ppl / ppl", "params", "seeds"],
+                            table), "",
+             "Distillation from the ensemble against next-token training of the same pruned student: "
+             + (f"{100 * gain:.1f}% lower perplexity (goal >= 10%)." if gain is not None else "not measured."), "",
+             markdown_table(["model", "tokens/s (median)", "spread", "vs SmolLM2"], speed_rows), "",
+             "Untrained, perplexity against kept parameters:", "",
+             markdown_table(["mode", "kept", "params", "share", "test ppl", "top-1"],
+                            [[c["mode"], ", ".join(f"{k} {c[k]}" for k in ("layers", "intermediate_size") if k in c),
+                              f"{c['params']:,}", f"{c['share']:.3f}", f"{c['perplexity']:.2f}",
+                              f"{100 * c['accuracy']:.2f}%"] for c in curve])]
+    fig = Figure(figsize=(6.5, 4.2), dpi=120)
+    ax = fig.subplots()
+    for mode in CURVE:
+        points = [c for c in curve if c["mode"] == mode]
+        ax.plot([c["share"] for c in points], [c["perplexity"] for c in points], marker="o", label=f"{mode}, untrained")
+    for name in ("depth", "width", "both"):
+        found = [r for r in runs if r["variant"] == f"ensemble_{name}"]
+        if found:
+            ax.scatter([found[0]["params"] / full], [found[0]["perplexity"]], marker="*", s=120,
+                       label=f"{name}, distilled")
+    ax.axhline(ens, color="tab:red", linestyle="--", linewidth=1, label="ensemble")
+    ax.set_yscale("log")
+    ax.set_xlabel("kept share of SmolLM2's parameters")
+    ax.set_ylabel("test perplexity (log)")
+    ax.legend(fontsize=7)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(args.out, exist_ok=True)
+    fig.savefig(os.path.join(args.out, "prune_curve.png"))
+    write_results(args.out, "prune", {"runs": runs, "speed": speed, "curve": curve, "distill_gain": gain,
+                                      "machine": machine()}, rows, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
