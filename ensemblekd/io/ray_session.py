@@ -207,6 +207,10 @@ def driver_progress(desc: str, total: int, enabled: bool = True) -> Iterator[Any
             last = stop.wait(0.5)
             try:
                 step = ray.get(counter.get.remote(), timeout=10)
+            except ray.exceptions.GetTimeoutError:  # a machine too busy to answer in time: ask again
+                if last:
+                    return
+                continue
             except Exception:  # noqa: BLE001 - Ray going down under us: the run's own error says why
                 return
             if step != bar.n:  # lower after a restarted worker group resumes from its last checkpoint
