@@ -84,6 +84,7 @@ def from_pretrained(path: str) -> nn.Module:
         raise UserError(f"from_pretrained: '{path}' is not a directory; point it at a save_pretrained model directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise UserError(f"from_pretrained: '{path}' has no config.json; it is not a Hugging Face model directory")
+    quiet_transformers()  # no "Loading weights" bar: the stage that loads it shows its own
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:

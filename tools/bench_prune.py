@@ -120,6 +120,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--train-shards", type=int, default=2)
+    ap.add_argument("--no-shapes", action="store_true", help="skip distilling the curve's equal-size depth and "
+                    "width shapes (two runs and two prunings)")
     ap.add_argument("--work", default="/tmp/ensemblekd-bench-prune", help="data, teachers, store and runs (reused)")
     ap.add_argument("--out", default=str(ROOT / "tools" / "results"))
     args = ap.parse_args()
@@ -161,6 +163,8 @@ def main() -> None:
                  "params": count_parameters(pruned)})
     own_shape = {k: v for k, v in own["student"]["init"].items() if k in ("layers", "intermediate_size") and v is not None}
     for shape_name, shape in SHAPES.items():
+        if args.no_shapes and shape != own_shape:
+            continue
         if shape == own_shape:  # the config's own shape: its seed-0 ensemble run
             runs.append({**next(r for r in runs if r["variant"] == "ensemble"), "variant": f"ensemble_{shape_name}"})
             continue

@@ -19,7 +19,7 @@ from typing import Any
 from ensemblekd import prune, tracking
 from ensemblekd.config import Config
 from ensemblekd.errors import UserError
-from ensemblekd.io import fs
+from ensemblekd.io import compat, fs
 from ensemblekd.models import count_parameters
 from ensemblekd.tasks import get_task
 from ensemblekd.teachers import kind_of
@@ -82,6 +82,7 @@ def _write(path: str, model, tokenizer, record: dict[str, Any]) -> None:
     from ensemblekd.lm import quiet_transformers
 
     quiet_transformers()  # no "Writing model shards" bar of its own
+    compat.deepspeed_on_cpu()  # save_pretrained asks DeepSpeed about ZeRO-3: no warning about the accelerator
 
     def write(tmp: str) -> None:
         model.save_pretrained(tmp)

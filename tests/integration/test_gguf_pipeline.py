@@ -57,6 +57,8 @@ def test_gguf_teacher_on_a_users_text_end_to_end(tmp_path, tiny_gguf):
     noise = [line for line in proc.stderr.splitlines() if "warning" in line.lower() or "error" in line.lower()
              or "de-quantizing" in line]
     assert not noise, noise
+    assert "WARNING" not in proc.stdout, proc.stdout[:2000]     # e.g. DeepSpeed's accelerator notice on save_pretrained
+    assert "Loading weights" not in proc.stderr                 # one bar per stage: transformers' own are off
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
     assert manifest["vocab_size"] == 1024 and manifest["teachers"]["tiny_gguf"]["spec"] == {"pretrained": str(tiny_gguf)}
     assert manifest["codec"] == "ranked"
