@@ -24,8 +24,9 @@ Ray Train + DeepSpeed, as the config trains. Writes OUT/prune.md, OUT/prune.json
     python tools/bench_prune.py                          # 3 seeds, 1 train shard (about 14k tokens)
     python tools/bench_prune.py --seeds 1 --no-shapes --out /tmp/p
 
-A finished training run's row is kept in its run directory with the run's config and reused by a
-later call with the same config and --work (so an interrupted benchmark goes on where it stopped).
+A finished training run's row is kept in its run directory with the run's config, in place of its
+checkpoints and student (4 GB a run), and reused by a later call with the same config and --work
+(so an interrupted benchmark goes on where it stopped).
 
 Internals measured directly:
   ensemblekd.api: label and distill as a user calls them (ekd.*)
@@ -156,6 +157,8 @@ def main() -> None:
                "smollm2": q["smollm2"]["perplexity"], "seconds": time.perf_counter() - t0,
                "params": count_parameters(build_student(loaded.student))}
         runs.append(row)
+        for item in kept.parent.iterdir():  # 4 GB a run (checkpoints, student.pt, student_hf): only the row is kept
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
         kept.write_text(json.dumps({"config": run_cfg, "row": row}))
         print(row, flush=True)
         return row
