@@ -248,6 +248,13 @@ def read_token_shard(shard: InputShard, d) -> tuple[np.ndarray, np.ndarray, np.n
     return ids, tokens, lengths, mask
 
 
+def read_row_texts(shard: InputShard) -> list[str] | None:
+    """Task token: each row's text (the column text writes beside the tokens), or None without it."""
+    if "text" not in read_footer(shard.uri)[2].schema.names:
+        return None
+    return fs.read_parquet(shard.uri, columns=["text"])["text"].to_pylist()
+
+
 def read_split(uri: str, features: str, label: str | None, id_col: str, to_inputs=features_to_numpy,
                key: str = "data.features"):
     """A whole (small) split in memory: for fitting teachers and evaluation."""

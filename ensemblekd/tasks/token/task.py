@@ -12,9 +12,9 @@ import pyarrow as pa
 import torch
 
 from ensemblekd.config import Config
-from ensemblekd.data.inputs import InputShard, check_columns, read_token_shard
+from ensemblekd.data.inputs import InputShard, check_columns, read_row_texts, read_token_shard
 from ensemblekd.errors import UserError
-from ensemblekd.lm import fit_lm, logits_of
+from ensemblekd.lm import fit_lm, load_tokenizer, logits_of
 from ensemblekd.losses import divergence
 from ensemblekd.store import Store
 from ensemblekd.tasks.base import Column, Served, Task, calibration_rows, read_aligned, row_batches, run_on
@@ -30,7 +30,7 @@ from ensemblekd.tasks.token.batches import (
 )
 from ensemblekd.tasks.token.codec import TopK, decode, encode
 from ensemblekd.tasks.token.served import generates_text, log_text_generation, save_student_hf
-from ensemblekd.tasks.token.vocabulary import shared_vocabulary, tokenizer_path, vocabulary
+from ensemblekd.tasks.token.vocabulary import own_tokenizer, own_tokens, shared_vocabulary, tokenizer_path, vocabulary
 from ensemblekd.teachers import kind_of
 from ensemblekd.topk import dense_from_topk, rule_inputs, token_loss, topk_targets
 
@@ -86,26 +86,45 @@ class Token(Task):
         return decode(table)
 
     # -- label -------------------------------------------------------------------------------
-    def read_inputs(self, cfg: Config, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read_inputs(self, cfg: Config, shard: dict[str, Any]):
+        """(ids, tokens, lengths, each row's text or None): the text is read by teachers with a
+        tokenizer of their own."""
         ids, tokens, lengths, _ = read_token_shard(InputShard.of(shard), cfg.data)
-        return ids, tokens, lengths
+        return ids, tokens, lengths, read_row_texts(InputShard.of(shard))
 
     @torch.inference_mode()
     def label_shard(self, model, inputs, cfg: Config, teacher, device: str, where: str):
-        """The shard's targets. Rows are batched by length (longest first), each batch cut to its own
-        longest row, so padding costs little; each batch's logits are reduced to top-k at once (a
-        [rows, L, V] block of a 49k vocabulary is 50 MB a row), and the rows keep the input's order.
-        Each row's logits go to topk_targets as a view, and NaN is looked for in what is kept, not
-        in the logits (a NaN or +inf logit makes every log-prob of its position NaN; a −inf logit is
-        a legitimate zero): copying the batch's rows together and checking them took 14% of a
-        SmolLM2 label worker's time (py-spy), and removing both took label from 0.80x to 1.00x a
-        plain loop's tokens/s (tools/bench_label_lm.py)."""
-        ids, tokens, lengths = inputs
+        """The shard's targets over the shared vocabulary; a teacher with a tokenizer of its own
+        (vocabulary.own_tokenizer) reads each row's text instead and stores its own tokens and
+        their byte ends beside its targets (docs/cross-tokenizer.md)."""
+        ids, tokens, lengths, texts = inputs
         assert cfg.data.vocab_size is not None  # check_config requires it
-        vocab, k = cfg.data.vocab_size, min(cfg.store.top_k, cfg.data.vocab_size)
+        vocab, extra, own = cfg.data.vocab_size, {}, None
+        path = own_tokenizer(cfg, teacher)
+        if path is not None:
+            tokens, lengths, own = own_tokens(path, texts, teacher.name, where)
+            vocab = len(load_tokenizer(path))
+            extra = {"own_vocab_size": vocab}
+        logp, idx, tail, nxt = self._targets(model, tokens, lengths, min(cfg.store.top_k, vocab), vocab, teacher,
+                                             device, where)
+        data, entry = encode(ids, lengths - 1, logp, idx, tail, level=cfg.store.compression_level, nxt=nxt,
+                             codec=cfg.store.codec, own=own)
+        return data, {**entry, **extra, "num_classes": cfg.data.vocab_size, "dtype": "float16"}
+
+    @staticmethod
+    def _targets(model, tokens: np.ndarray, lengths: np.ndarray, k: int, vocab: int, teacher, device: str,
+                 where: str):
+        """(logp, idx, tail, nxt) of every position of every row. Rows are batched by length (longest
+        first), each batch cut to its own longest row, so padding costs little; each batch's logits
+        are reduced to top-k at once (a [rows, L, V] block of a 49k vocabulary is 50 MB a row), and
+        the rows keep the input's order. Each row's logits go to topk_targets as a view, and NaN is
+        looked for in what is kept, not in the logits (a NaN or +inf logit makes every log-prob of
+        its position NaN; a −inf logit is a legitimate zero): copying the batch's rows together and
+        checking them took 14% of a SmolLM2 label worker's time (py-spy), and removing both took
+        label from 0.80x to 1.00x a plain loop's tokens/s (tools/bench_label_lm.py)."""
         order = np.argsort(-np.asarray(lengths), kind="stable")
-        per_row: list = [None] * len(ids)
-        for start in range(0, len(ids), teacher.batch_size):
+        per_row: list = [None] * len(tokens)
+        for start in range(0, len(tokens), teacher.batch_size):
             rows = order[start:start + teacher.batch_size]
             width = int(lengths[rows].max())
             batch = torch.from_numpy(np.ascontiguousarray(tokens[rows, :width])).to(device)
@@ -122,9 +141,7 @@ class Token(Task):
         if np.isnan(logp[:, 0]).any() or np.isnan(nxt).any():  # NaN or +inf logits make every log-prob NaN
             raise UserError(f"teacher '{teacher.name}' produced NaN/Inf logits on {where}; fix the teacher or "
                             "its checkpoint")
-        data, entry = encode(ids, lengths - 1, logp, idx, tail, level=cfg.store.compression_level, nxt=nxt,
-                             codec=cfg.store.codec)
-        return data, {**entry, "num_classes": vocab, "dtype": "float16"}
+        return logp, idx, tail, nxt
 
     def stored_accuracy(self, cfg: Config, store: Store, split: str, teacher: str) -> float | None:
         """Top-1 next-token accuracy from the stored targets (each position's first top-k id)."""

@@ -3,9 +3,11 @@ the manifest (Task.store_info), and teachers' logits cut to it."""
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
+import numpy as np
 import torch
 
 from ensemblekd.config import Config
@@ -40,6 +42,45 @@ def vocabulary(cfg: Config) -> dict[str, Any]:
                                 f"data.tokenizer's (hash {digest}); all teachers and the student must share one")
     return {"vocab_size": d.vocab_size, "vocab_hash": digest, "top_k": min(cfg.store.top_k, d.vocab_size),
             "codec": cfg.store.codec}
+
+
+def own_tokenizer(cfg: Config, t) -> str | None:
+    """The tokenizer of teacher t when it is not the shared one (it then reads each row's text with
+    it: docs/cross-tokenizer.md); None when t reads the shared ids."""
+    path, shared = kind_of(t).tokenizer(t), tokenizer_path(cfg)
+    if path is None or shared is None or _hash_of(path) == _hash_of(shared):
+        return None
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_of(path: str) -> str:
+    """vocab_hash of a tokenizer file, once per process (a 262k vocabulary takes a second)."""
+    return vocab_hash(path)
+
+
+def own_tokens(path: str, texts: list[str] | None, teacher: str, where: str
+               ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Each row's text in a teacher's own tokenizer: (tokens [R, L] right-padded, lengths [R],
+    (its token ids, their byte ends), both flat) for label_shard and the codec. A row may be one
+    token in it (a short row of the shared tokenizer): it then predicts nothing."""
+    from ensemblekd.crosstok import byte_ends
+    from ensemblekd.lm import load_tokenizer
+
+    if texts is None:
+        raise UserError(f"teacher '{teacher}': its tokenizer is not data.tokenizer, so it reads each row's text, and "
+                        f"{where} has none; write the splits from text (data.text, or data.prepare: pydoc)")
+    encoded = load_tokenizer(path)(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    rows = [np.asarray(ids, np.int64) for ids in encoded["input_ids"]]
+    ends = [byte_ends(text, offsets) for text, offsets in zip(texts, encoded["offset_mapping"])]
+    lengths = np.array([len(r) for r in rows], np.int64)
+    if len(rows) and lengths.min() < 1:
+        raise UserError(f"teacher '{teacher}': row {int(np.argmin(lengths))} of {where} has no text; write the splits "
+                        "again (data.text, or data.prepare: pydoc)")
+    tokens = np.zeros((len(rows), int(lengths.max()) if len(rows) else 0), np.int64)
+    for r, ids in enumerate(rows):
+        tokens[r, :len(ids)] = ids
+    return tokens, lengths, (np.concatenate(rows), np.concatenate(ends))
 
 
 def tokenizer_path(cfg: Config) -> str | None:

@@ -207,7 +207,7 @@ def test_label_refuses_nan_and_inf_logits_but_takes_minus_inf_as_zero(tmp_path, 
     teacher = cfg.teachers[0].model_copy(update={"batch_size": 2})
     lengths = np.array([6, 5, 4])
     tokens = np.zeros((3, 6), np.int32)
-    inputs = (np.arange(3), tokens, lengths)
+    inputs = (np.arange(3), tokens, lengths, None)
     if refused:
         with pytest.raises(UserError, match=rf"teacher '{teacher.name}' produced NaN/Inf logits on train shard 0"):
             TOKEN.label_shard(_OneOddLogit(value), inputs, cfg, teacher, "cpu", "train shard 0")
@@ -222,3 +222,43 @@ def test_label_refuses_nan_and_inf_logits_but_takes_minus_inf_as_zero(tmp_path, 
     probs = np.exp(got.logp.astype(np.float64))
     assert probs[odd][got.idx[odd] == 3] == 0 and np.isclose(probs[odd].sum(), 1, atol=1e-2)
     assert np.isclose(probs[0].sum(), 1, atol=1e-2) and (got.idx[0, 0] == VOCAB - 1)
+
+
+# -- a teacher with a tokenizer of its own ---------------------------------------------------------
+def test_a_teacher_with_its_own_tokenizer_reads_each_rows_text(tmp_path):
+    """It stores its targets over its own vocabulary at its own positions, with its tokens and their
+    byte ends in the row's text (docs/cross-tokenizer.md); a split without text is one line."""
+    from tiny_tokenizers import TEXTS, byte_level_tokenizer, fast_tokenizer, metaspace_tokenizer, tiny_llama_dir
+
+    from ensemblekd.crosstok import byte_ends
+    from ensemblekd.data.inputs import input_shards
+    from ensemblekd.data.text import write_text_split
+    from ensemblekd.lm import logits_of
+    from ensemblekd.store import unpack
+    from ensemblekd.tasks.token import decode
+    from ensemblekd.teachers import kind_of
+
+    shared, own = fast_tokenizer(byte_level_tokenizer()), fast_tokenizer(metaspace_tokenizer())
+    shared.save_pretrained(tmp_path / "shared")
+    write_text_split(str(tmp_path / "in"), TEXTS, np.arange(len(TEXTS)), shared, 16, 0, {})
+    teacher = {"name": "own", "pretrained": str(tiny_llama_dir(tmp_path / "teacher", own)), "batch_size": 2}
+    cfg = ekd.load_config(tiny_lm_config(tmp_path, **{"data.vocab_size": len(shared), "store.top_k": 8, "teachers": [teacher],
+                                                      "data.tokenizer": str(tmp_path / "shared")}), check=False)
+    t = cfg.teachers[0]
+    model = kind_of(t).load(cfg, t)
+    inputs = TOKEN.read_inputs(cfg, input_shards(str(tmp_path / "in"))[0].signature())
+    data, entry = TOKEN.label_shard(model, inputs, cfg, t, "cpu", "train shard 0")
+    got = decode(unpack(data))
+    texts = inputs[3]
+    assert "".join(texts).startswith(TEXTS[0][:10]) and len(texts) == len(inputs[0])
+    enc = own(texts, add_special_tokens=False, return_offsets_mapping=True)
+    assert got.own_tokens.tolist() == sum(enc["input_ids"], [])
+    assert got.byte_ends.tolist() == np.concatenate([byte_ends(x, o) for x, o in zip(texts, enc["offset_mapping"])]).tolist()
+    assert got.lengths.tolist() == [len(ids) - 1 for ids in enc["input_ids"]] != (inputs[2] - 1).tolist()
+    assert entry["own_vocab_size"] == len(own) != entry["num_classes"] == len(shared)
+    row = torch.tensor([enc["input_ids"][0]])
+    ref = topk_targets(logits_of(model(row))[0, :-1], 8, following=row[0, 1:])
+    n = got.lengths[0]
+    assert np.array_equal(got.idx[:n], ref[1]) and np.allclose(got.logp[:n], ref[0]) and np.allclose(got.next[:n], ref[3])
+    with pytest.raises(UserError, match=r"^teacher 'own': its tokenizer is not data.tokenizer.*write the splits from text"):
+        TOKEN.label_shard(model, (*inputs[:3], None), cfg, t, "cpu", "train shard 0")
