@@ -134,6 +134,7 @@ def plan(cfg: Config, store: Store, splits=SPLITS) -> list[tuple[str, str, int]]
     store.set_task(cfg.task, task.store_info(cfg), task.implicit_store_info)
     for t in cfg.teachers:
         store.set_teacher(t.name, *identity(cfg, t))
+    task.keep_in_store(cfg, store)
     return [(split, t.name, i) for t in cfg.teachers for split in splits for i in store.missing(split, t.name)]
 
 

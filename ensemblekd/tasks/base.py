@@ -111,6 +111,10 @@ class Task:
         """A model's top-1 accuracy on a split (None without labels)."""
         raise NotImplementedError
 
+    def keep_in_store(self, cfg: Config, store: Store) -> None:
+        """In the driver, once a label run has recorded the teachers: what their targets depend on
+        beyond the shards, kept with Store.set_arrays (token: a teacher's vocabulary map)."""
+
     # -- distill -------------------------------------------------------------------------------
     def check_inputs(self, cfg: Config, shards: list, num_classes: int | None) -> None:
         """In the driver, from the input files' footers: they hold the columns the task reads, and

@@ -47,8 +47,8 @@ def test_features_are_stored_reduced_by_the_train_splits_pca(featured):
     tmp, cfg, first = featured
     store = Store.open(cfg.store.uri)
     teachers = store.manifest["teachers"]
-    assert teachers["mlp_a"]["projection"]["width"] == 128 and teachers["mlp_a"]["projection"]["dim"] == FEATURE_DIM
-    assert teachers["mlp_b"]["projection"]["width"] == 64
+    assert teachers["mlp_a"]["projection"]["shapes"]["components"] == [128, FEATURE_DIM]
+    assert teachers["mlp_b"]["projection"]["shapes"]["components"][0] == 64
     assert teachers["sk_mlp"]["projection"] is None               # 12 wide: no wider than feature_dim, kept whole
     assert store.feature_dims(["mlp_a", "mlp_b", "sk_mlp"]) == [FEATURE_DIM, FEATURE_DIM, 12]
     assert teachers["mlp_a"]["spec"]["feature"] == "1" and teachers["mlp_a"]["spec"]["feature_dim"] == FEATURE_DIM

@@ -12,7 +12,7 @@ import pyarrow as pa
 import torch
 
 from ensemblekd.config import Config
-from ensemblekd.data.inputs import InputShard, check_columns, read_row_texts, read_token_shard
+from ensemblekd.data.inputs import InputShard, check_columns, read_footer, read_row_texts, read_token_shard
 from ensemblekd.errors import UserError
 from ensemblekd.lm import fit_lm, load_tokenizer, logits_of
 from ensemblekd.losses import divergence
@@ -46,6 +46,9 @@ class NextTokenProbabilities(torch.nn.Module):
         return torch.softmax(logits_of(self.student(input_ids))[..., :self.vocab].float(), dim=-1)
 
 
+VOCAB_MAP = "vocab_map"  # the store's arrays of a teacher with its own tokenizer (keep_in_store)
+
+
 # -- the task ------------------------------------------------------------------------------------
 class Token(Task):
     name = "token"
@@ -65,6 +68,10 @@ class Token(Task):
                             "use mix_space: prob")
         if d.tokenizer == "teachers" and not any(kind_of(t).tokenizer(t) for t in cfg.teachers):
             raise UserError("data.tokenizer: 'teachers' needs pretrained teachers; give a tokenizer directory or null")
+        named = next((t for t in cfg.teachers if t.name == d.tokenizer), None)
+        if named is not None and not kind_of(named).tokenizer(named):
+            raise UserError(f"data.tokenizer: teacher '{named.name}' has no tokenizer of its own (it is not pretrained); "
+                            "name a pretrained teacher, or give a tokenizer directory")
         if (d.text is not None or d.prepare == "pydoc") and d.tokenizer is None:
             raise UserError(f"data.tokenizer: {'data.text' if d.text else 'data.prepare: pydoc'} is real text and "
                             "needs the shared tokenizer; give a tokenizer directory, a .gguf file or 'teachers'")
@@ -176,7 +183,29 @@ class Token(Task):
 
     # -- distill -------------------------------------------------------------------------------
     def check_inputs(self, cfg: Config, shards: list[InputShard], num_classes: int | None) -> None:
+        """The token column, and each row's text and byte ends where a teacher reads the text with
+        its own tokenizer (splits written from text have them)."""
         check_columns(shards, {"data.features": cfg.data.features})
+        own = [t.name for t in cfg.teachers if own_tokenizer(cfg, t)]
+        for shard in shards if own else []:
+            names = (shard.metadata or read_footer(shard.uri)[2]).schema.to_arrow_schema().names
+            if not {"text", "byte_ends"} <= set(names):
+                raise UserError(f"teacher '{own[0]}': its tokenizer is not data.tokenizer, so it reads each row's "
+                                f"text, and {shard.uri} has none; write the splits from text (data.text, or "
+                                "data.prepare: pydoc)")
+
+    def keep_in_store(self, cfg: Config, store: Store) -> None:
+        """The vocabulary map (crosstok.vocab_map: each of its ids -> the student id of the same
+        bytes, or -1) of each teacher with its own tokenizer, kept once beside its shards; a
+        teacher whose fingerprint changed has lost it (Store.set_teacher) and gets it again."""
+        from ensemblekd.crosstok import vocab_map
+
+        shared = tokenizer_path(cfg)
+        for t in cfg.teachers:
+            path = own_tokenizer(cfg, t)
+            if path is not None and store.teacher(t.name).get(VOCAB_MAP) is None:
+                mapping = vocab_map(load_tokenizer(shared), load_tokenizer(path)).astype(np.int32)
+                store.set_arrays(t.name, VOCAB_MAP, {"map": mapping})
 
     def preflight(self, cfg: Config, store: Store, student) -> None:
         """The store holds this vocabulary; the student runs on a validation sequence and covers it."""

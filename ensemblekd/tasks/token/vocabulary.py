@@ -18,30 +18,16 @@ from ensemblekd.teachers import kind_of
 
 # -- the vocabulary ------------------------------------------------------------------------------
 def vocabulary(cfg: Config) -> dict[str, Any]:
-    """The manifest's record of the shared vocabulary: size, tokenizer hash, top-k and codec.
-
-    data.tokenizer names a local tokenizer directory, or 'teachers': the tokenizers that come with
-    the teachers (kind huggingface), which must all agree. Without one the ids are synthetic and
-    the hash says so.
-    """
+    """The manifest's record of the shared vocabulary (size, tokenizer hash, top-k, codec) and of
+    each teacher that reads the text with a tokenizer of its own (own_tokenizers: name -> hash).
+    Without a shared tokenizer the ids are synthetic and the hash says so."""
     d = cfg.data
     assert d.vocab_size is not None  # check_config requires it
-    own = {t.name: kind_of(t).tokenizer(t) for t in cfg.teachers}
-    own = {name: path for name, path in own.items() if path}
-    if d.tokenizer == "teachers":
-        hashes = {name: vocab_hash(path) for name, path in own.items()}
-        if len(set(hashes.values())) > 1:
-            raise UserError(f"teachers.pretrained: the teachers' tokenizers differ (vocabulary hashes {hashes}); "
-                            "token-level distillation needs one shared tokenizer")
-        digest = next(iter(hashes.values()))
-    else:
-        digest = vocab_hash(d.tokenizer if d.tokenizer else d.vocab_size)
-        for name, path in own.items():
-            if d.tokenizer and vocab_hash(path) != digest:
-                raise UserError(f"teacher '{name}': its tokenizer (hash {vocab_hash(path)}) is not "
-                                f"data.tokenizer's (hash {digest}); all teachers and the student must share one")
-    return {"vocab_size": d.vocab_size, "vocab_hash": digest, "top_k": min(cfg.store.top_k, d.vocab_size),
-            "codec": cfg.store.codec}
+    shared = tokenizer_path(cfg)
+    info = {"vocab_size": d.vocab_size, "vocab_hash": _hash_of(shared) if shared else vocab_hash(d.vocab_size),
+            "top_k": min(cfg.store.top_k, d.vocab_size), "codec": cfg.store.codec}
+    own = {t.name: _hash_of(path) for t in cfg.teachers if (path := own_tokenizer(cfg, t))}
+    return {**info, "own_tokenizers": own} if own else info
 
 
 def own_tokenizer(cfg: Config, t) -> str | None:
@@ -84,10 +70,14 @@ def own_tokens(path: str, texts: list[str] | None, teacher: str, where: str
 
 
 def tokenizer_path(cfg: Config) -> str | None:
-    """The shared tokenizer: data.tokenizer, or with 'teachers' the first pretrained teacher's own
-    (vocabulary() checks that they all agree); None for synthetic ids."""
-    if cfg.data.tokenizer != "teachers":
-        return cfg.data.tokenizer
+    """The shared tokenizer, the student's: data.tokenizer's directory or file, the named teacher's
+    own, or with 'teachers' the first pretrained teacher's; None for synthetic ids."""
+    given = cfg.data.tokenizer
+    named = next((t for t in cfg.teachers if t.name == given), None)
+    if named is not None:
+        return kind_of(named).tokenizer(named)
+    if given != "teachers":
+        return given
     return next((p for p in (kind_of(t).tokenizer(t) for t in cfg.teachers) if p), None)
 
 
