@@ -288,7 +288,7 @@ class Store:
             self.manifest["teachers"][teacher][name] = None
             return
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
         path = f"{name}/{teacher}.npz"
         fs.write_bytes_atomic(fs.join(self.uri, path), buf.getvalue())
         self.manifest["teachers"][teacher][name] = {

@@ -59,8 +59,10 @@ def tokenize_documents(texts: Sequence[str], doc_ids: Sequence[int] | np.ndarray
     if seq_len < 2:
         raise UserError(f"data.seq_len: must be at least 2 tokens, got {seq_len}")
     out = TextRows([], np.zeros(0, np.int64), [], [])
+    if not len(texts):
+        return out
     owners: list[int] = []
-    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True) if len(texts) else None
+    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
     for n, (doc, text) in enumerate(zip(doc_ids, texts)):
         ids = np.asarray(encoded["input_ids"][n], dtype=np.int32)
         ends = byte_ends(text, encoded["offset_mapping"][n])

@@ -4,6 +4,7 @@ that generates no text (next-token probabilities)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from ensemblekd.config import Config
-from ensemblekd.data.inputs import InputShard, check_columns, read_footer, read_row_texts, read_token_shard
+from ensemblekd.data.inputs import InputShard, check_columns, read_footer, read_row_text, read_token_shard
 from ensemblekd.errors import UserError
 from ensemblekd.lm import fit_lm, load_tokenizer, logits_of
 from ensemblekd.losses import divergence
@@ -20,6 +21,8 @@ from ensemblekd.store import Store
 from ensemblekd.tasks.base import Column, Served, Task, calibration_rows, read_aligned, row_batches, run_on
 from ensemblekd.tasks.token.batches import (
     Sequences,
+    Targets,
+    align,
     TokenBatch,
     join_batches,
     make_batch,
@@ -32,6 +35,7 @@ from ensemblekd.tasks.token.codec import TopK, decode, encode
 from ensemblekd.tasks.token.served import generates_text, log_text_generation, save_student_hf
 from ensemblekd.tasks.token.vocabulary import own_tokenizer, own_tokens, shared_vocabulary, tokenizer_path, vocabulary
 from ensemblekd.teachers import kind_of
+from ensemblekd.crosstok import mixed_divergence
 from ensemblekd.topk import dense_from_topk, rule_inputs, token_loss, topk_targets
 
 
@@ -47,6 +51,21 @@ class NextTokenProbabilities(torch.nn.Module):
 
 
 VOCAB_MAP = "vocab_map"  # the store's arrays of a teacher with its own tokenizer (keep_in_store)
+
+
+def vocab_map_of(store: Store, teacher: str) -> torch.Tensor:
+    """A teacher's vocabulary map (Token.keep_in_store), read once per process and store entry."""
+    entry = store.teacher(teacher).get(VOCAB_MAP)
+    if entry is None:
+        raise UserError(f"{store.uri}: teacher '{teacher}' has its own tokenizer but no vocabulary map; re-run label")
+    return _read_vocab_map(store, teacher, entry["sha256"])
+
+
+@functools.lru_cache(maxsize=16)
+def _read_vocab_map(store: Store, teacher: str, sha256: str) -> torch.Tensor:
+    found = store.arrays(teacher, VOCAB_MAP)
+    assert found is not None  # vocab_map_of checked the entry
+    return torch.from_numpy(found["map"].astype(np.int64))
 
 
 # -- the task ------------------------------------------------------------------------------------
@@ -97,7 +116,8 @@ class Token(Task):
         """(ids, tokens, lengths, each row's text or None): the text is read by teachers with a
         tokenizer of their own."""
         ids, tokens, lengths, _ = read_token_shard(InputShard.of(shard), cfg.data)
-        return ids, tokens, lengths, read_row_texts(InputShard.of(shard))
+        text = read_row_text(InputShard.of(shard))
+        return ids, tokens, lengths, None if text is None else text[0]
 
     @torch.inference_mode()
     def label_shard(self, model, inputs, cfg: Config, teacher, device: str, where: str):
@@ -155,9 +175,13 @@ class Token(Task):
         hits = total = 0
         for shard in range(len(store.inputs(split))):
             rows = self.read_rows(cfg, store, split, shard, [teacher])
-            offsets, _, idx, _ = rows.targets[0]
+            t = rows.targets[0]
+            if t.aligned is not None:  # its own tokenizer: its top-1 against its own next tokens
+                hits += int((t.idx[:, 0] == t.aligned.following).sum())
+                total += len(t.idx)
+                continue
             r, j = np.nonzero(rows.mask[:, 1:])
-            hits += int((idx[offsets[r] + j, 0] == rows.tokens[r, j + 1]).sum())
+            hits += int((t.idx[t.offsets[r] + j, 0] == rows.tokens[r, j + 1]).sum())
             total += len(r)
         return hits / total if total else None
 
@@ -204,6 +228,7 @@ class Token(Task):
         for t in cfg.teachers:
             path = own_tokenizer(cfg, t)
             if path is not None and store.teacher(t.name).get(VOCAB_MAP) is None:
+                assert shared is not None  # own_tokenizer is None without a shared tokenizer
                 mapping = vocab_map(load_tokenizer(shared), load_tokenizer(path)).astype(np.int32)
                 store.set_arrays(t.name, VOCAB_MAP, {"map": mapping})
 
@@ -216,11 +241,23 @@ class Token(Task):
         shared_vocabulary(out, cfg.data.vocab_size, "student.model")
 
     def read_rows(self, cfg: Config, store: Store, split: str, shard: int, teachers: list[str]) -> Sequences:
-        """One input shard and its teachers' targets, aligned by id and length."""
-        ids, tokens, lengths, mask = read_token_shard(InputShard.of(store.inputs(split)[shard]), cfg.data)
+        """One input shard and its teachers' targets, aligned by id and length; a teacher with its
+        own tokenizer by the byte ends of its tokens and the student's (batches.align)."""
+        signature = InputShard.of(store.inputs(split)[shard])
+        ids, tokens, lengths, mask = read_token_shard(signature, cfg.data)
         found = read_aligned(store, split, shard, teachers, decode, ids,
-                             same=lambda t: np.array_equal(t.lengths, lengths - 1))
-        targets = [(np.concatenate([[0], np.cumsum(t.lengths)]), t.logp, t.idx, t.tail) for t in found]
+                             same=lambda t: t.own_tokens is not None or np.array_equal(t.lengths, lengths - 1))
+        text, targets = None, []
+        for name, t in zip(teachers, found):
+            offsets = np.concatenate([[0], np.cumsum(t.lengths)])
+            if t.own_tokens is None:
+                targets.append(Targets(offsets, t.logp, t.idx, t.tail))
+                continue
+            text = text or read_row_text(signature)
+            if text is None:
+                raise UserError(f"{signature.uri}: teacher '{name}' read each row's text, and the split has none now; "
+                                "write the splits from text again")
+            targets.append(Targets(offsets, t.logp, t.idx, t.tail, align(text[1], lengths, t), vocab_map_of(store, name)))
         return Sequences(tokens, lengths, mask, targets)
 
     def batches(self, cfg: Config, store: Store, split: str, teachers: list[str], segments, batch_size: int,
@@ -230,19 +267,33 @@ class Token(Task):
             yield join_batches([(rows, data) for data, rows in pieces])
 
     def train_step(self, engine, batch: TokenBatch, strategy, cfg: Config, epoch: int):
-        """(KDLoss, per-token teacher weights [N, K], N): the loss of one micro-batch, not yet stepped."""
+        """(KDLoss, per-token teacher weights [N, K], N): the loss of one micro-batch, not yet stepped.
+
+        With teachers of other tokenizers (batch.maps), each rule sees every teacher's buckets at its
+        own next token, a teacher's weight is 0 where it is not aligned with the student and the
+        weights of those that are are renormalised to 1 (none aligned: no KD term there), and the KD
+        term is crosstok.mixed_divergence (docs/cross-tokenizer.md)."""
         assert cfg.data.vocab_size is not None  # check_config requires it
-        vocab, dc, device = cfg.data.vocab_size, cfg.distill, engine.device
-        batch = TokenBatch(*(t.to(device) for t in batch))
-        buckets, bucket_labels = rule_inputs(batch.logp, batch.idx, batch.tail, batch.labels, vocab)
-        weights = strategy.weights(buckets, bucket_labels, dc.temperature, epoch)
+        vocab, dc = cfg.data.vocab_size, cfg.distill
+        batch = batch.to(engine.device)
         z = student_positions(engine, batch, vocab)
+        if not any(m is not None for m in batch.maps):
+            buckets, bucket_labels = rule_inputs(batch.logp, batch.idx, batch.tail, batch.labels, vocab)
+            weights = strategy.weights(buckets, bucket_labels, dc.temperature, epoch)
+            out = token_loss(z, batch.labels, batch.logp, batch.idx, batch.tail, vocab, dc.temperature, dc.alpha,
+                             weights, divergence=divergence(dc))
+            return out, weights, len(batch.labels)
+        sizes = [vocab if m is None else len(m) for m in batch.maps]
+        buckets, bucket_labels = rule_inputs(batch.logp, batch.idx, batch.tail, batch.teacher_labels, sizes)
+        weights = strategy.weights(buckets, bucket_labels, dc.temperature, epoch) * batch.present
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         out = token_loss(z, batch.labels, batch.logp, batch.idx, batch.tail, vocab, dc.temperature, dc.alpha, weights,
-                         divergence=divergence(dc))
+                         kd_term=lambda s: mixed_divergence(s, batch.logp, batch.idx, batch.tail, weights, batch.present,
+                                                            batch.maps, vocab, dc.temperature, divergence(dc)))
         return out, weights, len(batch.labels)
 
     def count_correct(self, engine, batch: TokenBatch, cfg: Config) -> tuple[int, int]:
-        batch = TokenBatch(*(t.to(engine.device) for t in batch))
+        batch = batch.to(engine.device)
         assert cfg.data.vocab_size is not None  # check_config requires it
         pred = student_positions(engine, batch, cfg.data.vocab_size).argmax(-1)
         return int((pred == batch.labels).sum()), len(batch.labels)

@@ -262,3 +262,84 @@ def test_a_teacher_with_its_own_tokenizer_reads_each_rows_text(tmp_path):
     assert np.array_equal(got.idx[:n], ref[1]) and np.allclose(got.logp[:n], ref[0]) and np.allclose(got.next[:n], ref[3])
     with pytest.raises(UserError, match=r"^teacher 'own': its tokenizer is not data.tokenizer.*write the splits from text"):
         TOKEN.label_shard(model, (*inputs[:3], None), cfg, t, "cpu", "train shard 0")
+
+
+def _two_tokenizer_store(tmp_path):
+    """A text split in a byte-level BPE (the student's), labelled by a tiny Llama that reads those
+    ids ('same') and by one with a "▁" BPE of its own ('own')."""
+    from tiny_tokenizers import TEXTS, byte_level_tokenizer, fast_tokenizer, metaspace_tokenizer, tiny_llama_dir
+
+    from ensemblekd.data.inputs import input_shards
+    from ensemblekd.data.text import write_text_split
+    from ensemblekd.teachers import kind_of
+
+    shared, own = fast_tokenizer(byte_level_tokenizer()), fast_tokenizer(metaspace_tokenizer())
+    shared.save_pretrained(tmp_path / "shared")
+    write_text_split(str(tmp_path / "in"), TEXTS * 2, np.arange(2 * len(TEXTS)), shared, 24, 0, {})
+    teachers = [{"name": "same", "pretrained": str(tiny_llama_dir(tmp_path / "same", shared, seed=1)), "batch_size": 4},
+                {"name": "own", "pretrained": str(tiny_llama_dir(tmp_path / "own", own)), "batch_size": 4}]
+    cfg = ekd.load_config(tiny_lm_config(tmp_path, **{"data.vocab_size": len(shared), "store.top_k": 8, "teachers": teachers,
+                                                      "data.tokenizer": str(tmp_path / "shared")}), check=False)
+    store = Store.open(str(tmp_path / "store"), create=True)
+    shard = input_shards(str(tmp_path / "in"))[0]
+    store.set_inputs("train", [shard.signature()])
+    inputs = TOKEN.read_inputs(cfg, shard.signature())
+    for t in cfg.teachers:
+        store.set_teacher(t.name, t.name, {})
+        data, entry = TOKEN.label_shard(kind_of(t).load(cfg, t), inputs, cfg, t, "cpu", "train shard 0")
+        os.makedirs(tmp_path / "store" / "train" / t.name, exist_ok=True)
+        (tmp_path / "store" / "train" / t.name / "part-00000.parquet").write_bytes(data)
+        store.commit("train", t.name, 0, entry)
+    TOKEN.keep_in_store(cfg, store)
+    return cfg, store, inputs, own
+
+
+def test_a_teacher_with_its_own_tokenizer_meets_the_student_where_both_read_the_same_bytes(tmp_path):
+    from ensemblekd.data.inputs import read_row_text
+
+    cfg, store, inputs, own = _two_tokenizer_store(tmp_path)
+    mapping = store.arrays("own", "vocab_map")["map"]
+    assert len(mapping) == len(own) and (mapping >= 0).mean() > 0.3
+    ids, tokens, lengths, texts = inputs
+    rows = len(ids)
+    batch = next(TOKEN.batches(cfg, store, "train", ["same", "own"], [(0, 0, rows)], rows, None))
+    assert batch.present[:, 0].all() and 0 < batch.present[:, 1].float().mean() < 1
+    assert batch.maps[0] is None and torch.equal(batch.maps[1], torch.from_numpy(mapping.astype(np.int64)))
+    stored = TOKEN.decode(store.read_table("train", "own", 0))
+    student_ends = read_row_text(InputShard.of(store.inputs("train")[0]))[1]  # from the whole document's tokens
+    width = batch.tokens.shape[1]
+    starts = np.concatenate([[0], np.cumsum(stored.lengths + 1)])
+    positions = np.concatenate([[0], np.cumsum(stored.lengths)])
+    checked = 0
+    for n, pos in enumerate(batch.positions.tolist()):  # brute force: the teacher position that read the same bytes
+        r, j = pos // width, pos % width
+        t_ends = stored.byte_ends[starts[r]:starts[r + 1]]
+        s_ends = student_ends[r]
+        match = [t for t in range(len(t_ends) - 1) if t_ends[t] == s_ends[j] and (t_ends[t - 1] if t else 0) < t_ends[t]
+                 and (s_ends[j - 1] if j else 0) < s_ends[j]]   # no boundary inside a character
+        assert bool(batch.present[n, 1]) == bool(match)
+        if match:
+            flat = positions[r] + match[0]
+            assert np.array_equal(batch.logp[n, 1].numpy(), stored.logp[flat])
+            assert batch.teacher_labels[n, 1] == stored.own_tokens[starts[r] + match[0] + 1]
+            checked += 1
+    assert checked > 10
+
+
+@pytest.mark.parametrize("weighting", ["accuracy", "entropy", "ca_mkd"])
+def test_a_step_mixes_teachers_of_two_tokenizers(tmp_path, weighting):
+    from ensemblekd.lm import tiny_llama
+
+    cfg, store, inputs, _ = _two_tokenizer_store(tmp_path)
+    strat = build_strategy(cfg.distill.model_copy(update={"weighting": weighting}), ["same", "own"],
+                           {"same": 0.3, "own": 0.5}, epochs=1)
+    engine = _Engine()
+    engine.model = tiny_llama(cfg.data.vocab_size, num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                              intermediate_size=32)
+    batch = next(TOKEN.batches(cfg, store, "train", ["same", "own"], [(0, 0, len(inputs[0]))], 4, None))
+    out, weights, n = TOKEN.train_step(engine, batch, strat, cfg, epoch=0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.kd > 0
+    assert (weights[~batch.present] == 0).all() and torch.allclose(weights.sum(-1), torch.ones(n))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in engine.parameters() if p.requires_grad)
+
