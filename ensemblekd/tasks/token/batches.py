@@ -135,6 +135,47 @@ def next_at(stored, rows: Sequences, picked_rows: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.stack([values[offsets[src] + j] for offsets, values in stored], axis=1).astype(np.float32))
 
 
+def _char_starts(text: str) -> np.ndarray:
+    """[len(bytes) + 1]: how many characters start before each byte offset of text's UTF-8."""
+    raw = np.frombuffer(text.encode(), np.uint8)
+    return np.concatenate([[0], np.cumsum((raw & 0xC0) != 0x80)])
+
+
+def target_spans(text: tuple[list[str], np.ndarray], lengths: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """[bytes, characters] of the tokens the student predicts in a shard (its target positions):
+    text = (each row's text, its tokens' byte ends [R, W]) as data.inputs.read_row_text gives."""
+    texts, ends = text
+    inside = np.arange(1, mask.shape[1])[None, :] < lengths[:, None]
+    r, j = np.nonzero(mask[:, 1:] & inside)                 # position j predicts token j + 1
+    starts, stops = ends[r, j], ends[r, j + 1]
+    chars = sum(int((c := _char_starts(texts[row]))[stops[r == row]].sum() - c[starts[r == row]].sum())
+                for row in np.unique(r))
+    return np.array([float((stops - starts).sum()), float(chars)])
+
+
+def own_spans(texts: list[str], stored) -> list[float]:
+    """[bytes, characters] of the tokens a teacher with its own tokenizer predicts in a shard: all
+    its tokens but each row's first (stored: codec TopK with byte_ends)."""
+    starts = np.concatenate([[0], np.cumsum(stored.lengths + 1)])
+    n_bytes = n_chars = 0
+    for row, text in enumerate(texts):
+        ends = stored.byte_ends[starts[row]:starts[row + 1]]
+        if len(ends) > 1:
+            c = _char_starts(text)
+            n_bytes += int(ends[-1] - ends[0])
+            n_chars += int(c[ends[-1]] - c[ends[0]])
+    return [float(n_bytes), float(n_chars)]
+
+
+def bits(nll_sum: float, n_bytes: float, n_chars: float) -> dict[str, float | None]:
+    """A model's NLL (nats, summed over what it predicted) in bits per byte and per character
+    (crosstok); None without text to count them in."""
+    from ensemblekd.crosstok import bits_per_byte, bits_per_char
+
+    return {"bits_per_byte": bits_per_byte(nll_sum, int(n_bytes)) if n_bytes else None,
+            "bits_per_char": bits_per_char(nll_sum, int(n_chars)) if n_chars else None}
+
+
 def student_positions(engine, batch: TokenBatch, vocab: int) -> torch.Tensor:
     """The student's logits [N, V] at the batch's target positions."""
     logits = shared_vocabulary(logits_of(engine(batch.tokens)), vocab, "student.model")

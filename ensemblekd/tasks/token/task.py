@@ -13,7 +13,7 @@ import pyarrow as pa
 import torch
 
 from ensemblekd.config import Config
-from ensemblekd.data.inputs import InputShard, check_columns, read_footer, read_row_text, read_token_shard
+from ensemblekd.data.inputs import InputShard, check_columns, input_shards, read_footer, read_row_text, read_token_shard
 from ensemblekd.errors import UserError
 from ensemblekd.lm import fit_lm, load_tokenizer, logits_of
 from ensemblekd.losses import divergence
@@ -23,6 +23,9 @@ from ensemblekd.tasks.token.batches import (
     Sequences,
     Targets,
     align,
+    bits,
+    own_spans,
+    target_spans,
     TokenBatch,
     join_batches,
     make_batch,
@@ -74,7 +77,8 @@ class Token(Task):
     own_keys = ("data.text", "evaluate.prompts", "evaluate.latency_tokens", "store.codec")
     unit = "token"
     implicit_store_info = {"codec": "float16"}  # stores from before store.codec have only this one
-    columns = (Column("ppl", "perplexity", ".2f"), Column("NLL/tok", "nll", ".3f"), Column("top-1", "accuracy", "%"),
+    columns = (Column("ppl", "perplexity", ".2f"), Column("NLL/tok", "nll", ".3f"), Column("bits/B", "bits_per_byte", ".3f"),
+               Column("bits/ch", "bits_per_char", ".3f"), Column("top-1", "accuracy", "%"),
                Column("fidelity", "fidelity", "%"), Column("KL", "kl", ".3f"), Column("tok/s", "tokens_per_s", ",.0f"))
     headline = "perplexity"
 
@@ -107,6 +111,12 @@ class Token(Task):
         per_token = manifest.get("bytes_per_token")
         return (f"vocabulary {manifest['vocab_size']} (hash {manifest['vocab_hash']}), top-{manifest['top_k']} "
                 f"{manifest.get('codec', 'float16')} + tail" + (f", {per_token:.1f} bytes/token" if per_token else ""))
+
+    def ensemble_members(self, cfg: Config, teachers: list[str]) -> list[str]:
+        """The teachers of the student's vocabulary: one with its own tokenizer has no distribution
+        over the student's ids to mix, so it is compared in bits per byte alone."""
+        own = {t.name for t in cfg.teachers if own_tokenizer(cfg, t)}
+        return [n for n in teachers if n not in own]
 
     def decode(self, table: pa.Table) -> TopK:
         return decode(table)
@@ -313,12 +323,20 @@ class Token(Task):
         distributions (topk.dense_from_topk: the tail spread evenly) mixed with the configured rule
         at T = 1 (its NLL: the rule's mix of the exact next-token probabilities), the student is run
         here. KL is per token; ECE is not computed. Tokens are taken in chunks so that the dense
-        [tokens, teachers, V] reconstruction stays near 64 MB whatever V."""
+        [tokens, teachers, V] reconstruction stays near 64 MB whatever V.
+
+        Bits per byte and per character (splits written from text): each model's NLL in bits over
+        the UTF-8 bytes (characters) of the tokens it predicted. A teacher with its own tokenizer
+        gets those alone, over its own positions, and stays out of the ensemble (ensemble_members)."""
         assert cfg.data.vocab_size is not None  # check_config requires it
-        names, vocab = [*teachers, *others], cfg.data.vocab_size
+        members = self.ensemble_members(cfg, teachers)
+        own = [n for n in teachers if n not in members]
+        names, vocab = [*members, *others], cfg.data.vocab_size
         # per model: correct, agrees with the ensemble, KL sum, NLL sum
         stats = torch.zeros(len(names) + 2, 4, dtype=torch.float64)
-        total, k_ens = 0, len(teachers)
+        spans = np.zeros(2)                                   # bytes, characters of the student's targets
+        own_stats = {n: np.zeros(3) for n in own}             # NLL sum, bytes, characters
+        total, k_ens = 0, len(members)
         chunk = max(1, (16 << 20) // (len(names) * vocab))
         for shard in range(len(store.inputs("test"))):
             rows = self.read_rows(cfg, store, "test", shard, names)
@@ -335,11 +353,20 @@ class Token(Task):
                     stats += self._chunk_stats(batch, part, log_student[part], None if picked is None else picked[part],
                                                names, k_ens, vocab, strategy)
                 total += len(batch.labels)
+            text = read_row_text(InputShard.of(store.inputs("test")[shard]))
+            if text is not None:
+                spans += target_spans(text, rows.lengths, rows.mask)
+                for name in own:
+                    stored = decode(store.read_table("test", name, shard))
+                    own_stats[name] += [-float(stored.next.astype(np.float64).sum()), *own_spans(text[0], stored)]
         out = {}
         for m, name in enumerate([*names, "ensemble", "student"]):
             correct, agree, kl, nll = (stats[m] / max(total, 1)).tolist()
             out[name] = {"accuracy": correct, "fidelity": agree, "kl": kl, "ece": None, "nll": nll,
-                         "perplexity": float(np.exp(nll))}
+                         "perplexity": float(np.exp(nll)), **bits(float(stats[m, 3]), *spans)}
+        for name, (nll_sum, n_bytes, n_chars) in own_stats.items():
+            out[name] = {"accuracy": None, "fidelity": None, "kl": None, "ece": None, "nll": None, "perplexity": None,
+                         **bits(nll_sum, n_bytes, n_chars)}
         return out, total
 
     def _stored_next(self, store: Store, shard: int, names: list[str]):
@@ -377,6 +404,18 @@ class Token(Task):
         x = torch.from_numpy(read_token_split(cfg, cfg.data.test)[0])[:, :cfg.evaluate.latency_tokens]
         return x, f"sequences of {x.shape[1]} tokens"
 
+    def model_inputs(self, cfg: Config, model: str, x: torch.Tensor) -> torch.Tensor:
+        """A teacher with its own tokenizer: the test split's first rows of text in its tokens, cut
+        to x's length (its tokens/s then counts its own tokens)."""
+        teacher = next((t for t in cfg.teachers if t.name == model), None)
+        path = None if teacher is None else own_tokenizer(cfg, teacher)
+        text = None if path is None else read_row_text(input_shards(cfg.data.test)[0])
+        if path is None or text is None:
+            return x
+        ids = load_tokenizer(path)(text[0][:len(x)], add_special_tokens=False)["input_ids"]
+        width = min(x.shape[1], *(len(r) for r in ids))
+        return torch.tensor([r[:width] for r in ids], dtype=torch.long)
+
     def throughput(self, x: torch.Tensor, batch: int, seconds: float) -> dict[str, float]:
         return {"tokens_per_s": batch * x.shape[1] / seconds}
 
@@ -389,7 +428,7 @@ class Token(Task):
     def continuations(self, cfg: Config, scorers) -> list[dict]:
         """Greedy: each step appends the model's most likely next token (the full prefix is run
         again: no cache, as every model here is scored the same way); stops at the tokenizer's
-        end-of-sequence token."""
+        end-of-sequence token. Models of the student's vocabulary only."""
         from ensemblekd.lm import load_tokenizer
 
         path = tokenizer_path(cfg)
@@ -397,9 +436,10 @@ class Token(Task):
             return []
         tokenizer, out = load_tokenizer(path), []
         vocab, eos = cfg.data.vocab_size, tokenizer.eos_token_id
+        own = {t.name for t in cfg.teachers if own_tokenizer(cfg, t)}  # no ids of the student's to continue in
         for prompt in cfg.evaluate.prompts:
             start = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            for name, score in scorers.items():
+            for name, score in ((n, f) for n, f in scorers.items() if n not in own):
                 seq = list(start)
                 for _ in range(cfg.evaluate.max_new_tokens):
                     following = int(score(torch.tensor([seq]))[0, -1, :vocab].argmax())

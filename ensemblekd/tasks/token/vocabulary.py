@@ -27,6 +27,9 @@ def vocabulary(cfg: Config) -> dict[str, Any]:
     info = {"vocab_size": d.vocab_size, "vocab_hash": _hash_of(shared) if shared else vocab_hash(d.vocab_size),
             "top_k": min(cfg.store.top_k, d.vocab_size), "codec": cfg.store.codec}
     own = {t.name: _hash_of(path) for t in cfg.teachers if (path := own_tokenizer(cfg, t))}
+    if own and len(own) == len(cfg.teachers):
+        raise UserError(f"data.tokenizer: no teacher reads the student's tokenizer ({shared}), so there is no ensemble "
+                        "to learn from position by position; name one of the teachers (data.tokenizer: <name>)")
     return {**info, "own_tokenizers": own} if own else info
 
 

@@ -264,7 +264,7 @@ def test_a_teacher_with_its_own_tokenizer_reads_each_rows_text(tmp_path):
         TOKEN.label_shard(model, (*inputs[:3], None), cfg, t, "cpu", "train shard 0")
 
 
-def _two_tokenizer_store(tmp_path):
+def _two_tokenizer_store(tmp_path, split: str = "train"):
     """A text split in a byte-level BPE (the student's), labelled by a tiny Llama that reads those
     ids ('same') and by one with a "▁" BPE of its own ('own')."""
     from tiny_tokenizers import TEXTS, byte_level_tokenizer, fast_tokenizer, metaspace_tokenizer, tiny_llama_dir
@@ -282,14 +282,14 @@ def _two_tokenizer_store(tmp_path):
                                                       "data.tokenizer": str(tmp_path / "shared")}), check=False)
     store = Store.open(str(tmp_path / "store"), create=True)
     shard = input_shards(str(tmp_path / "in"))[0]
-    store.set_inputs("train", [shard.signature()])
+    store.set_inputs(split, [shard.signature()])
     inputs = TOKEN.read_inputs(cfg, shard.signature())
     for t in cfg.teachers:
         store.set_teacher(t.name, t.name, {})
-        data, entry = TOKEN.label_shard(kind_of(t).load(cfg, t), inputs, cfg, t, "cpu", "train shard 0")
-        os.makedirs(tmp_path / "store" / "train" / t.name, exist_ok=True)
-        (tmp_path / "store" / "train" / t.name / "part-00000.parquet").write_bytes(data)
-        store.commit("train", t.name, 0, entry)
+        data, entry = TOKEN.label_shard(kind_of(t).load(cfg, t), inputs, cfg, t, "cpu", f"{split} shard 0")
+        os.makedirs(tmp_path / "store" / split / t.name, exist_ok=True)
+        (tmp_path / "store" / split / t.name / "part-00000.parquet").write_bytes(data)
+        store.commit(split, t.name, 0, entry)
     TOKEN.keep_in_store(cfg, store)
     return cfg, store, inputs, own
 
@@ -343,3 +343,27 @@ def test_a_step_mixes_teachers_of_two_tokenizers(tmp_path, weighting):
     assert (weights[~batch.present] == 0).all() and torch.allclose(weights.sum(-1), torch.ones(n))
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in engine.parameters() if p.requires_grad)
 
+
+
+def test_models_of_two_tokenizers_are_compared_in_bits_per_byte(tmp_path):
+    """The student's own NLL over the bytes of what it predicts; a teacher with its own tokenizer in
+    bits alone and out of the ensemble, which is then the teacher of the student's vocabulary."""
+    from ensemblekd.data.inputs import read_row_text
+    from ensemblekd.teachers import kind_of
+
+    cfg, store, inputs, _ = _two_tokenizer_store(tmp_path, "test")
+    assert TOKEN.ensemble_members(cfg, ["same", "own"]) == ["same"]
+    strat = build_strategy(cfg.distill, ["same"], {"same": 0.3}, epochs=1, ensemble=True)
+    same = kind_of(cfg.teachers[0]).load(cfg, cfg.teachers[0])
+    found, total = TOKEN.quality(cfg, store, ["same", "own"], [], same, strat)  # the student: 'same' itself
+    texts = inputs[3]
+    assert found["own"]["perplexity"] is None and found["own"]["accuracy"] is None
+    stored = TOKEN.decode(store.read_table("test", "own", 0))
+    own_bytes = sum(len(t.encode()) for t in texts) - (stored.byte_ends[np.concatenate([[0], np.cumsum(stored.lengths + 1)])[:-1]]).sum()
+    assert found["own"]["bits_per_byte"] == pytest.approx(-stored.next.astype(np.float64).sum() / np.log(2) / own_bytes)
+    assert found["student"]["bits_per_byte"] == pytest.approx(found["same"]["bits_per_byte"], rel=2e-3)
+    assert found["ensemble"]["perplexity"] == pytest.approx(found["same"]["perplexity"], rel=1e-3)
+    ends = read_row_text(InputShard.of(store.inputs("test")[0]))[1]  # the student predicts all but each row's first token
+    target_bytes = sum(len(t.encode()) - int(e[0]) for t, e in zip(texts, ends))
+    assert found["student"]["bits_per_byte"] == pytest.approx(found["student"]["nll"] * total / np.log(2) / target_bytes)
+    assert found["student"]["bits_per_char"] > found["student"]["bits_per_byte"]  # accents, CJK and emoji: > 1 byte
