@@ -367,3 +367,25 @@ def test_models_of_two_tokenizers_are_compared_in_bits_per_byte(tmp_path):
     target_bytes = sum(len(t.encode()) - int(e[0]) for t, e in zip(texts, ends))
     assert found["student"]["bits_per_byte"] == pytest.approx(found["student"]["nll"] * total / np.log(2) / target_bytes)
     assert found["student"]["bits_per_char"] > found["student"]["bits_per_byte"]  # accents, CJK and emoji: > 1 byte
+
+
+def test_a_teacher_whose_tokenizer_starts_with_bos_gets_it_before_each_row(tmp_path):
+    """Gemma's tokenizer puts <bos> before every text (without it Gemma 3 scores 4x worse): the
+    teacher's row starts with it, at byte end 0, so it is never aligned with the student."""
+    from tiny_tokenizers import TEXTS, fast_tokenizer, metaspace_tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    from ensemblekd.tasks.token.vocabulary import begins_with, own_tokens
+
+    plain = metaspace_tokenizer()
+    with_bos = metaspace_tokenizer()
+    bos = with_bos.token_to_id("<bos>")
+    with_bos.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    PreTrainedTokenizerFast(tokenizer_object=with_bos, bos_token="<bos>").save_pretrained(tmp_path / "bos")
+    fast_tokenizer(plain).save_pretrained(tmp_path / "plain")
+    tokens, lengths, (ids, ends) = own_tokens(str(tmp_path / "bos"), TEXTS[:2], "gemma", "train shard 0")
+    _, plain_lengths, (plain_ids, plain_ends) = own_tokens(str(tmp_path / "plain"), TEXTS[:2], "gemma", "train shard 0")
+    assert begins_with(fast_tokenizer(plain)) is None and (tokens[:, 0] == bos).all()
+    assert (lengths == plain_lengths + 1).all() and len(ids) == len(plain_ids) + 2
+    assert ends[0] == 0 and ends[lengths[0]] == 0 and ends[1:lengths[0]].tolist() == plain_ends[:plain_lengths[0]].tolist()
