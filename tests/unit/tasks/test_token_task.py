@@ -38,6 +38,7 @@ TOKEN = get_task("token")
     ({"distill.mix_space": "logit"}, "use mix_space: prob"),
     ({"task": "classification"}, "'markov' is a data set for task token"),
     ({"teachers.0.pretrained": "some/dir"}, "needs either model"),
+    ({"data.tokenizer": "gpt2_4l"}, "data.tokenizer: teacher 'gpt2_4l' has no tokenizer of its own"),
 ])
 def test_token_config_mistakes_are_one_line(tmp_path, change, message):
     with pytest.raises(UserError, match=message):
@@ -389,3 +390,18 @@ def test_a_teacher_whose_tokenizer_starts_with_bos_gets_it_before_each_row(tmp_p
     assert begins_with(fast_tokenizer(plain)) is None and (tokens[:, 0] == bos).all()
     assert (lengths == plain_lengths + 1).all() and len(ids) == len(plain_ids) + 2
     assert ends[0] == 0 and ends[lengths[0]] == 0 and ends[1:lengths[0]].tolist() == plain_ends[:plain_lengths[0]].tolist()
+
+
+def test_a_student_tokenizer_that_no_teacher_reads_is_refused(tmp_path):
+    from tiny_tokenizers import byte_level_tokenizer, fast_tokenizer, metaspace_tokenizer, tiny_llama_dir
+
+    from ensemblekd.tasks.token import vocabulary
+
+    fast_tokenizer(byte_level_tokenizer()).save_pretrained(tmp_path / "shared")
+    teacher = {"name": "own", "pretrained": str(tiny_llama_dir(tmp_path / "own", fast_tokenizer(metaspace_tokenizer())))}
+    cfg = ekd.load_config(tiny_lm_config(tmp_path, **{"teachers": [teacher], "data.tokenizer": str(tmp_path / "shared")}),
+                          check=False)
+    with pytest.raises(UserError, match=r"^data.tokenizer: no teacher reads the student's tokenizer .*name one of the"):
+        vocabulary(cfg)
+    named = ekd.load_config(tiny_lm_config(tmp_path, **{"teachers": [teacher], "data.tokenizer": "own"}), check=False)
+    assert "own_tokenizers" not in vocabulary(named)  # the student's tokenizer is the teacher's own
