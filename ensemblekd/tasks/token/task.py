@@ -13,6 +13,7 @@ import pyarrow as pa
 import torch
 
 from ensemblekd.config import Config
+from ensemblekd.crosstok import mixed_divergence
 from ensemblekd.data.inputs import InputShard, check_columns, input_shards, read_footer, read_row_text, read_token_shard
 from ensemblekd.errors import UserError
 from ensemblekd.lm import fit_lm, load_tokenizer, logits_of
@@ -22,23 +23,22 @@ from ensemblekd.tasks.base import Column, Served, Task, calibration_rows, read_a
 from ensemblekd.tasks.token.batches import (
     Sequences,
     Targets,
+    TokenBatch,
     align,
     bits,
-    own_spans,
-    target_spans,
-    TokenBatch,
     join_batches,
     make_batch,
     model_accuracy,
     next_at,
+    own_spans,
     read_token_split,
     student_positions,
+    target_spans,
 )
 from ensemblekd.tasks.token.codec import TopK, decode, encode
 from ensemblekd.tasks.token.served import generates_text, log_text_generation, save_student_hf
 from ensemblekd.tasks.token.vocabulary import own_tokenizer, own_tokens, shared_vocabulary, tokenizer_path, vocabulary
 from ensemblekd.teachers import kind_of
-from ensemblekd.crosstok import mixed_divergence
 from ensemblekd.topk import dense_from_topk, rule_inputs, token_loss, topk_targets
 
 
