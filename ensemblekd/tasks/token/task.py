@@ -358,6 +358,7 @@ class Token(Task):
                 spans += target_spans(text, rows.lengths, rows.mask)
                 for name in own:
                     stored = decode(store.read_table("test", name, shard))
+                    assert stored.next is not None  # a teacher with its own tokenizer always stores it
                     own_stats[name] += [-float(stored.next.astype(np.float64).sum()), *own_spans(text[0], stored)]
         out = {}
         for m, name in enumerate([*names, "ensemble", "student"]):
