@@ -70,10 +70,10 @@ def test_features_are_stored_reduced_by_the_train_splits_pca(featured):
 
 def test_a_second_label_run_keeps_every_shard_and_the_projection(featured):
     tmp, cfg, _ = featured
-    projection = (tmp / "store" / "projections" / "mlp_a.npz").read_bytes()
+    projection = (tmp / "store" / "projection" / "mlp_a.npz").read_bytes()
     again = ekd.label(cfg, progress=False)
     assert again.shards == 0
-    assert (tmp / "store" / "projections" / "mlp_a.npz").read_bytes() == projection
+    assert (tmp / "store" / "projection" / "mlp_a.npz").read_bytes() == projection
 
 
 def test_the_student_learns_from_hint_and_relations(featured):
