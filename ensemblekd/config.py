@@ -88,8 +88,10 @@ class DataConfig(_Section):
                                   "the tokens trained on (used when the column exists)")
     vocab_size: Int | None = Field(default=None, ge=2, description="task token: the shared vocabulary; teacher "
                                    "logits padded past it are cut to it")
-    tokenizer: str | None = Field(default=None, description="task token: local tokenizer directory, or 'teachers' "
-                                  "(each pretrained teacher's own); its vocabulary hash is kept in the store")
+    tokenizer: str | None = Field(default=None, description="task token: the student's tokenizer, which the splits "
+                                  "are written with: a local tokenizer directory or .gguf file, a teacher's name (its "
+                                  "own), or 'teachers' (the first pretrained teacher's); a teacher with another "
+                                  "tokenizer reads the text with its own. Vocabulary hashes are kept in the store")
     prepare: str | None = Field(default=None, description="write this built-in data set to the split paths when "
                                 "missing: " + ", ".join(DATASETS))
     text: TextConfig | None = Field(default=None, description="task token: raw text to tokenize into the splits "
@@ -455,7 +457,7 @@ def _absolute_paths(cfg: Config) -> None:
         value = cfg.student.kwargs.get(key)
         if isinstance(value, str) and value:
             cfg.student.kwargs[key] = resolve_uri(value)
-    if cfg.data.tokenizer and cfg.data.tokenizer != "teachers":
+    if cfg.data.tokenizer and cfg.data.tokenizer not in ("teachers", *(t.name for t in cfg.teachers)):
         cfg.data.tokenizer = resolve_uri(cfg.data.tokenizer)
 
 

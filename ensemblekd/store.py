@@ -280,34 +280,42 @@ class Store:
             self.manifest["teachers"][name] = {"fingerprint": fingerprint, "spec": spec}
         return changed
 
-    def set_projection(self, teacher: str, pca: tuple[np.ndarray, np.ndarray] | None) -> None:
-        """Keep the PCA (mean, components) a teacher's stored features were reduced by
-        (store.feature_dim) beside the shards, as projections/<teacher>.npz; the manifest holds its
-        path and checksum. None: the features are stored whole (no wider than feature_dim)."""
-        if pca is None:
-            self.manifest["teachers"][teacher]["projection"] = None
+    def set_arrays(self, teacher: str, name: str, arrays: dict[str, np.ndarray] | None) -> None:
+        """Keep arrays that a teacher's stored targets depend on beside its shards, as
+        <name>/<teacher>.npz, the manifest holding its path, checksum and shapes (the feature PCA,
+        the vocabulary map of a teacher with its own tokenizer). None: it has none."""
+        if arrays is None:
+            self.manifest["teachers"][teacher][name] = None
             return
-        mean, components = pca
         buf = io.BytesIO()
-        np.savez(buf, mean=mean, components=components)
-        path = f"projections/{teacher}.npz"
+        np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
+        path = f"{name}/{teacher}.npz"
         fs.write_bytes_atomic(fs.join(self.uri, path), buf.getvalue())
-        self.manifest["teachers"][teacher]["projection"] = {
-            "path": path, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "width": int(components.shape[0]),
-            "dim": int(components.shape[1])}
+        self.manifest["teachers"][teacher][name] = {
+            "path": path, "sha256": hashlib.sha256(buf.getvalue()).hexdigest(),
+            "shapes": {key: list(value.shape) for key, value in arrays.items()}}
 
-    def projection(self, teacher: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """(mean [F], components [F, d]) of a teacher's feature PCA, or None if it has none."""
-        entry = self.teacher(teacher).get("projection")
+    def arrays(self, teacher: str, name: str) -> dict[str, np.ndarray] | None:
+        """What set_arrays kept, checksum verified; None if the teacher has none."""
+        entry = self.teacher(teacher).get(name)
         if entry is None:
             return None
         uri = fs.join(self.uri, entry["path"])
         data = fs.read_bytes(uri)
         if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-            raise UserError(f"{uri}: checksum mismatch (the projection is corrupt); relabel the teacher into a new "
-                            "store.uri")
-        arrays = np.load(io.BytesIO(data))
-        return arrays["mean"], arrays["components"]
+            raise UserError(f"{uri}: checksum mismatch (the file is corrupt); relabel the teacher into a new store.uri")
+        with np.load(io.BytesIO(data)) as found:
+            return dict(found)
+
+    def set_projection(self, teacher: str, pca: tuple[np.ndarray, np.ndarray] | None) -> None:
+        """The PCA (mean, components) a teacher's stored features were reduced by (store.feature_dim),
+        as projection/<teacher>.npz; None: the features are stored whole (no wider than feature_dim)."""
+        self.set_arrays(teacher, "projection", None if pca is None else {"mean": pca[0], "components": pca[1]})
+
+    def projection(self, teacher: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean [F], components [F, d]) of a teacher's feature PCA, or None if it has none."""
+        found = self.arrays(teacher, "projection")
+        return None if found is None else (found["mean"], found["components"])
 
     def feature_dims(self, teachers: list[str]) -> list[int]:
         """Each teacher's stored feature width, or a UserError for one that stores none."""

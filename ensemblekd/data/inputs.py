@@ -248,6 +248,19 @@ def read_token_shard(shard: InputShard, d) -> tuple[np.ndarray, np.ndarray, np.n
     return ids, tokens, lengths, mask
 
 
+def read_row_text(shard: InputShard) -> tuple[list[str], np.ndarray] | None:
+    """Task token: each row's text and its tokens' byte ends in it, [R, W] right-padded with 0 (the
+    columns data.text writes beside the tokens); None for a split without them."""
+    if not {"text", "byte_ends"} <= set(read_footer(shard.uri)[2].schema.to_arrow_schema().names):
+        return None
+    table = fs.read_parquet(shard.uri, columns=["text", "byte_ends"])
+    ends = table["byte_ends"].combine_chunks()
+    lengths = pc.list_value_length(ends).to_numpy(zero_copy_only=False).astype(np.int64)
+    padded = np.zeros((len(lengths), int(lengths.max()) if len(lengths) else 0), np.int64)
+    padded[np.arange(padded.shape[1])[None, :] < lengths[:, None]] = ends.flatten().to_numpy(zero_copy_only=False)
+    return table["text"].to_pylist(), padded
+
+
 def read_split(uri: str, features: str, label: str | None, id_col: str, to_inputs=features_to_numpy,
                key: str = "data.features"):
     """A whole (small) split in memory: for fitting teachers and evaluation."""

@@ -8,8 +8,10 @@ JSON Lines files with a text column) and the built-in `pydoc` set (CPython's pyd
 by topic so that no topic is in two splits).
 
 Shards hold 64 rows (16k tokens at seq_len 256): a real LM labels one in about a minute on a
-CPU, so the label stage's progress moves and its actors share the work. A split written from text records what it was made from in `<split>/_source.json` (the sources'
-sha256, the tokenizer's vocabulary hash, seq_len, column); it is rewritten when any of them
+CPU, so the label stage's progress moves and its actors share the work. Each row also keeps its text and the UTF-8 byte end of each of its tokens in it, so that teachers
+with tokenizers of their own can read the same text and be aligned with the student's tokens
+(docs/cross-tokenizer.md). A split written from text records what it was made from in
+`<split>/_source.json` (the layout, the sources' sha256, the tokenizer's vocabulary hash, seq_len, column); it is rewritten when any of them
 changes, and the label stage then relabels the shards whose content changed.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -28,25 +31,53 @@ from ensemblekd.errors import UserError
 from ensemblekd.io import fs
 
 SOURCE_RECORD = "_source.json"
+LAYOUT = 2  # the split's columns; 2: each row's text and byte_ends (2026-12-07), so older splits are rewritten
 TEXT_SUFFIXES = (".parquet", ".jsonl", ".json")
 SPLITS = ("train", "val", "test")
 
 
+class TextRows(NamedTuple):
+    """Documents cut into rows of the shared tokenizer's tokens; each row keeps its document id, its
+    text (the whole characters its tokens cover) and the UTF-8 byte end of each token in that text
+    (crosstok.byte_ends), so a teacher with another tokenizer can read the same text and be aligned."""
+
+    tokens: list[np.ndarray]
+    owners: np.ndarray
+    texts: list[str]
+    ends: list[np.ndarray]
+
+
 def tokenize_documents(texts: Sequence[str], doc_ids: Sequence[int] | np.ndarray, tokenizer, seq_len: int
-                       ) -> tuple[list[np.ndarray], np.ndarray]:
-    """(rows of at most seq_len token ids, the document id of each row), documents in order."""
+                       ) -> TextRows:
+    """Rows of at most seq_len token ids with their document, text and byte ends, documents in order.
+
+    A row's text runs from the previous row's last whole-character boundary to its own last one, so
+    the rows of a document concatenate to it (but for a dropped 1-token rest) and no text is cut
+    inside a character."""
+    from ensemblekd.crosstok import byte_ends
+
     if seq_len < 2:
         raise UserError(f"data.seq_len: must be at least 2 tokens, got {seq_len}")
-    rows, owners = [], []
-    encoded = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if len(texts) else []
-    for doc, ids in zip(doc_ids, encoded):
-        ids = np.asarray(ids, dtype=np.int32)
+    out = TextRows([], np.zeros(0, np.int64), [], [])
+    if not len(texts):
+        return out
+    owners: list[int] = []
+    encoded = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    for n, (doc, text) in enumerate(zip(doc_ids, texts)):
+        ids = np.asarray(encoded["input_ids"][n], dtype=np.int32)
+        ends = byte_ends(text, encoded["offset_mapping"][n])
+        raw = text.encode()
         for start in range(0, len(ids), seq_len):
             piece = ids[start:start + seq_len]
-            if len(piece) >= 2:
-                rows.append(piece)
-                owners.append(doc)
-    return rows, np.asarray(owners, dtype=np.int64)
+            if len(piece) < 2:
+                continue
+            begin = int(ends[start - 1]) if start else 0
+            last = int(ends[start + len(piece) - 1])
+            out.tokens.append(piece)
+            out.texts.append(raw[begin:last].decode())
+            out.ends.append((ends[start:start + len(piece)] - begin).astype(np.int32))
+            owners.append(doc)
+    return out._replace(owners=np.asarray(owners, dtype=np.int64))
 
 
 def text_files(uri: str, key: str) -> list[str]:
@@ -89,14 +120,15 @@ def read_documents(files: list[str], column: str, id_column: str | None, key: st
 def write_text_split(out_dir: str, texts: Sequence[str], doc_ids: np.ndarray, tokenizer, seq_len: int,
                      first_id: int, record: dict, shard_rows: int = 64) -> int:
     """Tokenize, replace out_dir's shards, then write its source record. Returns the rows written."""
-    rows, owners = tokenize_documents(texts, doc_ids, tokenizer, seq_len)
-    if not rows:
+    rows = tokenize_documents(texts, doc_ids, tokenizer, seq_len)
+    if not rows.tokens:
         raise UserError(f"{out_dir}: the text gives no sequence of 2 tokens or more")
     for old in fs.list_parquet(out_dir):
         fs.remove(old)
-    write_token_split(out_dir, rows, shard_rows, first_id, doc_ids=owners)
+    write_token_split(out_dir, rows.tokens, shard_rows, first_id, doc_ids=rows.owners, texts=rows.texts,
+                      byte_ends=rows.ends)
     fs.write_bytes_atomic(fs.join(out_dir, SOURCE_RECORD), json.dumps(record, sort_keys=True).encode())
-    return len(rows)
+    return len(rows.tokens)
 
 
 def current(out_dir: str, record: dict) -> bool:
@@ -130,7 +162,7 @@ def prepare_text(d, tokenizer_path: str) -> None:
         digest = hashlib.sha256()
         for path in files:
             digest.update(fs.read_bytes(path))
-        record = {"sources": digest.hexdigest(), "vocab_hash": vocab, "seq_len": d.seq_len,
+        record = {"layout": LAYOUT, "sources": digest.hexdigest(), "vocab_hash": vocab, "seq_len": d.seq_len,
                   "column": d.text.column, "id": d.text.id, "first_id": first_id}
         out = getattr(d, split)
         if not current(out, record):
@@ -169,7 +201,7 @@ def prepare_pydoc(out: str | dict[str, str], tokenizer_path: str, seq_len: int =
     paths = out if isinstance(out, dict) else {s: fs.join(out, s) for s in SPLITS}
     tokenizer = None
     for i, (split, topics) in enumerate(pydoc_splits().items()):
-        record = {"sources": source, "pydoc_topics": topics, "vocab_hash": vocab, "seq_len": seq_len,
+        record = {"layout": LAYOUT, "sources": source, "pydoc_topics": topics, "vocab_hash": vocab, "seq_len": seq_len,
                   "shard_rows": shard_rows}
         if not current(paths[split], record):
             tokenizer = tokenizer or load_tokenizer(tokenizer_path)

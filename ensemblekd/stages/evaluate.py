@@ -78,7 +78,8 @@ def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: 
     store = Store.open(cfg.store.uri)
     store.check_complete("test", [*names, *(a.name for a in assistants)])
     check_labelled_inputs(cfg, store, ("test",))
-    strategy = build_strategy(cfg.distill, names, store.val_accuracy(names), cfg.trainer.epochs, ensemble=True)
+    members = task.ensemble_members(cfg, names)
+    strategy = build_strategy(cfg.distill, members, store.val_accuracy(members), cfg.trainer.epochs, ensemble=True)
     student = load_student(cfg.student, student_uri)
     quality, targets = task.quality(cfg, store, names, [a.name for a in assistants], student, strategy)
     baseline_uri = fs.join(baseline_config(cfg).trainer.output_dir, STUDENT_FILE)
@@ -92,7 +93,8 @@ def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: 
     teachers = [kind_of(t).load(cfg, t) for t in cfg.teachers]
     rows = [_row(t.name, "teacher", quality, kind_of(t).num_parameters(m), kind_of(t).artifact_bytes(cfg, t))
             for t, m in zip(cfg.teachers, teachers)]
-    rows.append(_row("ensemble", "ensemble", quality, sum(r["params"] for r in rows), sum(r["bytes"] for r in rows)))
+    mixed = [r for r in rows if r["model"] in members]
+    rows.append(_row("ensemble", "ensemble", quality, sum(r["params"] for r in mixed), sum(r["bytes"] for r in mixed)))
     models = [*teachers, None]
     for a in assistants:
         module = kind_of(a).load(cfg, a)
@@ -108,18 +110,19 @@ def evaluate(cfg: Config, student_uri: str, warmup: int | None = None, repeats: 
         models.append(pruned)
 
     def ensemble_forward(xb: torch.Tensor) -> torch.Tensor:
-        z = torch.stack([task.logits(teacher, xb, cfg) for teacher in teachers], dim=-2)
+        z = torch.stack([task.logits(m, xb, cfg) for t, m in zip(cfg.teachers, teachers) if t.name in members], dim=-2)
         return strategy.targets(z.reshape(-1, *z.shape[-2:]).float(), None, 1.0)[0].reshape(*z.shape[:-2], -1)
 
     x, unit = task.latency_inputs(cfg)
     with one_thread():
         for row, model in zip(rows, models):  # one model after another, in the rows' order
+            xm = task.model_inputs(cfg, row["model"], x)
             for b in LATENCY_BATCHES:
-                p50, p99 = (measure_latency(model or ensemble_forward, task.latency_batch(x, b), warmup, repeats)
+                p50, p99 = (measure_latency(model or ensemble_forward, task.latency_batch(xm, b), warmup, repeats)
                             if repeats else (None, None))
                 row.update({f"p50_ms_b{b}": p50, f"p99_ms_b{b}": p99})
             if row["p50_ms_b64"]:
-                row.update(task.throughput(x, 64, row["p50_ms_b64"] / 1000))
+                row.update(task.throughput(xm, 64, row["p50_ms_b64"] / 1000))
     latency = {"threads": 1, "warmup": warmup, "repeats": repeats, "batches": list(LATENCY_BATCHES)}
     if unit:
         latency["unit"] = unit

@@ -107,7 +107,7 @@ class TeacherWorker:
     def probe(self, shard: dict[str, Any], names: list[str], where: str) -> dict[str, int]:
         """What each named teacher outputs (classes, or vocabulary) on the first rows of a shard, so
         the driver can check that the teachers agree before anything is written."""
-        inputs = tuple(part[:PROBE_ROWS] for part in self.task.read_inputs(self.cfg, shard))
+        inputs = tuple(None if part is None else part[:PROBE_ROWS] for part in self.task.read_inputs(self.cfg, shard))
         return {name: self._label(name, inputs, where)[1]["num_classes"] for name in names}
 
     def _label(self, name: str, inputs, where: str, projection=None) -> tuple[bytes, dict[str, Any]]:
@@ -134,6 +134,7 @@ def plan(cfg: Config, store: Store, splits=SPLITS) -> list[tuple[str, str, int]]
     store.set_task(cfg.task, task.store_info(cfg), task.implicit_store_info)
     for t in cfg.teachers:
         store.set_teacher(t.name, *identity(cfg, t))
+    task.keep_in_store(cfg, store)
     return [(split, t.name, i) for t in cfg.teachers for split in splits for i in store.missing(split, t.name)]
 
 

@@ -111,6 +111,10 @@ class Task:
         """A model's top-1 accuracy on a split (None without labels)."""
         raise NotImplementedError
 
+    def keep_in_store(self, cfg: Config, store: Store) -> None:
+        """In the driver, once a label run has recorded the teachers: what their targets depend on
+        beyond the shards, kept with Store.set_arrays (token: a teacher's vocabulary map)."""
+
     # -- distill -------------------------------------------------------------------------------
     def check_inputs(self, cfg: Config, shards: list, num_classes: int | None) -> None:
         """In the driver, from the input files' footers: they hold the columns the task reads, and
@@ -156,6 +160,11 @@ class Task:
         number of targets."""
         raise NotImplementedError
 
+    def ensemble_members(self, cfg: Config, teachers: list[str]) -> list[str]:
+        """The teachers whose targets mix into the ensemble's (all; token: those of the student's
+        vocabulary, a teacher with its own tokenizer being compared in bits per byte alone)."""
+        return teachers
+
     def summary(self, ensemble: dict[str, Any], student: dict[str, Any]) -> tuple[dict[str, float | None], str | None]:
         """What the student keeps of the ensemble's quality (their report rows): values for the
         report's summary (logged as metrics), and the phrase its summary line ends with."""
@@ -167,6 +176,11 @@ class Task:
         """The test inputs that latency is timed on (batches are cut from them), and what one input
         is when a row is not the obvious unit."""
         raise NotImplementedError
+
+    def model_inputs(self, cfg: Config, model: str, x: Any) -> Any:
+        """The latency inputs as the named model reads them (x itself; token: a teacher with its own
+        tokenizer gets the same test text in its own tokens)."""
+        return x
 
     def latency_batch(self, x: Any, batch: int) -> Any:
         """`batch` latency inputs cut from x (repeated when it has fewer)."""

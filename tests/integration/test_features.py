@@ -47,8 +47,8 @@ def test_features_are_stored_reduced_by_the_train_splits_pca(featured):
     tmp, cfg, first = featured
     store = Store.open(cfg.store.uri)
     teachers = store.manifest["teachers"]
-    assert teachers["mlp_a"]["projection"]["width"] == 128 and teachers["mlp_a"]["projection"]["dim"] == FEATURE_DIM
-    assert teachers["mlp_b"]["projection"]["width"] == 64
+    assert teachers["mlp_a"]["projection"]["shapes"]["components"] == [128, FEATURE_DIM]
+    assert teachers["mlp_b"]["projection"]["shapes"]["components"][0] == 64
     assert teachers["sk_mlp"]["projection"] is None               # 12 wide: no wider than feature_dim, kept whole
     assert store.feature_dims(["mlp_a", "mlp_b", "sk_mlp"]) == [FEATURE_DIM, FEATURE_DIM, 12]
     assert teachers["mlp_a"]["spec"]["feature"] == "1" and teachers["mlp_a"]["spec"]["feature_dim"] == FEATURE_DIM
@@ -70,10 +70,10 @@ def test_features_are_stored_reduced_by_the_train_splits_pca(featured):
 
 def test_a_second_label_run_keeps_every_shard_and_the_projection(featured):
     tmp, cfg, _ = featured
-    projection = (tmp / "store" / "projections" / "mlp_a.npz").read_bytes()
+    projection = (tmp / "store" / "projection" / "mlp_a.npz").read_bytes()
     again = ekd.label(cfg, progress=False)
     assert again.shards == 0
-    assert (tmp / "store" / "projections" / "mlp_a.npz").read_bytes() == projection
+    assert (tmp / "store" / "projection" / "mlp_a.npz").read_bytes() == projection
 
 
 def test_the_student_learns_from_hint_and_relations(featured):

@@ -3,7 +3,9 @@ LM (SmolLM2's tokenizer cut to 1,024 tokens, tests/gguf_models.py) and a fitted 
 smaller GPT-2 on a few pydoc topics given as JSON Lines (data.text), with the student trained alone
 beside it (evaluate.baseline) and greedy continuations in the report; the store uses the ranked codec.
 The student starts from the GGUF teacher (student.init: 1 of its 2 blocks, half its MLP, 12 of 16
-hidden channels), so the report also has the pruned model before training. The real SmolLM2 config
+hidden channels), so the report also has the pruned model before training. A third teacher, a
+1-block Llama with a "▁" tokenizer of its own (tests/tiny_tokenizers.py), reads each row's text and
+teaches across tokenizers (docs/cross-tokenizer.md): it is compared in bits per byte. The real SmolLM2 config
 (configs/smollm2.yaml) is checked in tests/unit/config; its run is measured in docs/language-models.md."""
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ from ensemblekd.data.text import pydoc_documents
 
 @pytest.mark.integration
 def test_gguf_teacher_on_a_users_text_end_to_end(tmp_path, tiny_gguf):
+    from tiny_tokenizers import fast_tokenizer, metaspace_tokenizer, tiny_llama_dir
+
+    other = tiny_llama_dir(tmp_path / "other", fast_tokenizer(metaspace_tokenizer()))
     docs = pydoc_documents()
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -38,6 +43,7 @@ def test_gguf_teacher_on_a_users_text_end_to_end(tmp_path, tiny_gguf):
             {"name": "gpt2", "model": "ensemblekd.lm:tiny_gpt2", "kwargs": {"vocab_size": 1024, "n_layer": 1,
                                                                             "n_embd": 32, "n_positions": 64},
              "fit": {"epochs": 3, "lr": 0.01, "batch_size": 16}, "checkpoint": str(tmp_path / "gpt2.pt")},
+            {"name": "other", "pretrained": str(other), "batch_size": 16},   # its own tokenizer
         ],
         "store": {"uri": str(tmp_path / "store"), "top_k": 16, "codec": "ranked"},
         "student": {"init": {"teacher": "tiny_gguf", "layers": 1, "intermediate_size": 0.5, "hidden_size": 12,
@@ -61,18 +67,25 @@ def test_gguf_teacher_on_a_users_text_end_to_end(tmp_path, tiny_gguf):
     assert "Loading weights" not in proc.stderr                 # one bar per stage: transformers' own are off
     manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
     assert manifest["vocab_size"] == 1024 and manifest["teachers"]["tiny_gguf"]["spec"] == {"pretrained": str(tiny_gguf)}
-    assert manifest["codec"] == "ranked"
+    assert manifest["codec"] == "ranked" and list(manifest["own_tokenizers"]) == ["other"]
+    assert manifest["teachers"]["other"]["vocab_map"]["shapes"]["map"] == [len(fast_tokenizer(metaspace_tokenizer()))]
+    theirs = next((tmp_path / "store" / "train" / "other").glob("*.parquet"))
+    assert {"own_tokens", "byte_ends"} <= set(pq.read_schema(theirs).names)
     shard = next((tmp_path / "store" / "train" / "gpt2").glob("*.parquet"))
     assert "topk_codes" in pq.read_schema(shard).names
     report = json.loads((tmp_path / "out" / "report" / "report.json").read_text())
     rows = {r["model"]: r for r in report["rows"]}
-    assert set(rows) == {"tiny_gguf", "gpt2", "ensemble", "student", "student_alone", "pruned"}
+    assert set(rows) == {"tiny_gguf", "gpt2", "other", "ensemble", "student", "student_alone", "pruned"}
+    assert rows["ensemble"]["params"] == rows["tiny_gguf"]["params"] + rows["gpt2"]["params"]   # not 'other'
+    assert rows["other"]["perplexity"] is None and 0 < rows["other"]["bits_per_byte"] < rows["other"]["bits_per_char"]
+    assert rows["other"]["tokens_per_s"] > 0
+    rows.pop("other")  # a tokenizer of its own: no perplexity, no continuation
     assert rows["pruned"]["params"] == rows["student"]["params"] == report["init"]["params"]
     assert report["init"]["layers"] in ([0], [1]) and report["init"]["widths"] == {"intermediate_size": 16,
                                                                                     "hidden_size": 12}
     for r in rows.values():
         assert 1.0 < r["perplexity"] < 1e6 and math.isclose(r["perplexity"], math.exp(r["nll"]), rel_tol=1e-6)
-        assert r["tokens_per_s"] > 0
+        assert r["tokens_per_s"] > 0 and 0 < r["bits_per_byte"] < 20
     # the fitted GPT-2 beats a uniform guess over 1,024 ids; the GGUF file's random weights do not
     assert rows["gpt2"]["perplexity"] < 1024 < rows["tiny_gguf"]["perplexity"]
     assert "gap_closed" in report["summary"] and report["summary"]["perplexity_retained"] > 0

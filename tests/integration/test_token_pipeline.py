@@ -107,8 +107,9 @@ def test_pretrained_teachers_share_a_tokenizer_or_are_refused(tmp_path, ray_loca
     store = Store.open(cfg.store.uri)
     assert store.manifest["vocab_hash"] == vocab_hash(str(tmp_path / "a")) != vocab_hash(VOCAB)
     assert store.manifest["teachers"]["a"]["spec"] == {"pretrained": str(tmp_path / "a")}
-    with pytest.raises(UserError, match="the teachers' tokenizers differ"):
+    text = "its tokenizer is not data.tokenizer, so it reads each row's text, and .* has none"
+    with pytest.raises(UserError, match=f"^teacher 'c': {text}"):  # synthetic ids: no text to read
         ekd.label(config(["a", "c"], "teachers"), progress=False)
-    with pytest.raises(UserError, match="is not data.tokenizer's"):
+    with pytest.raises(UserError, match=f"^teacher 'c': {text}"):
         ekd.label(config(["c"], str(tmp_path / "a")), progress=False)
     assert not (tmp_path / "store-ac" / "manifest.json").exists()

@@ -1,7 +1,8 @@
 """The token task's label-shard codec: one Parquet shard per input shard, a row per sequence: id
 int64, topk_logprobs list<fixed_size_list<halffloat>[k]>, topk_indices list<fixed_size_list<uintN>[k]>
 (the narrowest unsigned type for V), tail_logprob list<halffloat>, next_logprob list<halffloat>;
-position j predicts token j + 1. store.codec: ranked stores topk_codes list<fixed_size_list<uint8>[k]>
+position j predicts token j + 1; a teacher with its own tokenizer adds own_tokens and byte_ends
+list<int32> (its tokens and their byte ends in the row's text). store.codec: ranked stores topk_codes list<fixed_size_list<uint8>[k]>
 and rank gaps in topk_indices instead (below). encode writes a shard, decode reads one (Task.decode)."""
 
 from __future__ import annotations
@@ -80,12 +81,16 @@ def _unranked(codes: np.ndarray, gaps: np.ndarray, tail: np.ndarray, meta: dict[
 
 
 def encode(ids: np.ndarray, lengths: np.ndarray, logp: np.ndarray, idx: np.ndarray, tail: np.ndarray,
-           level: int = ZSTD_LEVEL, nxt: np.ndarray | None = None, codec: str = "float16") -> tuple[bytes, dict[str, Any]]:
+           level: int = ZSTD_LEVEL, nxt: np.ndarray | None = None, codec: str = "float16",
+           own: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[bytes, dict[str, Any]]:
     """Parquet bytes of one token shard (row r: sequence ids[r], lengths[r] positions) and its
     manifest entry: rows, tokens, bytes, sha256. idx keeps its dtype (index_dtype(V) from topk_targets).
     nxt [N]: the log-prob of the token that follows each position (its perplexity on the split,
     exact whether or not that token is in the top k); 2 B/token before compression.
-    codec: float16 (lossless) or ranked (above; topk_codes uint8 instead of topk_logprobs)."""
+    codec: float16 (lossless) or ranked (above; topk_codes uint8 instead of topk_logprobs).
+    own: a teacher with a tokenizer of its own (docs/cross-tokenizer.md): its token ids and each
+    token's UTF-8 byte end in the row's text, flat [sum(lengths + 1)], stored per row as own_tokens
+    and byte_ends list<int32> (a row's tokens are its positions + 1)."""
     n, k = logp.shape
     lengths = np.asarray(lengths, dtype=np.int64)
     if len(lengths) != len(ids) or lengths.sum() != n or idx.shape != (n, k) or tail.shape != (n,):
@@ -111,6 +116,10 @@ def encode(ids: np.ndarray, lengths: np.ndarray, logp: np.ndarray, idx: np.ndarr
                "tail_logprob": per_row(tail.astype(np.float16, copy=False), pa.float16())}
     if nxt is not None:
         columns["next_logprob"] = per_row(np.asarray(nxt).astype(np.float16), pa.float16())
+    if own is not None:
+        token_offsets = pa.array(np.concatenate([[0], np.cumsum(lengths + 1)]), pa.int32())
+        for name, values in zip(("own_tokens", "byte_ends"), own):
+            columns[name] = pa.ListArray.from_arrays(token_offsets, pa.array(np.asarray(values, np.int32), pa.int32()))
     data, entry = pack(pa.table(columns, metadata=meta), **parquet_options(level))
     return data, {**entry, "tokens": int(n)}
 
@@ -124,6 +133,8 @@ class TopK(NamedTuple):
     idx: np.ndarray      # [N, k] as stored
     tail: np.ndarray     # [N] float16
     next: np.ndarray | None = None  # [N] float16: log p of the following token (stores from 2026-11-29 on)
+    own_tokens: np.ndarray | None = None  # [N + R] int32: a teacher's own token ids (its own tokenizer)
+    byte_ends: np.ndarray | None = None   # [N + R] int32: the byte end of each of them in the row's text
 
 
 def decode(table: pa.Table) -> TopK:
@@ -141,5 +152,6 @@ def decode(table: pa.Table) -> TopK:
         logp, idx, tail = _unranked(matrix("topk_codes"), idx, tail, table.schema.metadata)
     else:
         logp = matrix("topk_logprobs")
-    return TopK(table["id"].to_numpy().astype(np.int64), lengths, logp, idx, tail,
-                tokens("next_logprob").to_numpy() if "next_logprob" in table.column_names else None)
+    present = lambda name: tokens(name).to_numpy() if name in table.column_names else None  # noqa: E731
+    return TopK(table["id"].to_numpy().astype(np.int64), lengths, logp, idx, tail, present("next_logprob"),
+                present("own_tokens"), present("byte_ends"))

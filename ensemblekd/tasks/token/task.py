@@ -4,6 +4,7 @@ that generates no text (next-token probabilities)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,25 +13,31 @@ import pyarrow as pa
 import torch
 
 from ensemblekd.config import Config
-from ensemblekd.data.inputs import InputShard, check_columns, read_token_shard
+from ensemblekd.crosstok import mixed_divergence
+from ensemblekd.data.inputs import InputShard, check_columns, input_shards, read_footer, read_row_text, read_token_shard
 from ensemblekd.errors import UserError
-from ensemblekd.lm import fit_lm, logits_of
+from ensemblekd.lm import fit_lm, load_tokenizer, logits_of
 from ensemblekd.losses import divergence
 from ensemblekd.store import Store
 from ensemblekd.tasks.base import Column, Served, Task, calibration_rows, read_aligned, row_batches, run_on
 from ensemblekd.tasks.token.batches import (
     Sequences,
+    Targets,
     TokenBatch,
+    align,
+    bits,
     join_batches,
     make_batch,
     model_accuracy,
     next_at,
+    own_spans,
     read_token_split,
     student_positions,
+    target_spans,
 )
 from ensemblekd.tasks.token.codec import TopK, decode, encode
 from ensemblekd.tasks.token.served import generates_text, log_text_generation, save_student_hf
-from ensemblekd.tasks.token.vocabulary import shared_vocabulary, tokenizer_path, vocabulary
+from ensemblekd.tasks.token.vocabulary import own_tokenizer, own_tokens, shared_vocabulary, tokenizer_path, vocabulary
 from ensemblekd.teachers import kind_of
 from ensemblekd.topk import dense_from_topk, rule_inputs, token_loss, topk_targets
 
@@ -46,13 +53,32 @@ class NextTokenProbabilities(torch.nn.Module):
         return torch.softmax(logits_of(self.student(input_ids))[..., :self.vocab].float(), dim=-1)
 
 
+VOCAB_MAP = "vocab_map"  # the store's arrays of a teacher with its own tokenizer (keep_in_store)
+
+
+def vocab_map_of(store: Store, teacher: str) -> torch.Tensor:
+    """A teacher's vocabulary map (Token.keep_in_store), read once per process and store entry."""
+    entry = store.teacher(teacher).get(VOCAB_MAP)
+    if entry is None:
+        raise UserError(f"{store.uri}: teacher '{teacher}' has its own tokenizer but no vocabulary map; re-run label")
+    return _read_vocab_map(store, teacher, entry["sha256"])
+
+
+@functools.lru_cache(maxsize=16)
+def _read_vocab_map(store: Store, teacher: str, sha256: str) -> torch.Tensor:
+    found = store.arrays(teacher, VOCAB_MAP)
+    assert found is not None  # vocab_map_of checked the entry
+    return torch.from_numpy(found["map"].astype(np.int64))
+
+
 # -- the task ------------------------------------------------------------------------------------
 class Token(Task):
     name = "token"
     own_keys = ("data.text", "evaluate.prompts", "evaluate.latency_tokens", "store.codec")
     unit = "token"
     implicit_store_info = {"codec": "float16"}  # stores from before store.codec have only this one
-    columns = (Column("ppl", "perplexity", ".2f"), Column("NLL/tok", "nll", ".3f"), Column("top-1", "accuracy", "%"),
+    columns = (Column("ppl", "perplexity", ".2f"), Column("NLL/tok", "nll", ".3f"), Column("bits/B", "bits_per_byte", ".3f"),
+               Column("bits/ch", "bits_per_char", ".3f"), Column("top-1", "accuracy", "%"),
                Column("fidelity", "fidelity", "%"), Column("KL", "kl", ".3f"), Column("tok/s", "tokens_per_s", ",.0f"))
     headline = "perplexity"
 
@@ -65,6 +91,10 @@ class Token(Task):
                             "use mix_space: prob")
         if d.tokenizer == "teachers" and not any(kind_of(t).tokenizer(t) for t in cfg.teachers):
             raise UserError("data.tokenizer: 'teachers' needs pretrained teachers; give a tokenizer directory or null")
+        named = next((t for t in cfg.teachers if t.name == d.tokenizer), None)
+        if named is not None and not kind_of(named).tokenizer(named):
+            raise UserError(f"data.tokenizer: teacher '{named.name}' has no tokenizer of its own (it is not pretrained); "
+                            "name a pretrained teacher, or give a tokenizer directory")
         if (d.text is not None or d.prepare == "pydoc") and d.tokenizer is None:
             raise UserError(f"data.tokenizer: {'data.text' if d.text else 'data.prepare: pydoc'} is real text and "
                             "needs the shared tokenizer; give a tokenizer directory, a .gguf file or 'teachers'")
@@ -82,30 +112,56 @@ class Token(Task):
         return (f"vocabulary {manifest['vocab_size']} (hash {manifest['vocab_hash']}), top-{manifest['top_k']} "
                 f"{manifest.get('codec', 'float16')} + tail" + (f", {per_token:.1f} bytes/token" if per_token else ""))
 
+    def ensemble_members(self, cfg: Config, teachers: list[str]) -> list[str]:
+        """The teachers of the student's vocabulary: one with its own tokenizer has no distribution
+        over the student's ids to mix, so it is compared in bits per byte alone."""
+        own = {t.name for t in cfg.teachers if own_tokenizer(cfg, t)}
+        return [n for n in teachers if n not in own]
+
     def decode(self, table: pa.Table) -> TopK:
         return decode(table)
 
     # -- label -------------------------------------------------------------------------------
-    def read_inputs(self, cfg: Config, shard: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def read_inputs(self, cfg: Config, shard: dict[str, Any]):
+        """(ids, tokens, lengths, each row's text or None): the text is read by teachers with a
+        tokenizer of their own."""
         ids, tokens, lengths, _ = read_token_shard(InputShard.of(shard), cfg.data)
-        return ids, tokens, lengths
+        text = read_row_text(InputShard.of(shard))
+        return ids, tokens, lengths, None if text is None else text[0]
 
     @torch.inference_mode()
     def label_shard(self, model, inputs, cfg: Config, teacher, device: str, where: str):
-        """The shard's targets. Rows are batched by length (longest first), each batch cut to its own
-        longest row, so padding costs little; each batch's logits are reduced to top-k at once (a
-        [rows, L, V] block of a 49k vocabulary is 50 MB a row), and the rows keep the input's order.
-        Each row's logits go to topk_targets as a view, and NaN is looked for in what is kept, not
-        in the logits (a NaN or +inf logit makes every log-prob of its position NaN; a −inf logit is
-        a legitimate zero): copying the batch's rows together and checking them took 14% of a
-        SmolLM2 label worker's time (py-spy), and removing both took label from 0.80x to 1.00x a
-        plain loop's tokens/s (tools/bench_label_lm.py)."""
-        ids, tokens, lengths = inputs
+        """The shard's targets over the shared vocabulary; a teacher with a tokenizer of its own
+        (vocabulary.own_tokenizer) reads each row's text instead and stores its own tokens and
+        their byte ends beside its targets (docs/cross-tokenizer.md)."""
+        ids, tokens, lengths, texts = inputs
         assert cfg.data.vocab_size is not None  # check_config requires it
-        vocab, k = cfg.data.vocab_size, min(cfg.store.top_k, cfg.data.vocab_size)
+        vocab, extra, own = cfg.data.vocab_size, {}, None
+        path = own_tokenizer(cfg, teacher)
+        if path is not None:
+            tokens, lengths, own = own_tokens(path, texts, teacher.name, where)
+            vocab = len(load_tokenizer(path))
+            extra = {"own_vocab_size": vocab}
+        logp, idx, tail, nxt = self._targets(model, tokens, lengths, min(cfg.store.top_k, vocab), vocab, teacher,
+                                             device, where)
+        data, entry = encode(ids, lengths - 1, logp, idx, tail, level=cfg.store.compression_level, nxt=nxt,
+                             codec=cfg.store.codec, own=own)
+        return data, {**entry, **extra, "num_classes": cfg.data.vocab_size, "dtype": "float16"}
+
+    @staticmethod
+    def _targets(model, tokens: np.ndarray, lengths: np.ndarray, k: int, vocab: int, teacher, device: str,
+                 where: str):
+        """(logp, idx, tail, nxt) of every position of every row. Rows are batched by length (longest
+        first), each batch cut to its own longest row, so padding costs little; each batch's logits
+        are reduced to top-k at once (a [rows, L, V] block of a 49k vocabulary is 50 MB a row), and
+        the rows keep the input's order. Each row's logits go to topk_targets as a view, and NaN is
+        looked for in what is kept, not in the logits (a NaN or +inf logit makes every log-prob of
+        its position NaN; a −inf logit is a legitimate zero): copying the batch's rows together and
+        checking them took 14% of a SmolLM2 label worker's time (py-spy), and removing both took
+        label from 0.80x to 1.00x a plain loop's tokens/s (tools/bench_label_lm.py)."""
         order = np.argsort(-np.asarray(lengths), kind="stable")
-        per_row: list = [None] * len(ids)
-        for start in range(0, len(ids), teacher.batch_size):
+        per_row: list = [None] * len(tokens)
+        for start in range(0, len(tokens), teacher.batch_size):
             rows = order[start:start + teacher.batch_size]
             width = int(lengths[rows].max())
             batch = torch.from_numpy(np.ascontiguousarray(tokens[rows, :width])).to(device)
@@ -122,18 +178,20 @@ class Token(Task):
         if np.isnan(logp[:, 0]).any() or np.isnan(nxt).any():  # NaN or +inf logits make every log-prob NaN
             raise UserError(f"teacher '{teacher.name}' produced NaN/Inf logits on {where}; fix the teacher or "
                             "its checkpoint")
-        data, entry = encode(ids, lengths - 1, logp, idx, tail, level=cfg.store.compression_level, nxt=nxt,
-                             codec=cfg.store.codec)
-        return data, {**entry, "num_classes": vocab, "dtype": "float16"}
+        return logp, idx, tail, nxt
 
     def stored_accuracy(self, cfg: Config, store: Store, split: str, teacher: str) -> float | None:
         """Top-1 next-token accuracy from the stored targets (each position's first top-k id)."""
         hits = total = 0
         for shard in range(len(store.inputs(split))):
             rows = self.read_rows(cfg, store, split, shard, [teacher])
-            offsets, _, idx, _ = rows.targets[0]
+            t = rows.targets[0]
+            if t.aligned is not None:  # its own tokenizer: its top-1 against its own next tokens
+                hits += int((t.idx[:, 0] == t.aligned.following).sum())
+                total += len(t.idx)
+                continue
             r, j = np.nonzero(rows.mask[:, 1:])
-            hits += int((idx[offsets[r] + j, 0] == rows.tokens[r, j + 1]).sum())
+            hits += int((t.idx[t.offsets[r] + j, 0] == rows.tokens[r, j + 1]).sum())
             total += len(r)
         return hits / total if total else None
 
@@ -159,7 +217,30 @@ class Token(Task):
 
     # -- distill -------------------------------------------------------------------------------
     def check_inputs(self, cfg: Config, shards: list[InputShard], num_classes: int | None) -> None:
+        """The token column, and each row's text and byte ends where a teacher reads the text with
+        its own tokenizer (splits written from text have them)."""
         check_columns(shards, {"data.features": cfg.data.features})
+        own = [t.name for t in cfg.teachers if own_tokenizer(cfg, t)]
+        for shard in shards if own else []:
+            names = (shard.metadata or read_footer(shard.uri)[2]).schema.to_arrow_schema().names
+            if not {"text", "byte_ends"} <= set(names):
+                raise UserError(f"teacher '{own[0]}': its tokenizer is not data.tokenizer, so it reads each row's "
+                                f"text, and {shard.uri} has none; write the splits from text (data.text, or "
+                                "data.prepare: pydoc)")
+
+    def keep_in_store(self, cfg: Config, store: Store) -> None:
+        """The vocabulary map (crosstok.vocab_map: each of its ids -> the student id of the same
+        bytes, or -1) of each teacher with its own tokenizer, kept once beside its shards; a
+        teacher whose fingerprint changed has lost it (Store.set_teacher) and gets it again."""
+        from ensemblekd.crosstok import vocab_map
+
+        shared = tokenizer_path(cfg)
+        for t in cfg.teachers:
+            path = own_tokenizer(cfg, t)
+            if path is not None and store.teacher(t.name).get(VOCAB_MAP) is None:
+                assert shared is not None  # own_tokenizer is None without a shared tokenizer
+                mapping = vocab_map(load_tokenizer(shared), load_tokenizer(path)).astype(np.int32)
+                store.set_arrays(t.name, VOCAB_MAP, {"map": mapping})
 
     def preflight(self, cfg: Config, store: Store, student) -> None:
         """The store holds this vocabulary; the student runs on a validation sequence and covers it."""
@@ -170,11 +251,23 @@ class Token(Task):
         shared_vocabulary(out, cfg.data.vocab_size, "student.model")
 
     def read_rows(self, cfg: Config, store: Store, split: str, shard: int, teachers: list[str]) -> Sequences:
-        """One input shard and its teachers' targets, aligned by id and length."""
-        ids, tokens, lengths, mask = read_token_shard(InputShard.of(store.inputs(split)[shard]), cfg.data)
+        """One input shard and its teachers' targets, aligned by id and length; a teacher with its
+        own tokenizer by the byte ends of its tokens and the student's (batches.align)."""
+        signature = InputShard.of(store.inputs(split)[shard])
+        ids, tokens, lengths, mask = read_token_shard(signature, cfg.data)
         found = read_aligned(store, split, shard, teachers, decode, ids,
-                             same=lambda t: np.array_equal(t.lengths, lengths - 1))
-        targets = [(np.concatenate([[0], np.cumsum(t.lengths)]), t.logp, t.idx, t.tail) for t in found]
+                             same=lambda t: t.own_tokens is not None or np.array_equal(t.lengths, lengths - 1))
+        text, targets = None, []
+        for name, t in zip(teachers, found):
+            offsets = np.concatenate([[0], np.cumsum(t.lengths)])
+            if t.own_tokens is None:
+                targets.append(Targets(offsets, t.logp, t.idx, t.tail))
+                continue
+            text = text or read_row_text(signature)
+            if text is None:
+                raise UserError(f"{signature.uri}: teacher '{name}' read each row's text, and the split has none now; "
+                                "write the splits from text again")
+            targets.append(Targets(offsets, t.logp, t.idx, t.tail, align(text[1], lengths, t), vocab_map_of(store, name)))
         return Sequences(tokens, lengths, mask, targets)
 
     def batches(self, cfg: Config, store: Store, split: str, teachers: list[str], segments, batch_size: int,
@@ -184,19 +277,33 @@ class Token(Task):
             yield join_batches([(rows, data) for data, rows in pieces])
 
     def train_step(self, engine, batch: TokenBatch, strategy, cfg: Config, epoch: int):
-        """(KDLoss, per-token teacher weights [N, K], N): the loss of one micro-batch, not yet stepped."""
+        """(KDLoss, per-token teacher weights [N, K], N): the loss of one micro-batch, not yet stepped.
+
+        With teachers of other tokenizers (batch.maps), each rule sees every teacher's buckets at its
+        own next token, a teacher's weight is 0 where it is not aligned with the student and the
+        weights of those that are are renormalised to 1 (none aligned: no KD term there), and the KD
+        term is crosstok.mixed_divergence (docs/cross-tokenizer.md)."""
         assert cfg.data.vocab_size is not None  # check_config requires it
-        vocab, dc, device = cfg.data.vocab_size, cfg.distill, engine.device
-        batch = TokenBatch(*(t.to(device) for t in batch))
-        buckets, bucket_labels = rule_inputs(batch.logp, batch.idx, batch.tail, batch.labels, vocab)
-        weights = strategy.weights(buckets, bucket_labels, dc.temperature, epoch)
+        vocab, dc = cfg.data.vocab_size, cfg.distill
+        batch = batch.to(engine.device)
         z = student_positions(engine, batch, vocab)
+        if not any(m is not None for m in batch.maps):
+            buckets, bucket_labels = rule_inputs(batch.logp, batch.idx, batch.tail, batch.labels, vocab)
+            weights = strategy.weights(buckets, bucket_labels, dc.temperature, epoch)
+            out = token_loss(z, batch.labels, batch.logp, batch.idx, batch.tail, vocab, dc.temperature, dc.alpha,
+                             weights, divergence=divergence(dc))
+            return out, weights, len(batch.labels)
+        sizes = [vocab if m is None else len(m) for m in batch.maps]
+        buckets, bucket_labels = rule_inputs(batch.logp, batch.idx, batch.tail, batch.teacher_labels, sizes)
+        weights = strategy.weights(buckets, bucket_labels, dc.temperature, epoch) * batch.present
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         out = token_loss(z, batch.labels, batch.logp, batch.idx, batch.tail, vocab, dc.temperature, dc.alpha, weights,
-                         divergence=divergence(dc))
+                         kd_term=lambda s: mixed_divergence(s, batch.logp, batch.idx, batch.tail, weights, batch.present,
+                                                            batch.maps, vocab, dc.temperature, divergence(dc)))
         return out, weights, len(batch.labels)
 
     def count_correct(self, engine, batch: TokenBatch, cfg: Config) -> tuple[int, int]:
-        batch = TokenBatch(*(t.to(engine.device) for t in batch))
+        batch = batch.to(engine.device)
         assert cfg.data.vocab_size is not None  # check_config requires it
         pred = student_positions(engine, batch, cfg.data.vocab_size).argmax(-1)
         return int((pred == batch.labels).sum()), len(batch.labels)
@@ -216,12 +323,20 @@ class Token(Task):
         distributions (topk.dense_from_topk: the tail spread evenly) mixed with the configured rule
         at T = 1 (its NLL: the rule's mix of the exact next-token probabilities), the student is run
         here. KL is per token; ECE is not computed. Tokens are taken in chunks so that the dense
-        [tokens, teachers, V] reconstruction stays near 64 MB whatever V."""
+        [tokens, teachers, V] reconstruction stays near 64 MB whatever V.
+
+        Bits per byte and per character (splits written from text): each model's NLL in bits over
+        the UTF-8 bytes (characters) of the tokens it predicted. A teacher with its own tokenizer
+        gets those alone, over its own positions, and stays out of the ensemble (ensemble_members)."""
         assert cfg.data.vocab_size is not None  # check_config requires it
-        names, vocab = [*teachers, *others], cfg.data.vocab_size
+        members = self.ensemble_members(cfg, teachers)
+        own = [n for n in teachers if n not in members]
+        names, vocab = [*members, *others], cfg.data.vocab_size
         # per model: correct, agrees with the ensemble, KL sum, NLL sum
         stats = torch.zeros(len(names) + 2, 4, dtype=torch.float64)
-        total, k_ens = 0, len(teachers)
+        spans = np.zeros(2)                                   # bytes, characters of the student's targets
+        own_stats = {n: np.zeros(3) for n in own}             # NLL sum, bytes, characters
+        total, k_ens = 0, len(members)
         chunk = max(1, (16 << 20) // (len(names) * vocab))
         for shard in range(len(store.inputs("test"))):
             rows = self.read_rows(cfg, store, "test", shard, names)
@@ -238,11 +353,21 @@ class Token(Task):
                     stats += self._chunk_stats(batch, part, log_student[part], None if picked is None else picked[part],
                                                names, k_ens, vocab, strategy)
                 total += len(batch.labels)
+            text = read_row_text(InputShard.of(store.inputs("test")[shard]))
+            if text is not None:
+                spans += target_spans(text, rows.lengths, rows.mask)
+                for name in own:
+                    stored = decode(store.read_table("test", name, shard))
+                    assert stored.next is not None  # a teacher with its own tokenizer always stores it
+                    own_stats[name] += [-float(stored.next.astype(np.float64).sum()), *own_spans(text[0], stored)]
         out = {}
         for m, name in enumerate([*names, "ensemble", "student"]):
             correct, agree, kl, nll = (stats[m] / max(total, 1)).tolist()
             out[name] = {"accuracy": correct, "fidelity": agree, "kl": kl, "ece": None, "nll": nll,
-                         "perplexity": float(np.exp(nll))}
+                         "perplexity": float(np.exp(nll)), **bits(float(stats[m, 3]), *spans)}
+        for name, (nll_sum, n_bytes, n_chars) in own_stats.items():
+            out[name] = {"accuracy": None, "fidelity": None, "kl": None, "ece": None, "nll": None, "perplexity": None,
+                         **bits(nll_sum, n_bytes, n_chars)}
         return out, total
 
     def _stored_next(self, store: Store, shard: int, names: list[str]):
@@ -280,6 +405,18 @@ class Token(Task):
         x = torch.from_numpy(read_token_split(cfg, cfg.data.test)[0])[:, :cfg.evaluate.latency_tokens]
         return x, f"sequences of {x.shape[1]} tokens"
 
+    def model_inputs(self, cfg: Config, model: str, x: torch.Tensor) -> torch.Tensor:
+        """A teacher with its own tokenizer: the test split's first rows of text in its tokens, cut
+        to x's length (its tokens/s then counts its own tokens)."""
+        teacher = next((t for t in cfg.teachers if t.name == model), None)
+        path = None if teacher is None else own_tokenizer(cfg, teacher)
+        text = None if path is None else read_row_text(input_shards(cfg.data.test)[0])
+        if path is None or text is None:
+            return x
+        ids = load_tokenizer(path)(text[0][:len(x)], add_special_tokens=False)["input_ids"]
+        width = min(x.shape[1], *(len(r) for r in ids))
+        return torch.tensor([r[:width] for r in ids], dtype=torch.long)
+
     def throughput(self, x: torch.Tensor, batch: int, seconds: float) -> dict[str, float]:
         return {"tokens_per_s": batch * x.shape[1] / seconds}
 
@@ -292,7 +429,7 @@ class Token(Task):
     def continuations(self, cfg: Config, scorers) -> list[dict]:
         """Greedy: each step appends the model's most likely next token (the full prefix is run
         again: no cache, as every model here is scored the same way); stops at the tokenizer's
-        end-of-sequence token."""
+        end-of-sequence token. Models of the student's vocabulary only."""
         from ensemblekd.lm import load_tokenizer
 
         path = tokenizer_path(cfg)
@@ -300,9 +437,10 @@ class Token(Task):
             return []
         tokenizer, out = load_tokenizer(path), []
         vocab, eos = cfg.data.vocab_size, tokenizer.eos_token_id
+        own = {t.name for t in cfg.teachers if own_tokenizer(cfg, t)}  # no ids of the student's to continue in
         for prompt in cfg.evaluate.prompts:
             start = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-            for name, score in scorers.items():
+            for name, score in ((n, f) for n, f in scorers.items() if n not in own):
                 seq = list(start)
                 for _ in range(cfg.evaluate.max_new_tokens):
                     following = int(score(torch.tensor([seq]))[0, -1, :vocab].argmax())

@@ -12,6 +12,7 @@ import pytest
 
 from ensemblekd.config import DataConfig
 from ensemblekd.data.text import SOURCE_RECORD, prepare_inputs, prepare_pydoc, pydoc_documents, tokenize_documents
+from ensemblekd.crosstok import boundaries
 from ensemblekd.errors import UserError
 from ensemblekd.lm import load_tokenizer
 
@@ -24,13 +25,22 @@ def _split(path):
 def test_documents_are_cut_into_rows_that_keep_their_document(tiny_gguf):
     tok = load_tokenizer(str(tiny_gguf))
     texts = ["def f(x):\n    return x * 2\n" * 9, "short", "The for statement is used to iterate."]
-    rows, owners = tokenize_documents(texts, [7, 8, 9], tok, seq_len=16)
-    assert all(2 <= len(r) <= 16 for r in rows)
-    for doc, text in zip([7, 8, 9], texts):  # a document's rows, in order, are its tokens
-        mine = [r for r, o in zip(rows, owners) if o == doc]
+    texts[2] += " Ünïcödé, 漢字 and an emoji 🙂🙂 end."
+    cut = tokenize_documents(texts, [7, 8, 9], tok, seq_len=16)
+    assert all(2 <= len(r) <= 16 for r in cut.tokens)
+    for doc, text in zip([7, 8, 9], texts):  # a document's rows, in order, are its tokens and its text
+        mine = [i for i, o in enumerate(cut.owners) if o == doc]
         whole = tok(text, add_special_tokens=False)["input_ids"]
-        assert np.concatenate(mine).tolist() == [t for t in whole][:sum(len(r) for r in mine)]
-        assert len(whole) - sum(len(r) for r in mine) <= 1  # only a 1-token rest is dropped
+        assert np.concatenate([cut.tokens[i] for i in mine]).tolist() == whole[:sum(len(cut.tokens[i]) for i in mine)]
+        assert len(whole) - sum(len(cut.tokens[i]) for i in mine) <= 1  # only a 1-token rest is dropped
+        assert text.startswith("".join(cut.texts[i] for i in mine))
+        for i in mine:  # each token's byte end: the row's text up to there is what its tokens decode to
+            raw = cut.texts[i].encode()
+            assert len(cut.ends[i]) == len(cut.tokens[i]) and cut.ends[i][-1] == len(raw)
+            real = boundaries(cut.ends[i])  # a token that ends inside a split character is no boundary
+            assert real.all() == cut.texts[i].isascii()  # this vocabulary spells each non-ASCII character in bytes
+            for j in np.flatnonzero(real):
+                assert tok.decode(cut.tokens[i][:j + 1]).encode() == raw[:cut.ends[i][j]]
     with pytest.raises(UserError, match="at least 2"):
         tokenize_documents(texts, [1, 2, 3], tok, seq_len=1)
 

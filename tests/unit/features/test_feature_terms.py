@@ -155,7 +155,7 @@ def test_store_keeps_a_projection_with_its_checksum(tmp_path):
     got = again.projection("a")
     assert np.array_equal(got[0], mean) and np.array_equal(got[1], comps)
     assert again.projection("b") is None
-    path = tmp_path / "store" / "projections" / "a.npz"
+    path = tmp_path / "store" / "projection" / "a.npz"
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))

@@ -2,7 +2,6 @@
 losses, on two tiny tokenizers built here (a GPT-2-style byte-level BPE and a Gemma-style "▁" BPE
 with byte fallback) against brute-force and hand-computed references. No downloads."""
 
-import json
 import math
 
 import numpy as np
@@ -12,57 +11,11 @@ import torch
 from ensemblekd import crosstok as ct
 from ensemblekd.errors import UserError
 from ensemblekd.topk import sparse_divergence, topk_targets
-
-CORPUS = ["Le café est fermé depuis déjà trois ans.", "Über die Brücke gehen naïve Touristen.",
-          "The quick brown fox jumps over the lazy dog.", "A café, a résumé, a naïve fiancé."] * 3
-TEXTS = ["Un café 🎉 très  naïve,\n\nüber 東京 👍🏽 ok.",
-         "🎉Le résumé: déjà vu!\tThe fox 📸📸 jumps.",
-         "  leading spaces, and a trailing one ",
-         "é",
-         "plain ascii text"]
-
-
-def _byte_level():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                                        special_tokens=["<|endoftext|>"], show_progress=False))
-    return tok
-
-
-def _metaspace(vocab_size: int = 150, extra=()):
-    """Gemma-style: " " -> "▁" by the normaliser, BPE with <0x00>..<0xFF> byte-fallback ids first."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    base = Tokenizer(models.BPE())
-    base.normalizer = normalizers.Replace(" ", "▁")
-    base.pre_tokenizer = pre_tokenizers.Split("▁", "merged_with_next")
-    base.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=40, show_progress=False))
-    spec = json.loads(base.to_str())["model"]
-    vocab = {f"<0x{b:02X}>": b for b in range(256)}
-    for piece in [*sorted(spec["vocab"], key=spec["vocab"].get), *extra]:
-        vocab.setdefault(piece, len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in spec["merges"]]
-    tok = Tokenizer(models.BPE(vocab, merges, byte_fallback=True))
-    tok.normalizer, tok.pre_tokenizer = base.normalizer, base.pre_tokenizer
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens(["<pad>", "<bos>"])
-    tok.add_tokens(["\n\n"])
-    return tok
-
-
-def _wrap(tok):
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
-
+from tiny_tokenizers import TEXTS, byte_level_tokenizer, metaspace_tokenizer, fast_tokenizer
 
 @pytest.fixture(scope="module")
 def toks():
-    return {"byte_level": _wrap(_byte_level()), "metaspace": _wrap(_metaspace())}
+    return {"byte_level": fast_tokenizer(byte_level_tokenizer()), "metaspace": fast_tokenizer(metaspace_tokenizer())}
 
 
 def _encode(tok, text):
@@ -120,12 +73,12 @@ def test_trimmed_offsets_leave_gaps_of_whitespace_and_no_false_boundary():
     boundary: one lost, none false)."""
     from tokenizers import processors
 
-    plain, trimmed = _byte_level(), _byte_level()
+    plain, trimmed = byte_level_tokenizer(), byte_level_tokenizer()
     trimmed.post_processor = processors.ByteLevel(trim_offsets=True)
     lost = 0
     for text in TEXTS:
-        ids, a = _encode(_wrap(plain), text)
-        b = _encode(_wrap(trimmed), text)[1]
+        ids, a = _encode(fast_tokenizer(plain), text)
+        b = _encode(fast_tokenizer(trimmed), text)[1]
         if "  " in text:
             assert a != b
         ea, eb = ct.byte_ends(text, a), ct.byte_ends(text, b)
@@ -144,10 +97,10 @@ def test_bad_offsets_are_one_line_user_errors(toks):
     with pytest.raises(UserError, match="no character offsets"):
         ct.byte_ends("abc", None)
     text = "Un café! très naïve!"
-    dropping = _metaspace()                                  # a normaliser that drops "!": its spans skip them
+    dropping = metaspace_tokenizer()                                  # a normaliser that drops "!": its spans skip them
     dropping.normalizer = normalizers.Sequence([normalizers.Replace("!", ""), normalizers.Replace(" ", "▁")])
     with pytest.raises(UserError, match="spans do not cover the document: token .* starts at character 8"):
-        ct.byte_ends(text, _encode(_wrap(dropping), text)[1])
+        ct.byte_ends(text, _encode(fast_tokenizer(dropping), text)[1])
     offsets = _encode(toks["metaspace"], text)[1]
     with pytest.raises(UserError, match="the last token ends at character"):
         ct.byte_ends(text + " and more", offsets)            # the spans of a shorter text
@@ -239,8 +192,8 @@ def test_vocab_map_pairs_ids_of_equal_bytes(toks):
 
 def test_vocab_map_leaves_ambiguous_bytes_unmapped():
     """Two ordinary student tokens of the same bytes ("▁x" and " x" both read " x"): −1."""
-    ambiguous = _wrap(_metaspace(extra=["▁é", " é"]))
-    teacher = _wrap(_metaspace(extra=["▁é"]))
+    ambiguous = fast_tokenizer(metaspace_tokenizer(extra=["▁é", " é"]))
+    teacher = fast_tokenizer(metaspace_tokenizer(extra=["▁é"]))
     m = ct.vocab_map(ambiguous, teacher)
     assert ct.token_bytes(ambiguous).count(" é".encode()) == 2
     assert m[teacher.convert_tokens_to_ids("▁é")] == -1 and m[teacher.convert_tokens_to_ids("é")] >= 0

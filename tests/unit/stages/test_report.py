@@ -86,4 +86,5 @@ def test_a_language_model_report_with_a_baseline_and_continuations():
     assert "keeps 45.0% of its perplexity" in table
     assert "greedy continuation of 'def f':" in table and '"(x):\\n  return x"' in table
     md = format_markdown(report)
-    assert md.startswith("| model | role | ppl | NLL/tok | top-1 | fidelity | KL | tok/s | params") and "```" in md
+    assert md.startswith("| model | role | ppl | NLL/tok | bits/B | bits/ch | top-1 | fidelity | KL | tok/s | params")
+    assert "```" in md

@@ -21,14 +21,14 @@ def test_store_round_trip_is_exact_and_small():
     lengths = np.array([511, 1, 400, 0, 112])
     data, entry = encode(np.arange(5) + 100, lengths, logp, idx, tail)
     assert entry["rows"] == 5 and entry["tokens"] == n and entry["bytes"] == len(data) and len(entry["sha256"]) == 64
-    ids, lens, logp2, idx2, tail2, nxt = decode(unpack(data))
-    assert nxt is None  # a store written before next_logprob existed still decodes
+    ids, lens, logp2, idx2, tail2, nxt, own_tokens, ends = decode(unpack(data))
+    assert nxt is None and own_tokens is None and ends is None  # a store written before next_logprob existed still decodes
     assert ids.tolist() == list(range(100, 105)) and lens.tolist() == lengths.tolist()
     assert logp2.dtype == np.float16 and idx2.dtype == np.uint16 and tail2.dtype == np.float16
     assert np.array_equal(logp2.view(np.uint16), logp.view(np.uint16)) and np.array_equal(idx2, idx)
     assert np.array_equal(tail2.view(np.uint16), tail.view(np.uint16))
     logp, idx, tail = topk_targets(torch.randn(6, 70_000, generator=torch.Generator().manual_seed(9)), 4)
-    _, _, _, idx2, _, _ = decode(unpack(encode(np.arange(2), np.array([2, 4]), logp, idx, tail)[0]))
+    _, _, _, idx2, *_ = decode(unpack(encode(np.arange(2), np.array([2, 4]), logp, idx, tail)[0]))
     assert idx2.dtype == np.uint32 and np.array_equal(idx2, idx)
     per_token = len(data) / n
     print(f"store: {per_token:.1f} B/token at k = {k}, V = {v} (plain float16 + int32: 192)")
@@ -82,3 +82,12 @@ def test_ranked_codec_handles_wide_vocabularies_and_empty_shards():
     assert back.idx.dtype == np.uint32 and np.array_equal(np.sort(back.idx, 1), np.sort(idx, 1))
     empty = decode(unpack(encode(np.arange(1), np.array([0]), logp[:0], idx[:0], tail[:0], codec="ranked")[0]))
     assert empty.logp.shape == (0, 4) and empty.lengths.tolist() == [0]
+
+
+def test_a_teacher_with_its_own_tokenizer_keeps_its_tokens_and_their_byte_ends():
+    logp, idx, tail = topk_targets(torch.randn(7, 50), 4)
+    lengths = np.array([3, 0, 4])                               # positions; a row holds one token more
+    own = (np.arange(10, dtype=np.int32), np.array([1, 2, 4, 6, 3, 1, 2, 5, 7, 9], np.int32))
+    back = decode(unpack(encode(np.arange(3), lengths, logp, idx, tail, own=own)[0]))
+    assert back.lengths.tolist() == [3, 0, 4]
+    assert back.own_tokens.tolist() == own[0].tolist() and back.byte_ends.tolist() == own[1].tolist()

@@ -38,6 +38,7 @@ TOKEN = get_task("token")
     ({"distill.mix_space": "logit"}, "use mix_space: prob"),
     ({"task": "classification"}, "'markov' is a data set for task token"),
     ({"teachers.0.pretrained": "some/dir"}, "needs either model"),
+    ({"data.tokenizer": "gpt2_4l"}, "data.tokenizer: teacher 'gpt2_4l' has no tokenizer of its own"),
 ])
 def test_token_config_mistakes_are_one_line(tmp_path, change, message):
     with pytest.raises(UserError, match=message):
@@ -207,7 +208,7 @@ def test_label_refuses_nan_and_inf_logits_but_takes_minus_inf_as_zero(tmp_path, 
     teacher = cfg.teachers[0].model_copy(update={"batch_size": 2})
     lengths = np.array([6, 5, 4])
     tokens = np.zeros((3, 6), np.int32)
-    inputs = (np.arange(3), tokens, lengths)
+    inputs = (np.arange(3), tokens, lengths, None)
     if refused:
         with pytest.raises(UserError, match=rf"teacher '{teacher.name}' produced NaN/Inf logits on train shard 0"):
             TOKEN.label_shard(_OneOddLogit(value), inputs, cfg, teacher, "cpu", "train shard 0")
@@ -222,3 +223,185 @@ def test_label_refuses_nan_and_inf_logits_but_takes_minus_inf_as_zero(tmp_path, 
     probs = np.exp(got.logp.astype(np.float64))
     assert probs[odd][got.idx[odd] == 3] == 0 and np.isclose(probs[odd].sum(), 1, atol=1e-2)
     assert np.isclose(probs[0].sum(), 1, atol=1e-2) and (got.idx[0, 0] == VOCAB - 1)
+
+
+# -- a teacher with a tokenizer of its own ---------------------------------------------------------
+def test_a_teacher_with_its_own_tokenizer_reads_each_rows_text(tmp_path):
+    """It stores its targets over its own vocabulary at its own positions, with its tokens and their
+    byte ends in the row's text (docs/cross-tokenizer.md); a split without text is one line."""
+    from tiny_tokenizers import TEXTS, byte_level_tokenizer, fast_tokenizer, metaspace_tokenizer, tiny_llama_dir
+
+    from ensemblekd.crosstok import byte_ends
+    from ensemblekd.data.inputs import input_shards
+    from ensemblekd.data.text import write_text_split
+    from ensemblekd.lm import logits_of
+    from ensemblekd.store import unpack
+    from ensemblekd.tasks.token import decode
+    from ensemblekd.teachers import kind_of
+
+    shared, own = fast_tokenizer(byte_level_tokenizer()), fast_tokenizer(metaspace_tokenizer())
+    shared.save_pretrained(tmp_path / "shared")
+    write_text_split(str(tmp_path / "in"), TEXTS, np.arange(len(TEXTS)), shared, 16, 0, {})
+    teacher = {"name": "own", "pretrained": str(tiny_llama_dir(tmp_path / "teacher", own)), "batch_size": 2}
+    cfg = ekd.load_config(tiny_lm_config(tmp_path, **{"data.vocab_size": len(shared), "store.top_k": 8, "teachers": [teacher],
+                                                      "data.tokenizer": str(tmp_path / "shared")}), check=False)
+    t = cfg.teachers[0]
+    model = kind_of(t).load(cfg, t)
+    inputs = TOKEN.read_inputs(cfg, input_shards(str(tmp_path / "in"))[0].signature())
+    data, entry = TOKEN.label_shard(model, inputs, cfg, t, "cpu", "train shard 0")
+    got = decode(unpack(data))
+    texts = inputs[3]
+    assert "".join(texts).startswith(TEXTS[0][:10]) and len(texts) == len(inputs[0])
+    enc = own(texts, add_special_tokens=False, return_offsets_mapping=True)
+    assert got.own_tokens.tolist() == sum(enc["input_ids"], [])
+    assert got.byte_ends.tolist() == np.concatenate([byte_ends(x, o) for x, o in zip(texts, enc["offset_mapping"])]).tolist()
+    assert got.lengths.tolist() == [len(ids) - 1 for ids in enc["input_ids"]] != (inputs[2] - 1).tolist()
+    assert entry["own_vocab_size"] == len(own) != entry["num_classes"] == len(shared)
+    row = torch.tensor([enc["input_ids"][0]])
+    ref = topk_targets(logits_of(model(row))[0, :-1], 8, following=row[0, 1:])
+    n = got.lengths[0]
+    assert np.array_equal(got.idx[:n], ref[1]) and np.allclose(got.logp[:n], ref[0]) and np.allclose(got.next[:n], ref[3])
+    with pytest.raises(UserError, match=r"^teacher 'own': its tokenizer is not data.tokenizer.*write the splits from text"):
+        TOKEN.label_shard(model, (*inputs[:3], None), cfg, t, "cpu", "train shard 0")
+
+
+def _two_tokenizer_store(tmp_path, split: str = "train"):
+    """A text split in a byte-level BPE (the student's), labelled by a tiny Llama that reads those
+    ids ('same') and by one with a "▁" BPE of its own ('own')."""
+    from tiny_tokenizers import TEXTS, byte_level_tokenizer, fast_tokenizer, metaspace_tokenizer, tiny_llama_dir
+
+    from ensemblekd.data.inputs import input_shards
+    from ensemblekd.data.text import write_text_split
+    from ensemblekd.teachers import kind_of
+
+    shared, own = fast_tokenizer(byte_level_tokenizer()), fast_tokenizer(metaspace_tokenizer())
+    shared.save_pretrained(tmp_path / "shared")
+    write_text_split(str(tmp_path / "in"), TEXTS * 2, np.arange(2 * len(TEXTS)), shared, 24, 0, {})
+    teachers = [{"name": "same", "pretrained": str(tiny_llama_dir(tmp_path / "same", shared, seed=1)), "batch_size": 4},
+                {"name": "own", "pretrained": str(tiny_llama_dir(tmp_path / "own", own)), "batch_size": 4}]
+    cfg = ekd.load_config(tiny_lm_config(tmp_path, **{"data.vocab_size": len(shared), "store.top_k": 8, "teachers": teachers,
+                                                      "data.tokenizer": str(tmp_path / "shared")}), check=False)
+    store = Store.open(str(tmp_path / "store"), create=True)
+    shard = input_shards(str(tmp_path / "in"))[0]
+    store.set_inputs(split, [shard.signature()])
+    inputs = TOKEN.read_inputs(cfg, shard.signature())
+    for t in cfg.teachers:
+        store.set_teacher(t.name, t.name, {})
+        data, entry = TOKEN.label_shard(kind_of(t).load(cfg, t), inputs, cfg, t, "cpu", f"{split} shard 0")
+        os.makedirs(tmp_path / "store" / split / t.name, exist_ok=True)
+        (tmp_path / "store" / split / t.name / "part-00000.parquet").write_bytes(data)
+        store.commit(split, t.name, 0, entry)
+    TOKEN.keep_in_store(cfg, store)
+    return cfg, store, inputs, own
+
+
+def test_a_teacher_with_its_own_tokenizer_meets_the_student_where_both_read_the_same_bytes(tmp_path):
+    from ensemblekd.data.inputs import read_row_text
+
+    cfg, store, inputs, own = _two_tokenizer_store(tmp_path)
+    mapping = store.arrays("own", "vocab_map")["map"]
+    assert len(mapping) == len(own) and (mapping >= 0).mean() > 0.3
+    ids, tokens, lengths, texts = inputs
+    rows = len(ids)
+    batch = next(TOKEN.batches(cfg, store, "train", ["same", "own"], [(0, 0, rows)], rows, None))
+    assert batch.present[:, 0].all() and 0 < batch.present[:, 1].float().mean() < 1
+    assert batch.maps[0] is None and torch.equal(batch.maps[1], torch.from_numpy(mapping.astype(np.int64)))
+    stored = TOKEN.decode(store.read_table("train", "own", 0))
+    student_ends = read_row_text(InputShard.of(store.inputs("train")[0]))[1]  # from the whole document's tokens
+    width = batch.tokens.shape[1]
+    starts = np.concatenate([[0], np.cumsum(stored.lengths + 1)])
+    positions = np.concatenate([[0], np.cumsum(stored.lengths)])
+    checked = 0
+    for n, pos in enumerate(batch.positions.tolist()):  # brute force: the teacher position that read the same bytes
+        r, j = pos // width, pos % width
+        t_ends = stored.byte_ends[starts[r]:starts[r + 1]]
+        s_ends = student_ends[r]
+        match = [t for t in range(len(t_ends) - 1) if t_ends[t] == s_ends[j] and (t_ends[t - 1] if t else 0) < t_ends[t]
+                 and (s_ends[j - 1] if j else 0) < s_ends[j]]   # no boundary inside a character
+        assert bool(batch.present[n, 1]) == bool(match)
+        if match:
+            flat = positions[r] + match[0]
+            assert np.array_equal(batch.logp[n, 1].numpy(), stored.logp[flat])
+            assert batch.teacher_labels[n, 1] == stored.own_tokens[starts[r] + match[0] + 1]
+            checked += 1
+    assert checked > 10
+
+
+@pytest.mark.parametrize("weighting", ["accuracy", "entropy", "ca_mkd"])
+def test_a_step_mixes_teachers_of_two_tokenizers(tmp_path, weighting):
+    from ensemblekd.lm import tiny_llama
+
+    cfg, store, inputs, _ = _two_tokenizer_store(tmp_path)
+    strat = build_strategy(cfg.distill.model_copy(update={"weighting": weighting}), ["same", "own"],
+                           {"same": 0.3, "own": 0.5}, epochs=1)
+    engine = _Engine()
+    engine.model = tiny_llama(cfg.data.vocab_size, num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                              intermediate_size=32)
+    batch = next(TOKEN.batches(cfg, store, "train", ["same", "own"], [(0, 0, len(inputs[0]))], 4, None))
+    out, weights, n = TOKEN.train_step(engine, batch, strat, cfg, epoch=0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.kd > 0
+    assert (weights[~batch.present] == 0).all() and torch.allclose(weights.sum(-1), torch.ones(n))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in engine.parameters() if p.requires_grad)
+
+
+
+def test_models_of_two_tokenizers_are_compared_in_bits_per_byte(tmp_path):
+    """The student's own NLL over the bytes of what it predicts; a teacher with its own tokenizer in
+    bits alone and out of the ensemble, which is then the teacher of the student's vocabulary."""
+    from ensemblekd.data.inputs import read_row_text
+    from ensemblekd.teachers import kind_of
+
+    cfg, store, inputs, _ = _two_tokenizer_store(tmp_path, "test")
+    assert TOKEN.ensemble_members(cfg, ["same", "own"]) == ["same"]
+    strat = build_strategy(cfg.distill, ["same"], {"same": 0.3}, epochs=1, ensemble=True)
+    same = kind_of(cfg.teachers[0]).load(cfg, cfg.teachers[0])
+    found, total = TOKEN.quality(cfg, store, ["same", "own"], [], same, strat)  # the student: 'same' itself
+    texts = inputs[3]
+    assert found["own"]["perplexity"] is None and found["own"]["accuracy"] is None
+    stored = TOKEN.decode(store.read_table("test", "own", 0))
+    own_bytes = sum(len(t.encode()) for t in texts) - (stored.byte_ends[np.concatenate([[0], np.cumsum(stored.lengths + 1)])[:-1]]).sum()
+    assert found["own"]["bits_per_byte"] == pytest.approx(-stored.next.astype(np.float64).sum() / np.log(2) / own_bytes)
+    assert found["student"]["bits_per_byte"] == pytest.approx(found["same"]["bits_per_byte"], rel=2e-3)
+    assert found["ensemble"]["perplexity"] == pytest.approx(found["same"]["perplexity"], rel=1e-3)
+    ends = read_row_text(InputShard.of(store.inputs("test")[0]))[1]  # the student predicts all but each row's first token
+    target_bytes = sum(len(t.encode()) - int(e[0]) for t, e in zip(texts, ends))
+    assert found["student"]["bits_per_byte"] == pytest.approx(found["student"]["nll"] * total / np.log(2) / target_bytes)
+    assert found["student"]["bits_per_char"] > found["student"]["bits_per_byte"]  # accents, CJK and emoji: > 1 byte
+
+
+def test_a_teacher_whose_tokenizer_starts_with_bos_gets_it_before_each_row(tmp_path):
+    """Gemma's tokenizer puts <bos> before every text (without it Gemma 3 scores 4x worse): the
+    teacher's row starts with it, at byte end 0, so it is never aligned with the student."""
+    from tiny_tokenizers import TEXTS, fast_tokenizer, metaspace_tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    from ensemblekd.tasks.token.vocabulary import begins_with, own_tokens
+
+    plain = metaspace_tokenizer()
+    with_bos = metaspace_tokenizer()
+    bos = with_bos.token_to_id("<bos>")
+    with_bos.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    PreTrainedTokenizerFast(tokenizer_object=with_bos, bos_token="<bos>").save_pretrained(tmp_path / "bos")
+    fast_tokenizer(plain).save_pretrained(tmp_path / "plain")
+    tokens, lengths, (ids, ends) = own_tokens(str(tmp_path / "bos"), TEXTS[:2], "gemma", "train shard 0")
+    _, plain_lengths, (plain_ids, plain_ends) = own_tokens(str(tmp_path / "plain"), TEXTS[:2], "gemma", "train shard 0")
+    assert begins_with(fast_tokenizer(plain)) is None and (tokens[:, 0] == bos).all()
+    assert (lengths == plain_lengths + 1).all() and len(ids) == len(plain_ids) + 2
+    assert ends[0] == 0 and ends[lengths[0]] == 0 and ends[1:lengths[0]].tolist() == plain_ends[:plain_lengths[0]].tolist()
+
+
+def test_a_student_tokenizer_that_no_teacher_reads_is_refused(tmp_path):
+    from tiny_tokenizers import byte_level_tokenizer, fast_tokenizer, metaspace_tokenizer, tiny_llama_dir
+
+    from ensemblekd.tasks.token import vocabulary
+
+    fast_tokenizer(byte_level_tokenizer()).save_pretrained(tmp_path / "shared")
+    teacher = {"name": "own", "pretrained": str(tiny_llama_dir(tmp_path / "own", fast_tokenizer(metaspace_tokenizer())))}
+    cfg = ekd.load_config(tiny_lm_config(tmp_path, **{"teachers": [teacher], "data.tokenizer": str(tmp_path / "shared")}),
+                          check=False)
+    with pytest.raises(UserError, match=r"^data.tokenizer: no teacher reads the student's tokenizer .*name one of the"):
+        vocabulary(cfg)
+    named = ekd.load_config(tiny_lm_config(tmp_path, **{"teachers": [teacher], "data.tokenizer": "own"}), check=False)
+    assert "own_tokenizers" not in vocabulary(named)  # the student's tokenizer is the teacher's own
