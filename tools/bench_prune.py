@@ -36,68 +36,25 @@ Internals measured directly:
 
 from __future__ import annotations
 
-import argparse
-import copy
-import glob
-import json
 import os
-import shutil
 import time
-from pathlib import Path
 
-import torch
-import yaml
+from bench_common import budget_arguments, kept_run, open_budget, test_quality, tokens_per_s, variant
 
 import ensemblekd as ekd
 from ensemblekd import prune
 from ensemblekd.lm import CausalLM
-from ensemblekd.mixing import build_strategy
-from ensemblekd.models import build_student, count_parameters, load_student
-from ensemblekd.stages.evaluate import measure_latency, one_thread
-from ensemblekd.stages.prepare import prepare
-from ensemblekd.store import Store
+from ensemblekd.models import build_student, count_parameters
 from ensemblekd.tasks import get_task
 from ensemblekd.teachers import kind_of
 from ensemblekd.testing import machine, markdown_table, median_spread, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"depth": {"layers": 20}, "width": {"intermediate_size": 768},
           "both": {"layers": 26, "intermediate_size": 1024}}
 CURVE = {"depth": [{"layers": n} for n in (26, 20, 16)],
          "width": [{"intermediate_size": n} for n in (1152, 768, 512)],
          "both": [{"layers": 28, "intermediate_size": 1280}, {"layers": 26, "intermediate_size": 1024},
                   {"layers": 20, "intermediate_size": 768}]}
-
-
-def bench_config(base: dict, work: Path, train_shards: int) -> dict:
-    """The config on the first train shards, with a store, teachers and runs of its own."""
-    cfg = copy.deepcopy(base)
-    subset = work / "data" / "train_subset"
-    if not subset.exists():
-        tmp = work / "data" / "train_subset.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for shard in sorted(glob.glob(str(work / base["data"]["train"] / "*.parquet")))[:train_shards]:
-            shutil.copy(shard, tmp)
-        tmp.rename(subset)
-    cfg["data"].update({"train": str(subset), "prepare": None})
-    for t in cfg["teachers"]:
-        if t.get("checkpoint"):
-            t["checkpoint"] = t["checkpoint"].replace("runs/smollm2/", "runs/bench/")
-    cfg["store"]["uri"] = "runs/bench/store"
-    cfg["trainer"].update({"output_dir": "runs/bench/run"})
-    cfg["evaluate"]["baseline"] = False
-    cfg["tracking"] = {"experiment": "bench-prune", "log_model": False}
-    return cfg
-
-
-def variant(cfg: dict, name: str, seed: int, **changes) -> dict:
-    out = copy.deepcopy(cfg)
-    for section, values in changes.items():
-        out[section] = values if values is None or not isinstance(out.get(section), dict) else {**out[section], **values}
-    out["trainer"]["seed"] = seed
-    out["trainer"]["output_dir"] = f"runs/bench/{name}-seed{seed}"
-    return out
 
 
 def with_shape(cfg: dict, shape: dict, name: str) -> dict:
@@ -107,61 +64,25 @@ def with_shape(cfg: dict, shape: dict, name: str) -> dict:
 
 
 def quality(eval_cfg, student) -> dict:
-    """Perplexity and top-1 on the test split, the ensemble's beside them (Task.quality)."""
-    store = Store.open(eval_cfg.store.uri)
-    names = [t.name for t in eval_cfg.teachers]
-    strategy = build_strategy(eval_cfg.distill, names, store.val_accuracy(names), eval_cfg.trainer.epochs, ensemble=True)
-    found, _ = get_task("token").quality(eval_cfg, store, names, [], student, strategy)
-    return {m: {"perplexity": found[m]["perplexity"], "accuracy": found[m]["accuracy"]}
-            for m in ("student", "ensemble", *names)}
-
-
-def tokens_per_s(model, x: torch.Tensor) -> list[float]:
-    """Three timed forwards on x (after one untimed), as tokens/s: their median and spread are reported."""
-    with one_thread():
-        return [x.numel() / (measure_latency(model, x, warmup=int(i == 0), repeats=1)[0] / 1000) for i in range(3)]
+    return test_quality(eval_cfg, student, ("student", "ensemble", "smollm2"))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--train-shards", type=int, default=1)
+    ap = budget_arguments(__doc__, "/tmp/ensemblekd-bench-prune")
     ap.add_argument("--no-shapes", action="store_true", help="skip distilling the curve's equal-size depth and "
                     "width shapes (two runs and two prunings)")
-    ap.add_argument("--work", default="/tmp/ensemblekd-bench-prune", help="data, teachers, store and runs (reused)")
-    ap.add_argument("--out", default=str(ROOT / "tools" / "results"))
     args = ap.parse_args()
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    os.chdir(work)
     started = time.perf_counter()
-    base = yaml.safe_load((ROOT / "configs" / "smollm2.yaml").read_text())
-    prepare(ekd.load_config(base))                              # the pydoc splits and SmolLM2's file
-    cfg = bench_config(base, work, args.train_shards)
+    base, cfg = open_budget(args, "smollm2.yaml", "bench-prune")
     ekd.label(cfg, progress=False)
     eval_cfg = ekd.load_config(variant(cfg, "eval", 0))
     runs: list[dict] = []
 
     def distilled(name: str, seed: int, run_cfg: dict) -> dict:
-        kept = Path(run_cfg["trainer"]["output_dir"]) / "bench_row.json"
-        if kept.exists() and json.loads(kept.read_text())["config"] == run_cfg:
-            row = json.loads(kept.read_text())["row"]
-            runs.append(row)
-            print("reused", row, flush=True)
-            return row
-        t0 = time.perf_counter()
-        result = ekd.distill(run_cfg, progress=False)
-        loaded = ekd.load_config(run_cfg)
-        q = quality(eval_cfg, load_student(loaded.student, result.student))
-        row = {"variant": name, "seed": seed, **q["student"], "ensemble": q["ensemble"]["perplexity"],
-               "smollm2": q["smollm2"]["perplexity"], "seconds": time.perf_counter() - t0,
-               "params": count_parameters(build_student(loaded.student))}
-        runs.append(row)
-        for item in kept.parent.iterdir():  # 4 GB a run (checkpoints, student.pt, student_hf): only the row is kept
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
-        kept.write_text(json.dumps({"config": run_cfg, "row": row}))
-        print(row, flush=True)
-        return row
+        def measure(student) -> dict:
+            q = quality(eval_cfg, student)
+            return {**q["student"], "ensemble": q["ensemble"]["perplexity"], "smollm2": q["smollm2"]["perplexity"]}
+        return kept_run(runs, name, seed, run_cfg, measure)
 
     own = with_shape(cfg, {k: base["student"]["init"].get(k) for k in ("layers", "intermediate_size")}, "config")
     for seed in range(args.seeds):

@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Two tokenizers teaching one student (configs/two_families.yaml): what each teacher buys, at one
+token budget and seed per row:
+
+  next_token   the pruned SmolLM2 student trained on the next tokens alone (distill.alpha 1)
+  smollm2      distilled from SmolLM2 alone (its own tokenizer is the student's)
+  gemma3       distilled from Gemma 3 alone, across tokenizers (static weights {smollm2: 0, gemma3: 1}:
+               SmolLM2 stays configured, as the token task needs a teacher of the student's
+               tokenizer, but weighs nothing; positions Gemma 3 is not aligned at get no KD term)
+  both         the config: both families, weighted by validation top-1 in their own tokens
+
+each over --seeds seeds (trainer.seed orders the batches), with held-out bits per byte (the measure
+that compares tokenizers), perplexity and top-1 in the student's tokens, and the training tokens/s.
+Before them, each teacher is labelled on its own (SmolLM2, then Gemma 3 into the same store): label
+tokens/s and stored bytes per token (per the teacher's own tokens) for each.
+
+The token budget is the first --train-shards shards of the pydoc train split, labelled into a store
+of its own; every run is one epoch of it through Ray Train + DeepSpeed, as the config trains.
+Writes OUT/crosstok.md and OUT/crosstok.json.
+
+    python tools/bench_crosstok.py                        # 3 seeds, 1 train shard (about 14k tokens)
+    python tools/bench_crosstok.py --seeds 1 --out /tmp/c
+
+A finished run's row is kept in its run directory and reused by a later call with the same config
+and --work (bench_common.kept_run).
+
+Internals measured directly:
+  ensemblekd.api: label and distill as a user calls them (ekd.*)
+  Task.quality (bits per byte, perplexity, top-1); the store's manifest and shards (bytes per token)
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from bench_common import budget_arguments, kept_run, open_budget, test_quality, variant
+
+import ensemblekd as ekd
+from ensemblekd.store import Store
+from ensemblekd.testing import machine, markdown_table, median_spread, write_results
+
+VARIANTS = ("next_token", "smollm2", "gemma3", "both")
+
+
+def stored_bytes_per_token(store: Store, teacher: str) -> tuple[float, int]:
+    """(bytes per stored target token, tokens) over one teacher's train shards, from the manifest."""
+    entries = store.manifest["shards"]["train"][teacher].values()
+    tokens = sum(e["tokens"] for e in entries)
+    return sum(e["bytes"] for e in entries) / tokens, tokens
+
+
+def main() -> None:
+    args = budget_arguments(__doc__, "/tmp/ensemblekd-bench-crosstok").parse_args()
+    started = time.perf_counter()
+    _, cfg = open_budget(args, "two_families.yaml", "bench-crosstok")
+    labelling = {}
+    for upto in (1, 2):                               # SmolLM2 alone, then Gemma 3 into the same store
+        step = {**copy.deepcopy(cfg), "teachers": cfg["teachers"][:upto]}
+        t0 = time.perf_counter()
+        result = ekd.label(step, progress=False)
+        labelling[cfg["teachers"][upto - 1]["name"]] = {"seconds": time.perf_counter() - t0, "shards": result.shards}
+    store = Store.open(cfg["store"]["uri"])
+    for name, row in labelling.items():
+        row["bytes_per_token"], row["train_tokens"] = stored_bytes_per_token(store, name)
+    eval_cfg = ekd.load_config(variant(cfg, "eval", 0))
+    teachers = [t["name"] for t in cfg["teachers"]]
+    runs: list[dict] = []
+    gemma_alone = {**{k: v for k, v in cfg["distill"].items() if k != "gamma"},
+                   "weighting": "static", "weights": {"smollm2": 0.0, "gemma3": 1.0}}
+
+    def measure(student) -> dict:
+        q = test_quality(eval_cfg, student, ("student", *teachers))
+        return {**q["student"], "teachers": {n: q[n] for n in teachers}}
+
+    for seed in range(args.seeds):
+        kept_run(runs, "both", seed, variant(cfg, "both", seed), measure)
+        kept_run(runs, "next_token", seed, variant(cfg, "next_token", seed, distill={"alpha": 1.0}), measure)
+        kept_run(runs, "smollm2", seed, variant({**cfg, "teachers": cfg["teachers"][:1]}, "smollm2", seed), measure)
+        kept_run(runs, "gemma3", seed, variant({**cfg, "distill": gemma_alone}, "gemma3", seed), measure)
+    report(args, runs, labelling, store.manifest.get("codec", "float16"), time.perf_counter() - started)
+
+
+def report(args, runs: list[dict], labelling: dict, codec: str, seconds: float) -> None:
+    teachers = runs[0]["teachers"]
+    train_tokens = labelling["smollm2"]["train_tokens"]
+    rows, table = [], []
+    for name in VARIANTS:
+        found = [r for r in runs if r["variant"] == name]
+        bpb, spread = median_spread([r["bits_per_byte"] for r in found])
+        ppl = median_spread([r["perplexity"] for r in found])[0]
+        speed = median_spread([train_tokens / r["seconds"] for r in found])[0]
+        rows.append({"variant": name, "bits_per_byte": bpb, "spread": spread, "perplexity": ppl,
+                     "top1": median_spread([r["accuracy"] for r in found])[0], "train_tokens_per_s": speed,
+                     "seeds": len(found)})
+        table.append([name, f"{bpb:.4f}", f"{min(r['bits_per_byte'] for r in found):.4f}.."
+                      f"{max(r['bits_per_byte'] for r in found):.4f}", f"{ppl:.2f}", f"{100 * rows[-1]['top1']:.2f}%",
+                      f"{speed:.1f}", str(len(found))])
+    by = {r["variant"]: r for r in rows}
+    best_single = min(("smollm2", "gemma3"), key=lambda n: by[n]["bits_per_byte"])
+    gain = by[best_single]["bits_per_byte"] - by["both"]["bits_per_byte"]
+    spread = max(by["both"]["spread"], by[best_single]["spread"])
+    lines = ["# Two tokenizers, one student: what each teacher buys (configs/two_families.yaml)", "",
+             f"Generated by `python tools/bench_crosstok.py --seeds {args.seeds} --train-shards {args.train_shards}` "
+             f"on {time.strftime('%Y-%m-%d %H:%M')} in {seconds / 60:.1f} min; {train_tokens:,} train tokens "
+             f"(the student's), one epoch a run; store codec {codec}.", "",
+             "Teachers on the test split and their labelling of the train split:", "",
+             markdown_table(["teacher", "bits/B", "ppl (student's tokens)", "label s", "label tokens/s (own)",
+                             "stored B/token (own)"],
+                            [[n, f"{t['bits_per_byte']:.4f}",
+                              f"{t['perplexity']:.2f}" if "perplexity" in t else "-",
+                              f"{labelling[n]['seconds']:.0f}", f"{labelling[n]['train_tokens'] / labelling[n]['seconds']:.1f}",
+                              f"{labelling[n]['bytes_per_token']:.1f}"] for n, t in teachers.items()]), "",
+             "Students (the same pruned SmolLM2, the same tokens; median over seeds):", "",
+             markdown_table(["variant", "bits/B (median)", "spread", "ppl", "top-1", "train tokens/s", "seeds"], table), "",
+             f"Both families against the better single teacher ({best_single}): {gain:+.4f} bits/B "
+             f"({'more' if gain > spread else 'not more'} than the larger spread, {spread:.4f}); Gemma 3 alone against "
+             f"the next tokens alone: {by['next_token']['bits_per_byte'] - by['gemma3']['bits_per_byte']:+.4f} bits/B."]
+    write_results(args.out, "crosstok", {"runs": runs, "labelling": labelling, "codec": codec,
+                                         "gain_over_best_single": gain, "best_single": best_single,
+                                         "machine": machine()}, rows, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
