@@ -4,9 +4,10 @@ token budget and seed per row:
 
   pruned         the config's pruned SmolLM2, untrained
   next_token     pruned, then trained on the next tokens alone (distill.alpha 1)
-  mixed          pruned, then distilled from the ensemble with the next tokens mixed in (alpha 0.5)
+  mixed          pruned, then distilled from the ensemble with the next tokens mixed in (the config:
+                 alpha 0.5, accuracy weighting)
   smollm2_only   pruned, then distilled from SmolLM2 alone (alpha 0)
-  ensemble       pruned, then distilled from the ensemble (the config: alpha 0, accuracy weighting)
+  ensemble       pruned, then distilled from the ensemble alone (alpha 0; so are the shapes below)
   random         the same shape from random weights (lm.from_config), trained on the next tokens
                  at the from-scratch learning rate (3e-3)
 
@@ -74,6 +75,7 @@ def main() -> None:
     args = ap.parse_args()
     started = time.perf_counter()
     base, cfg = open_budget(args, "smollm2.yaml", "bench-prune")
+    cfg["distill"]["alpha"] = 0.0   # pure distillation unless a variant says otherwise
     ekd.label(cfg, progress=False)
     eval_cfg = ekd.load_config(variant(cfg, "eval", 0))
     runs: list[dict] = []
