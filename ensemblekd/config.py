@@ -247,6 +247,8 @@ class DistillConfig(_Extended):
     alpha: Float = Field(default=0.5, ge=0, le=1)
     loss: str = Field(default="forward_kl", description="the divergence between the teachers' targets and the "
                       "student: " + ", ".join(DIVERGENCES) + ", or 'module:callable' (log_q, log_s) -> D per row")
+    uld_weight: Float = Field(default=1.0, ge=0, description="task token, teachers with their own tokenizer: the weight "
+                              "of ULD beside the mapped KL in the cross-tokenizer loss (0: mapped KL alone)")
     hint_weight: Float = Field(default=0.0, ge=0, description="FitNets hint: MSE between a learned projection of "
                                "the student's feature and each teacher's stored feature")
     rkd_distance_weight: Float = Field(default=0.0, ge=0, description="RKD distance: the batch's pairwise distances")

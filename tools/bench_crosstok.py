@@ -8,6 +8,8 @@ token budget and seed per row:
                SmolLM2 stays configured, as the token task needs a teacher of the student's
                tokenizer, but weighs nothing; positions Gemma 3 is not aligned at get no KD term)
   both         the config: both families, weighted by validation top-1 in their own tokens
+  both_kl      both, with Gemma 3 taught by the mapped KL alone (distill.uld_weight 0), seed 0 only: does
+               ULD on the unmapped tokens help?
 
 each over --seeds seeds (trainer.seed orders the batches), with held-out bits per byte (the measure
 that compares tokenizers), perplexity and top-1 in the student's tokens, and the training tokens/s.
@@ -39,7 +41,7 @@ import ensemblekd as ekd
 from ensemblekd.store import Store
 from ensemblekd.testing import machine, markdown_table, median_spread, write_results
 
-VARIANTS = ("next_token", "smollm2", "gemma3", "both")
+VARIANTS = ("next_token", "smollm2", "gemma3", "both", "both_kl")
 
 
 def stored_bytes_per_token(store: Store, teacher: str) -> tuple[float, int]:
@@ -77,6 +79,7 @@ def main() -> None:
         kept_run(runs, "next_token", seed, variant(cfg, "next_token", seed, distill={"alpha": 1.0}), measure)
         kept_run(runs, "smollm2", seed, variant({**cfg, "teachers": cfg["teachers"][:1]}, "smollm2", seed), measure)
         kept_run(runs, "gemma3", seed, variant({**cfg, "distill": gemma_alone}, "gemma3", seed), measure)
+    kept_run(runs, "both_kl", 0, variant(cfg, "both_kl", 0, distill={"uld_weight": 0.0}), measure)
     report(args, runs, labelling, store.manifest.get("codec", "float16"), time.perf_counter() - started)
 
 

@@ -74,7 +74,7 @@ def _read_vocab_map(store: Store, teacher: str, sha256: str) -> torch.Tensor:
 # -- the task ------------------------------------------------------------------------------------
 class Token(Task):
     name = "token"
-    own_keys = ("data.text", "evaluate.prompts", "evaluate.latency_tokens", "store.codec")
+    own_keys = ("data.text", "evaluate.prompts", "evaluate.latency_tokens", "store.codec", "distill.uld_weight")
     unit = "token"
     implicit_store_info = {"codec": "float16"}  # stores from before store.codec have only this one
     columns = (Column("ppl", "perplexity", ".2f"), Column("NLL/tok", "nll", ".3f"), Column("bits/B", "bits_per_byte", ".3f"),
@@ -299,7 +299,8 @@ class Token(Task):
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-12)
         out = token_loss(z, batch.labels, batch.logp, batch.idx, batch.tail, vocab, dc.temperature, dc.alpha, weights,
                          kd_term=lambda s: mixed_divergence(s, batch.logp, batch.idx, batch.tail, weights, batch.present,
-                                                            batch.maps, vocab, dc.temperature, divergence(dc)))
+                                                            batch.maps, vocab, dc.temperature, divergence(dc),
+                                                            beta=dc.uld_weight))
         return out, weights, len(batch.labels)
 
     def count_correct(self, engine, batch: TokenBatch, cfg: Config) -> tuple[int, int]:

@@ -140,6 +140,7 @@ def test_every_config_error_names_the_file(tmp_path, digits_dir):
     ({"evaluate": {"latency_tokens": 8}}, "evaluate.latency_tokens: only used with task: token; remove it"),
     ({"evaluate": {"repeats": -1}}, "evaluate.repeats: Input should be greater than or equal to 0"),
     ({"store": {"codec": "ranked"}}, "store.codec: only used with task: token; remove it"),
+    ({"distill": {"uld_weight": 0.0}}, "distill.uld_weight: only used with task: token; remove it"),
 ])
 def test_evaluate_keys_are_checked(tmp_path, digits_dir, section, message):
     assert message in _error(tmp_path, digits_dir, **section)

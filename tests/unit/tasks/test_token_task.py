@@ -345,6 +345,20 @@ def test_a_step_mixes_teachers_of_two_tokenizers(tmp_path, weighting):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in engine.parameters() if p.requires_grad)
 
 
+def test_uld_weight_scales_the_uld_part_of_the_cross_tokenizer_term(tmp_path):
+    """distill.uld_weight is the beta of crosstok.hybrid_loss: the KD term is linear in it."""
+    from ensemblekd.lm import tiny_llama
+
+    cfg, store, inputs, _ = _two_tokenizer_store(tmp_path)
+    strat = build_strategy(cfg.distill, ["same", "own"], {"same": 0.3, "own": 0.5}, epochs=1)
+    engine = _Engine()
+    engine.model = tiny_llama(cfg.data.vocab_size, num_hidden_layers=1, hidden_size=16, num_attention_heads=2,
+                              intermediate_size=32)
+    batch = next(TOKEN.batches(cfg, store, "train", ["same", "own"], [(0, 0, len(inputs[0]))], 4, None))
+    kd = {w: TOKEN.train_step(engine, batch, strat, cfg.model_copy(update={"distill": cfg.distill.model_copy(
+        update={"uld_weight": w})}), epoch=0)[0].kd.item() for w in (0.0, 1.0, 2.0)}
+    assert kd[1.0] > kd[0.0] and kd[2.0] - kd[1.0] == pytest.approx(kd[1.0] - kd[0.0], rel=1e-4)
+
 
 def test_models_of_two_tokenizers_are_compared_in_bits_per_byte(tmp_path):
     """The student's own NLL over the bytes of what it predicts; a teacher with its own tokenizer in
