@@ -112,8 +112,9 @@ def median_spread(values: Sequence[float]) -> tuple[float, float]:
 
 def write_results(out: str | os.PathLike, stem: str, res: dict[str, Any], rows: list[dict[str, Any]], text: str) -> None:
     """OUT/<stem>.md (the text) and OUT/<stem>.json (settings, machine, every figure: res with its
-    rows); prints the text."""
+    rows), OUT created if missing; prints the text."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     res["rows"] = rows
     (out / f"{stem}.md").write_text(text)
     (out / f"{stem}.json").write_text(json.dumps(res, indent=1, default=str))

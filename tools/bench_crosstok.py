@@ -12,9 +12,10 @@ token budget and seed per row:
                ULD on the unmapped tokens help?
 
 each over --seeds seeds (trainer.seed orders the batches), with held-out bits per byte (the measure
-that compares tokenizers), perplexity and top-1 in the student's tokens, and the training tokens/s.
+that compares tokenizers), perplexity and top-1 in the student's tokens, and the seconds of a run.
 Before them, each teacher is labelled on its own (SmolLM2, then Gemma 3 into the same store): label
-tokens/s and stored bytes per token (per the teacher's own tokens) for each.
+tokens/s and stored bytes per token (per the teacher's own tokens) for each; after them, each
+teacher's forward tokens/s (1 thread, batch 64).
 
 The token budget is the first --train-shards shards of the pydoc train split, labelled into a store
 of its own; every run is one epoch of it through Ray Train + DeepSpeed, as the config trains.
@@ -35,20 +36,21 @@ from __future__ import annotations
 
 import copy
 import time
-from bench_common import budget_arguments, kept_run, open_budget, test_quality, variant
+from bench_common import budget_arguments, kept_run, open_budget, test_quality, tokens_per_s, variant
 
 import ensemblekd as ekd
 from ensemblekd.store import Store
+from ensemblekd.tasks import get_task
+from ensemblekd.teachers import kind_of
 from ensemblekd.testing import machine, markdown_table, median_spread, write_results
 
 VARIANTS = ("next_token", "smollm2", "gemma3", "both", "both_kl")
 
 
-def stored_bytes_per_token(store: Store, teacher: str) -> tuple[float, int]:
-    """(bytes per stored target token, tokens) over one teacher's train shards, from the manifest."""
-    entries = store.manifest["shards"]["train"][teacher].values()
-    tokens = sum(e["tokens"] for e in entries)
-    return sum(e["bytes"] for e in entries) / tokens, tokens
+def stored(store: Store, teacher: str, split: str) -> tuple[int, int]:
+    """(bytes, target tokens) of one teacher's shards of a split, from the manifest."""
+    entries = store.manifest["shards"][split][teacher].values()
+    return sum(e["bytes"] for e in entries), sum(e["tokens"] for e in entries)
 
 
 def main() -> None:
@@ -60,12 +62,17 @@ def main() -> None:
         step = {**copy.deepcopy(cfg), "teachers": cfg["teachers"][:upto]}
         t0 = time.perf_counter()
         result = ekd.label(step, progress=False)
-        labelling[cfg["teachers"][upto - 1]["name"]] = {"seconds": time.perf_counter() - t0, "shards": result.shards}
+        seconds = time.perf_counter() - t0
+        labelling[cfg["teachers"][upto - 1]["name"]] = {"seconds": seconds if result.shards else None,
+                                                        "shards": result.shards}   # None: labelled by an earlier call
     store = Store.open(cfg["store"]["uri"])
     for name, row in labelling.items():
-        row["bytes_per_token"], row["train_tokens"] = stored_bytes_per_token(store, name)
+        size, row["train_tokens"] = stored(store, name, "train")
+        row["bytes_per_token"] = size / row["train_tokens"]
+        row["labelled_tokens"] = sum(stored(store, name, split)[1] for split in ("train", "val", "test"))
     eval_cfg = ekd.load_config(variant(cfg, "eval", 0))
     teachers = [t["name"] for t in cfg["teachers"]]
+    batch = get_task("token").latency_batch(get_task("token").latency_inputs(eval_cfg)[0], 64)
     runs: list[dict] = []
     gemma_alone = {**{k: v for k, v in cfg["distill"].items() if k != "gamma"},
                    "weighting": "static", "weights": {"smollm2": 0.0, "gemma3": 1.0}}
@@ -80,10 +87,13 @@ def main() -> None:
         kept_run(runs, "smollm2", seed, variant({**cfg, "teachers": cfg["teachers"][:1]}, "smollm2", seed), measure)
         kept_run(runs, "gemma3", seed, variant({**cfg, "distill": gemma_alone}, "gemma3", seed), measure)
     kept_run(runs, "both_kl", 0, variant(cfg, "both_kl", 0, distill={"uld_weight": 0.0}), measure)
-    report(args, runs, labelling, store.manifest.get("codec", "float16"), time.perf_counter() - started)
+    speed = {}
+    for t in eval_cfg.teachers:                       # 64 x latency_tokens ids: a forward costs the same whichever
+        speed[t.name] = tokens_per_s(kind_of(t).load(eval_cfg, t), batch)
+    report(args, runs, speed, labelling, store.manifest.get("codec", "float16"), time.perf_counter() - started)
 
 
-def report(args, runs: list[dict], labelling: dict, codec: str, seconds: float) -> None:
+def report(args, runs: list[dict], speed: dict, labelling: dict, codec: str, seconds: float) -> None:
     teachers = runs[0]["teachers"]
     train_tokens = labelling["smollm2"]["train_tokens"]
     rows, table = [], []
@@ -91,13 +101,13 @@ def report(args, runs: list[dict], labelling: dict, codec: str, seconds: float) 
         found = [r for r in runs if r["variant"] == name]
         bpb, spread = median_spread([r["bits_per_byte"] for r in found])
         ppl = median_spread([r["perplexity"] for r in found])[0]
-        speed = median_spread([train_tokens / r["seconds"] for r in found])[0]
+        run_s = median_spread([r["seconds"] for r in found])[0]
         rows.append({"variant": name, "bits_per_byte": bpb, "spread": spread, "perplexity": ppl,
-                     "top1": median_spread([r["accuracy"] for r in found])[0], "train_tokens_per_s": speed,
+                     "top1": median_spread([r["accuracy"] for r in found])[0], "run_seconds": run_s,
                      "seeds": len(found)})
         table.append([name, f"{bpb:.4f}", f"{min(r['bits_per_byte'] for r in found):.4f}.."
                       f"{max(r['bits_per_byte'] for r in found):.4f}", f"{ppl:.2f}", f"{100 * rows[-1]['top1']:.2f}%",
-                      f"{speed:.1f}", str(len(found))])
+                      f"{run_s:.0f}", str(len(found))])
     by = {r["variant"]: r for r in rows}
     best_single = min(("smollm2", "gemma3"), key=lambda n: by[n]["bits_per_byte"])
     gain = by[best_single]["bits_per_byte"] - by["both"]["bits_per_byte"]
@@ -107,18 +117,23 @@ def report(args, runs: list[dict], labelling: dict, codec: str, seconds: float) 
              f"on {time.strftime('%Y-%m-%d %H:%M')} in {seconds / 60:.1f} min; {train_tokens:,} train tokens "
              f"(the student's), one epoch a run; store codec {codec}.", "",
              "Teachers on the test split and their labelling of the train split:", "",
-             markdown_table(["teacher", "bits/B", "ppl (student's tokens)", "label s", "label tokens/s (own)",
-                             "stored B/token (own)"],
-                            [[n, f"{t['bits_per_byte']:.4f}",
-                              f"{t['perplexity']:.2f}" if "perplexity" in t else "-",
-                              f"{labelling[n]['seconds']:.0f}", f"{labelling[n]['train_tokens'] / labelling[n]['seconds']:.1f}",
+             markdown_table(["teacher", "bits/B", "ppl (student's tokens)", "tokens/s (median)", "spread",
+                             "label tokens/s", "stored B/token"],
+                            [[n, f"{t['bits_per_byte']:.4f}", f"{t['perplexity']:.2f}" if "perplexity" in t else "-",
+                              f"{median_spread(speed[n])[0]:,.0f}", f"{min(speed[n]):,.0f}..{max(speed[n]):,.0f}",
+                              "-" if labelling[n]["seconds"] is None
+                              else f"{labelling[n]['labelled_tokens'] / labelling[n]['seconds']:.1f}",
                               f"{labelling[n]['bytes_per_token']:.1f}"] for n, t in teachers.items()]), "",
+             "(tokens/s: a forward of 64 sequences x evaluate.latency_tokens of a teacher's own tokens, 1 thread, "
+             "3 timed calls after an untimed one; label tokens/s: its target tokens of all three splits over the "
+             "wall time of its label call, '-' where an earlier call labelled them; stored B/token: its train shards' bytes "
+             "over its own target tokens.)", "",
              "Students (the same pruned SmolLM2, the same tokens; median over seeds):", "",
-             markdown_table(["variant", "bits/B (median)", "spread", "ppl", "top-1", "train tokens/s", "seeds"], table), "",
+             markdown_table(["variant", "bits/B (median)", "spread", "ppl", "top-1", "s a run (distill + test)", "seeds"], table), "",
              f"Both families against the better single teacher ({best_single}): {gain:+.4f} bits/B "
              f"({'more' if gain > spread else 'not more'} than the larger spread, {spread:.4f}); Gemma 3 alone against "
              f"the next tokens alone: {by['next_token']['bits_per_byte'] - by['gemma3']['bits_per_byte']:+.4f} bits/B."]
-    write_results(args.out, "crosstok", {"runs": runs, "labelling": labelling, "codec": codec,
+    write_results(args.out, "crosstok", {"runs": runs, "speed": speed, "labelling": labelling, "codec": codec,
                                          "gain_over_best_single": gain, "best_single": best_single,
                                          "machine": machine()}, rows, "\n".join(lines) + "\n")
 
